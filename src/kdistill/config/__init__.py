@@ -1,0 +1,23 @@
+"""Run configuration: pydantic models, loaded from YAML/JSON with `--set` overrides."""
+
+from kdistill.config.load import load_config, save_config, validate_config
+from kdistill.config.schema import (
+    DataConfig,
+    LossConfig,
+    RunConfig,
+    StudentConfig,
+    TeacherConfig,
+    TrainingConfig,
+)
+
+__all__ = [
+    "DataConfig",
+    "LossConfig",
+    "RunConfig",
+    "StudentConfig",
+    "TeacherConfig",
+    "TrainingConfig",
+    "load_config",
+    "save_config",
+    "validate_config",
+]

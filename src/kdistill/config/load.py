@@ -1,0 +1,145 @@
+"""Read a run config from YAML or JSON, apply `--set a.b=c` overrides, validate it."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from kdistill.config.schema import RunConfig
+from kdistill.errors import KdistillError
+
+# The guide's seed script keeps everything in one flat dict; these are its keys and where they live here.
+_FLAT_KEYS = {
+    "teacher_model": ("teacher", "model"),
+    "student_model": ("student", "model"),
+    "dataset": ("data", "source"),
+    "dataset_name": ("data", "source"),
+    "max_length": ("data", "max_length"),
+    "temperature": ("loss", "temperature"),
+    "alpha": ("loss", "alpha"),
+}
+_TRAINING_KEYS = set(RunConfig.model_fields["training"].annotation.model_fields) - {"temperature", "alpha"}
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load, override and validate a run config; raise `KdistillError` naming every problem."""
+    path = Path(path)
+    raw = _read_file(path)
+    raw = _nest_flat_keys(raw)
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return validate_config(raw, source=str(path))
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = [_describe(e) for e in err.errors()]
+        raise KdistillError(f"{source}: invalid config\n" + "\n".join(f"  - {p}" for p in problems)) from None
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved config (every default filled in) as YAML, atomically."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    tmp.replace(path)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise KdistillError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise KdistillError(
+            f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}"
+        ) from None
+    if not isinstance(data, dict):
+        raise KdistillError(
+            f"{path}: expected a mapping of sections (teacher, student, ...), got {type(data).__name__}"
+        )
+    return data
+
+
+def _nest_flat_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """Move the guide's flat top-level keys into their sections."""
+    nested = {k: v for k, v in raw.items() if k not in _FLAT_KEYS and k not in _TRAINING_KEYS}
+    for key, value in raw.items():
+        if key in _FLAT_KEYS:
+            section, field = _FLAT_KEYS[key]
+        elif key in _TRAINING_KEYS and key not in RunConfig.model_fields:
+            section, field = "training", key
+        else:
+            continue
+        target = nested.setdefault(section, {})
+        if isinstance(target, str):  # `teacher: some/id` shorthand
+            target = nested[section] = {"model": target}
+        target[field] = value
+    for section in ("teacher", "student"):
+        if isinstance(nested.get(section), str):
+            nested[section] = {"model": nested[section]}
+    return nested
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise KdistillError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.learning_rate=1e-5")
+    value = yaml.safe_load(text) if text else None
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if isinstance(child, str) and part in ("teacher", "student"):
+            child = {"model": child}
+        if not isinstance(child, dict):
+            child = {}
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"unknown key '{loc}'{_suggest(error['loc'])}"
+    if error["type"] == "missing":
+        return f"missing required key '{loc}'"
+    value = error.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{loc}: {message}{shown}" if loc else f"{message}"
+
+
+def _suggest(loc: tuple[Any, ...]) -> str:
+    """Nearest valid key name for an unknown key, found by walking the schema along `loc`."""
+    model: type[BaseModel] | None = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if model else None
+        annotation = getattr(field, "annotation", None)
+        model = _model_of(annotation)
+    if model is None:
+        return ""
+    names = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    return f"; valid keys: {', '.join(names)}"
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found:
+            return found
+    return None

@@ -1,0 +1,185 @@
+"""Pydantic models of a whole kdistill run.
+
+Every field carries its help text and checks its range at construction, so a bad value
+fails when the config is loaded, not an hour into training.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo such as `learnig_rate` must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherConfig(_Strict):
+    model: str = Field(
+        description="Hub id, local folder, or `package:NAME` for a model inside an installed Python package."
+    )
+    gguf_file: str | None = Field(
+        None, description="GGUF file inside `model` (auto-detected when the folder holds exactly one)."
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer location when it differs from `model`.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; `auto` is float32 on CPU and bfloat16 on GPUs that support it."
+    )
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        "none",
+        description="Load the frozen teacher through bitsandbytes (4bit = NF4 with double quantization).",
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub repository.")
+
+
+class FromTeacher(_Strict):
+    num_layers: int = Field(
+        gt=0, description="Decoder layers kept from the teacher, evenly spaced, first and last included."
+    )
+
+
+class LoraSettings(_Strict):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    lora_alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = lora_alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description="Modules to adapt; `all-linear` is every linear layer except the output head.",
+    )
+
+
+class StudentConfig(_Strict):
+    model: str | None = Field(
+        None, description="Hub id or local folder of the student; omit when `from_teacher` builds it."
+    )
+    from_teacher: FromTeacher | None = Field(
+        None, description="Build the student from the teacher's own layers (DistilBERT's initialisation)."
+    )
+    finetune: Literal["lora", "full"] = Field("lora", description="Train LoRA adapters or every weight.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings (finetune: lora).")
+    merge: bool = Field(
+        False, description="Also save the student with its LoRA adapter merged in (`merged/`)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Student weights dtype; `auto` is float32 (mixed precision handles bf16 compute)."
+    )
+    revision: str | None = Field(None, description="Hub revision of the student.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub repository.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StudentConfig:
+        if self.model is None and self.from_teacher is None:
+            raise ValueError("give `student.model` or `student.from_teacher: {num_layers: N}`")
+        if self.model is not None and self.from_teacher is not None:
+            raise ValueError("give either `student.model` or `student.from_teacher`, not both")
+        return self
+
+
+class GenerationSettings(_Strict):
+    max_new_tokens: int = Field(256, gt=0, description="Longest teacher response, in tokens.")
+    batch_size: int = Field(8, gt=0, description="Prompts generated together.")
+
+
+class DataConfig(_Strict):
+    source: str = Field(
+        "builtin:quickstart",
+        description="Hub dataset id, a .jsonl/.json/.csv/.parquet file, or `builtin:quickstart`.",
+    )
+    split: str = Field("train", description="Split to read from a hub dataset.")
+    format: Literal["auto", "dolly", "alpaca", "chat", "text"] = Field(
+        "auto", description="Row format; `auto` detects it from the columns."
+    )
+    validation_source: str | None = Field(None, description="Separate held-out file or hub id.")
+    validation_size: float = Field(
+        0.05,
+        gt=0,
+        description="Held-out share (< 1) or row count (>= 1) taken when there is no validation source.",
+    )
+    max_length: int = Field(512, gt=1, description="Prompt plus response tokens; longer rows are truncated.")
+    max_rows: int | None = Field(None, gt=0, description="Use only the first N training rows.")
+    responses: Literal["dataset", "teacher"] = Field(
+        "dataset", description="`teacher`: replace responses by the teacher's own (sequence-level KD)."
+    )
+    generation: GenerationSettings = Field(
+        default_factory=GenerationSettings,
+        description="Teacher generation settings for `responses: teacher`.",
+    )
+
+
+DIVERGENCE_NAMES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+
+
+class LossConfig(_Strict):
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"] = Field(
+        "forward_kl", description="Divergence between the teacher's and the student's softened distributions."
+    )
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature T; the KD term is scaled by T^2.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the KD term; 1 - alpha weighs the CE term.")
+    beta: float = Field(
+        0.5, ge=0, le=1, description="Generalized JSD interpolation (0 = forward, 1 = reverse KL)."
+    )
+    skew: float = Field(0.1, ge=0, le=1, description="Skew KL mixing weight (DistiLLM).")
+    chunk_size: int | None = Field(
+        1024, gt=0, description="Tokens per chunk of the output projection; null computes full logits."
+    )
+
+
+class TrainingConfig(_Strict):
+    num_epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
+    batch_size: int = Field(4, gt=0, description="Rows per micro-batch on each process.")
+    eval_batch_size: int | None = Field(
+        None, gt=0, description="Rows per evaluation batch (default batch_size)."
+    )
+    learning_rate: float = Field(5e-5, gt=0, description="Peak AdamW learning rate.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps before cosine decay.")
+    weight_decay: float = Field(
+        0.0, ge=0, description="AdamW weight decay (not applied to norms and biases)."
+    )
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables it.")
+    seed: int = Field(42, description="Seed for data order, dropout and initialisation.")
+    save_steps: int | None = Field(
+        None, gt=0, description="Checkpoint every N optimizer steps (and at the end)."
+    )
+    save_total_limit: int | None = Field(2, gt=0, description="Keep only the newest N checkpoints.")
+    eval_steps: int | None = Field(
+        None, gt=0, description="Validation every N optimizer steps (and at the end)."
+    )
+    logging_steps: int = Field(10, gt=0, description="Log metrics every N optimizer steps.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="`auto` is bf16 on GPUs that support it and fp32 on CPU (bf16 is slow on CPU)."
+    )
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Trackers besides metrics.jsonl."
+    )
+    # The guide's flat keys: accepted here and moved to `loss` by the loader.
+    temperature: float | None = Field(None, gt=0, description="Alias of loss.temperature (the guide's key).")
+    alpha: float | None = Field(None, ge=0, le=1, description="Alias of loss.alpha (the guide's key).")
+
+
+class RunConfig(_Strict):
+    teacher: TeacherConfig
+    student: StudentConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    output_dir: str = Field("runs/kdistill", description="Folder for the student, checkpoints and metrics.")
+
+    @model_validator(mode="after")
+    def _move_guide_aliases(self) -> RunConfig:
+        # The guide writes temperature and alpha under `training`; one value lives in `loss`.
+        for key in ("temperature", "alpha"):
+            value = getattr(self.training, key)
+            if value is None:
+                continue
+            if key in self.loss.model_fields_set and getattr(self.loss, key) != value:
+                raise ValueError(
+                    f"training.{key}={value} conflicts with loss.{key}={getattr(self.loss, key)}; give one"
+                )
+            setattr(self.loss, key, value)
+            setattr(self.training, key, None)
+        return self

@@ -1,0 +1,85 @@
+"""Sequence-level distillation (Kim & Rush 2016): the teacher writes the responses.
+
+The teacher generates greedily, in batches, once; the responses are cached on disk under a
+key made of the teacher's identity, the prompts and the generation settings, so a second run
+(or a second epoch) reads them back instead of generating again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from kdistill.data.formats import Example
+from kdistill.data.tokenize import prompt_text
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KDISTILL_CACHE", Path.home() / ".cache" / "kdistill"))
+
+
+def responses_key(teacher_id: str, examples: list[Example], max_new_tokens: int) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps([teacher_id, max_new_tokens]).encode())
+    for example in examples:
+        digest.update(json.dumps(example.prompt, sort_keys=True).encode())
+    return digest.hexdigest()[:24]
+
+
+def with_teacher_responses(
+    examples: list[Example],
+    model: Any,
+    tokenizer: Any,
+    *,
+    teacher_id: str,
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[Example]:
+    """Replace each example's response by the teacher's greedy generation (cached on disk)."""
+    path = cache_root() / "responses" / f"{responses_key(teacher_id, examples, max_new_tokens)}.json"
+    if path.is_file():
+        texts = json.loads(path.read_text())
+    else:
+        texts = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens, batch_size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(texts))
+        tmp.replace(path)  # atomic: a crash never leaves a half-written cache
+    return [replace(e, response=t) for e, t in zip(examples, texts)]
+
+
+@torch.inference_mode()
+def generate(
+    model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int
+) -> list[str]:
+    """Greedy generations for chat prompts, batched with left padding."""
+    texts = [prompt_text(p, tokenizer) for p in prompts]
+    add_special = not getattr(tokenizer, "chat_template", None)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    # Sorting by length keeps each batch's padding small; the order is restored at the end.
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    outputs: dict[int, str] = {}
+    for start in tqdm(range(0, len(order), batch_size), desc="teacher responses", unit="batch"):
+        index = order[start : start + batch_size]
+        encoded = [tokenizer(texts[i], add_special_tokens=add_special)["input_ids"] for i in index]
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded], device=device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+        generated = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
+        for row, i in enumerate(index):
+            outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
+    return [outputs[i] for i in range(len(texts))]

@@ -1,0 +1,99 @@
+"""Read raw rows from a local file, a hub dataset or the built-in set.
+
+Every reader returns a list of plain dicts. Problems name the file and, for JSONL, the line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from kdistill.errors import KdistillError
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+BUILTIN_SETS = {"quickstart": BUILTIN_DIR / "quickstart.jsonl"}
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def load_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
+    """Rows of `source`: `builtin:NAME`, a local file, or a hub dataset id (through `datasets`)."""
+    if source.startswith("builtin:"):
+        name = source.removeprefix("builtin:")
+        if name not in BUILTIN_SETS:
+            raise KdistillError(f"unknown built-in dataset '{name}'; available: {', '.join(BUILTIN_SETS)}")
+        return read_jsonl(BUILTIN_SETS[name])
+    path = Path(source).expanduser()
+    if path.suffix in LOCAL_SUFFIXES or path.exists():
+        return _read_local(path)
+    return _read_hub(source, split)
+
+
+def _read_local(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise KdistillError(f"data file not found: {path}")
+    readers = {".jsonl": read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    if path.suffix not in readers:
+        raise KdistillError(
+            f"{path}: unsupported file type '{path.suffix}'; expected one of {', '.join(readers)}"
+        )
+    return readers[path.suffix](path)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise KdistillError(
+                    f"{path}:{number}: malformed JSON line ({err.msg} at column {err.colno})"
+                ) from None
+            if not isinstance(row, dict):
+                raise KdistillError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise KdistillError(
+            f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})"
+        ) from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+        raise KdistillError(f'{path}: expected a JSON list of objects (or {{"data": [...]}})')
+    return data
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq  # pyarrow comes with `datasets`
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises several unrelated types for a bad file
+        raise KdistillError(f"{path}: not a readable parquet file ({err})") from None
+
+
+def _read_hub(name: str, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split=split).to_list()
+    except Exception as err:  # offline, unknown id, unknown split: all surface as different types
+        raise KdistillError(
+            f"dataset '{name}' could not be loaded from the hub ({type(err).__name__}: {str(err)[:200]}); "
+            "give a local .jsonl/.json/.csv/.parquet file, `builtin:quickstart`, or check the id and network"
+        ) from None

@@ -1,0 +1,10 @@
+"""The one exception type users see.
+
+Every problem a user can fix (bad config key, malformed data row, missing model, ...)
+is raised as ``KdistillError`` with a message that names the file, line, key or value
+and what was expected. The CLI prints the message alone, without a traceback.
+"""
+
+
+class KdistillError(Exception):
+    """A problem with the user's input that they can fix; the message says how."""

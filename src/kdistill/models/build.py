@@ -1,0 +1,158 @@
+"""Build the frozen teacher and the trainable student from the run config."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdistill.config import StudentConfig, TeacherConfig
+from kdistill.errors import KdistillError
+from kdistill.models.loading import ModelSource, load_model, resolve
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 on GPUs that support it and fp32 elsewhere: bf16 matmul is very slow on CPU."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def teacher_source(cfg: TeacherConfig) -> ModelSource:
+    return resolve(cfg.model, cfg.gguf_file, cfg.revision, cfg.trust_remote_code)
+
+
+def student_source(cfg: StudentConfig) -> ModelSource | None:
+    return None if cfg.model is None else resolve(cfg.model, None, cfg.revision, cfg.trust_remote_code)
+
+
+def load_teacher(cfg: TeacherConfig, device: torch.device) -> Any:
+    """The teacher: frozen, in eval mode, optionally 4/8-bit through bitsandbytes."""
+    source = teacher_source(cfg)
+    kwargs = {}
+    if cfg.quantization != "none":
+        kwargs = {
+            "quantization_config": quantization_config(cfg.quantization, device),
+            "device_map": {"": device},
+        }
+        if source.gguf_file:
+            raise KdistillError(
+                "teacher.quantization applies to safetensors models; a GGUF teacher is already quantized"
+            )
+    model = load_model(source, pick_dtype(cfg.dtype, device), device, **kwargs)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def quantization_config(kind: str, device: torch.device) -> Any:
+    """A bitsandbytes config, or a clear error where bitsandbytes cannot run."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise KdistillError(
+            f"teacher.quantization={kind} needs bitsandbytes: pip install 'kdistill[quant]', "
+            "or set teacher.quantization: none"
+        )
+    if device.type != "cuda":
+        raise KdistillError(
+            f"teacher.quantization={kind} needs a CUDA GPU and this run is on {device.type}; "
+            "set teacher.quantization: none (on CPU the teacher runs in fp32)"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def build_student(cfg: StudentConfig, teacher: Any | None, device: torch.device) -> Any:
+    """The student: a pretrained model or one cut from the teacher, then LoRA-wrapped or fully trainable."""
+    dtype = pick_dtype(cfg.dtype, device) if cfg.dtype != "auto" else torch.float32
+    if cfg.from_teacher is not None:
+        if teacher is None:
+            raise KdistillError("student.from_teacher needs a live teacher model to copy layers from")
+        model = shrink(teacher, cfg.from_teacher.num_layers).to(device=device, dtype=dtype)
+    else:
+        model = load_model(student_source(cfg), dtype, device)
+    model.config.use_cache = False
+    if cfg.finetune == "full":
+        model.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.lora_alpha,
+        lora_dropout=cfg.lora.lora_dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def keep_indices(total: int, keep: int) -> list[int]:
+    """`keep` layer indices evenly spaced over `total`, first and last included."""
+    if keep == 1:
+        return [0]
+    return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
+
+
+def shrink(teacher: nn.Module, num_layers: int) -> nn.Module:
+    """A smaller model of the teacher's architecture keeping `num_layers` of its decoder layers.
+
+    The kept layers, the embeddings, the final norm and the head are copied (DistilBERT's
+    initialisation, Sanh et al. 2019). Works for any model whose decoder layers sit in one
+    `nn.ModuleList` as long as `config.num_hidden_layers`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = teacher.config
+    total = config.num_hidden_layers
+    if getattr(config, "quantization_config", None) is not None:
+        raise KdistillError(
+            "student.from_teacher needs an unquantized teacher; set teacher.quantization: none"
+        )
+    if not 1 <= num_layers <= total:
+        raise KdistillError(f"student.from_teacher.num_layers={num_layers}: the teacher has {total} layers")
+    prefix = _layer_list_name(teacher, total)
+    kept = keep_indices(total, num_layers)
+    small_config = copy.deepcopy(config)
+    small_config.num_hidden_layers = len(kept)
+    if isinstance(getattr(config, "layer_types", None), list):
+        small_config.layer_types = [config.layer_types[i] for i in kept]
+    student = AutoModelForCausalLM.from_config(small_config, dtype=next(teacher.parameters()).dtype)
+    renumber = {old: new for new, old in enumerate(kept)}
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    state = {}
+    for key, value in teacher.state_dict().items():
+        match = pattern.match(key)
+        if match is None:
+            state[key] = value.detach().clone()
+        elif int(match.group(1)) in renumber:
+            state[pattern.sub(f"{prefix}.{renumber[int(match.group(1))]}.", key)] = value.detach().clone()
+    student.load_state_dict(state, strict=True)
+    return student
+
+
+def _layer_list_name(model: nn.Module, total: int) -> str:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == total and name:
+            return name
+    raise KdistillError(
+        f"student.from_teacher: cannot shrink {type(model).__name__}: "
+        f"no list of {total} decoder layers found; "
+        "give student.model instead"
+    )

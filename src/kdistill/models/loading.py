@@ -1,0 +1,173 @@
+"""Find and load models and tokenizers: hub ids, local folders, `package:NAME`, GGUF files.
+
+A GGUF model is dequantised by transformers on every load (about 30 s for SmolLM2-135M on 2 cores)
+and cannot be saved with `save_pretrained`. The first load therefore rebuilds the model from its
+config without the GGUF quantisation marker, and writes it as safetensors into kdistill's cache;
+later loads read that folder directly.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdistill.errors import KdistillError
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model lives, resolved: `path` is a local folder or a hub id."""
+
+    spec: str  # what the user wrote
+    path: str
+    gguf_file: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    @property
+    def identity(self) -> str:
+        return f"{self.spec}|{self.gguf_file or ''}|{self.revision or ''}"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KDISTILL_CACHE", Path.home() / ".cache" / "kdistill"))
+
+
+def resolve(
+    spec: str, gguf_file: str | None = None, revision: str | None = None, trust: bool = False
+) -> ModelSource:
+    """Resolve `package:NAME`, a local folder or a hub id; a missing local path is an error here."""
+    path = spec
+    if spec.startswith("package:"):
+        name = spec.removeprefix("package:")
+        found = importlib.util.find_spec(name)
+        if found is None or not found.submodule_search_locations:
+            raise KdistillError(f"model '{spec}': Python package '{name}' is not installed (pip install it)")
+        path = list(found.submodule_search_locations)[0]
+    elif spec.startswith((".", "/", "~")) or os.path.exists(spec):
+        path = str(Path(spec).expanduser())
+        if not os.path.isdir(path):
+            raise KdistillError(f"model folder not found: {spec}")
+    if os.path.isdir(path) and gguf_file is None and not os.path.isfile(os.path.join(path, "config.json")):
+        ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        if len(ggufs) == 1:
+            gguf_file = ggufs[0]
+        elif not ggufs:
+            raise KdistillError(f"model '{spec}': folder {path} has neither config.json nor a .gguf file")
+        else:
+            raise KdistillError(
+                f"model '{spec}': several .gguf files in {path}; choose one with gguf_file: {ggufs}"
+            )
+    return ModelSource(spec, path, gguf_file, revision, trust)
+
+
+def load_tokenizer(source: ModelSource) -> Any:
+    from transformers import AutoTokenizer
+
+    folder = _converted_folder(source)
+    try:
+        if folder is not None:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(
+                source.path,
+                gguf_file=source.gguf_file,
+                revision=source.revision,
+                trust_remote_code=source.trust_remote_code,
+            )
+    except (OSError, ValueError) as err:
+        raise _not_found(source, err) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # right padding is masked out, so any id works
+    return tokenizer
+
+
+def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device | str, **kwargs: Any) -> Any:
+    """Load a causal LM; GGUF files go through the fp32 conversion cache."""
+    from transformers import AutoModelForCausalLM
+
+    if source.gguf_file is not None:
+        folder = _converted_folder(source) or _convert_gguf(source)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+        return model.to(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path,
+            dtype=dtype,
+            revision=source.revision,
+            trust_remote_code=source.trust_remote_code,
+            **kwargs,
+        )
+    except OSError as err:
+        raise _not_found(source, err) from None
+    if "quantization_config" not in kwargs and "device_map" not in kwargs:
+        model = model.to(device)
+    return model
+
+
+def load_config_only(source: ModelSource) -> Any:
+    """The model's config, without its weights (for `kdistill validate`)."""
+    from transformers import AutoConfig
+
+    folder = _converted_folder(source)
+    try:
+        if folder is not None:
+            return AutoConfig.from_pretrained(folder)
+        return AutoConfig.from_pretrained(
+            source.path,
+            gguf_file=source.gguf_file,
+            revision=source.revision,
+            trust_remote_code=source.trust_remote_code,
+        )
+    except (OSError, ValueError) as err:
+        raise _not_found(source, err) from None
+
+
+def _not_found(source: ModelSource, err: Exception) -> KdistillError:
+    where = "local folder" if os.path.isdir(source.path) else "hub id"
+    return KdistillError(
+        f"model '{source.spec}' cannot be loaded ({where}): {str(err).splitlines()[0][:240]}. "
+        "Check the id or path; hub models need network access or a local copy in the HF cache"
+    )
+
+
+def _gguf_key(source: ModelSource) -> str:
+    file = Path(source.path) / source.gguf_file
+    stat = file.stat()
+    return hashlib.sha256(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:20]
+
+
+def _converted_folder(source: ModelSource) -> str | None:
+    if source.gguf_file is None:
+        return None
+    folder = cache_root() / "gguf" / _gguf_key(source)
+    return str(folder) if (folder / "config.json").is_file() else None
+
+
+def _convert_gguf(source: ModelSource) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = cache_root() / "gguf" / _gguf_key(source)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        source.path, gguf_file=source.gguf_file, dtype=torch.float32
+    )
+    config = copy.deepcopy(quantized.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the marker that makes save_pretrained refuse
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    plain.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file).save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)  # atomic: a crash leaves only the .tmp folder, never a half-written cache
+    return str(folder)

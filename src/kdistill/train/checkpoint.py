@@ -1,0 +1,121 @@
+"""Checkpoints that are either complete or absent, and the exported student.
+
+A checkpoint is written into `step-N.tmp/` and renamed to `step-N/` only once every file is in
+place, so `--resume` never picks up a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    # named_parameters lists a tied weight once, which safetensors requires.
+    return {
+        n: p.detach().to("cpu").clone().contiguous() for n, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def save_checkpoint(
+    folder: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    state: dict[str, Any],
+    keep: int | None,
+) -> Path:
+    final = folder / f"step-{step:07d}"
+    tmp = folder / f"step-{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+    torch.save(_rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step}))  # written last: marks completeness
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    _prune(folder, keep)
+    return final
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = []
+    for path in folder.glob("step-*"):
+        match = _STEP_DIR.match(path.name)
+        if match and (path / "state.json").is_file():
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    optim = torch.load(path / "optim.pt", weights_only=False)
+    optimizer.load_state_dict(optim["optimizer"])
+    scheduler.load_state_dict(optim["scheduler"])
+    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    return json.loads((path / "state.json").read_text())
+
+
+def _prune(folder: Path, keep: int | None) -> None:
+    if keep is None:
+        return
+    done = sorted(p for p in folder.glob("step-*") if _STEP_DIR.match(p.name))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def export_student(model: nn.Module, tokenizer: Any, output_dir: Path, merge: bool) -> None:
+    """Save the student (LoRA adapter or full model) and its tokenizer into `output_dir`.
+
+    Files are written to a temporary folder first and moved in with `config.json` (or
+    `adapter_config.json`) last, so the folder is loadable only once it is complete.
+    """
+    tmp = output_dir / ".student.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if merge and hasattr(model, "merge_and_unload"):
+        merged = tmp / "merged"
+        # merge_and_unload folds the adapter into the base weights in place: export is a run's last step.
+        model.merge_and_unload().save_pretrained(merged)
+        tokenizer.save_pretrained(merged)
+    markers = {"config.json", "adapter_config.json"}
+    items = sorted(tmp.iterdir(), key=lambda p: p.name in markers)
+    for item in items:
+        target = output_dir / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        item.rename(target)
+    tmp.rmdir()

@@ -1,0 +1,307 @@
+"""The training loop: one accelerate loop that reads top to bottom.
+
+Gradient accumulation is done by hand rather than with `accelerator.accumulate`, because the loss
+is normalised by the number of trained tokens in the whole accumulation window (across
+processes), not per micro-batch: a window's micro-batches may hold very different numbers of
+response tokens, and averaging per micro-batch would weight short responses more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from kdistill.config import RunConfig, save_config
+from kdistill.data import Collator
+from kdistill.eval.quality import held_out_quality
+from kdistill.train.checkpoint import export_student, latest_checkpoint, load_checkpoint, save_checkpoint
+from kdistill.train.forward import LossSettings, StudentHidden, batch_loss
+from kdistill.train.setup import build_components, prepare_output_dir
+
+log = logging.getLogger("kdistill")
+
+
+@dataclass
+class RunSummary:
+    output_dir: str
+    steps: int
+    seconds: float
+    train_rows: int
+    validation_rows: int
+    dropped_rows: int
+    before: dict[str, float] = field(default_factory=dict)
+    after: dict[str, float] = field(default_factory=dict)
+
+
+def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> RunSummary:
+    """Distil the student described by `cfg` and write it to `cfg.output_dir`."""
+    started = time.perf_counter()
+    out = Path(cfg.output_dir)
+    t = cfg.training
+    accelerator = Accelerator(
+        mixed_precision=_mixed_precision(t.mixed_precision),
+        log_with=t.report_to or None,
+        project_dir=str(out / "logs"),
+    )
+    set_seed(t.seed)
+    parts = build_components(cfg, accelerator.device)  # everything that can fail on bad input happens here
+    prepare_output_dir(out, resume=resume, overwrite=overwrite, main=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        save_config(cfg, out / "kdistill_config.yaml")
+    if t.report_to:
+        accelerator.init_trackers("kdistill", config=cfg.model_dump(mode="json"))
+
+    settings = LossSettings(
+        alpha=cfg.loss.alpha,
+        temperature=cfg.loss.temperature,
+        divergence=cfg.loss.divergence,
+        divergence_kwargs=_divergence_kwargs(cfg),
+        chunk_size=cfg.loss.chunk_size,
+        vocab_size=parts.vocab_size,
+    )
+    student = StudentHidden(parts.student)
+    optimizer = torch.optim.AdamW(_param_groups(parts.student, t.weight_decay), lr=t.learning_rate)
+    world = accelerator.num_processes
+    batches_per_epoch = math.ceil(len(parts.data.train) / (t.batch_size * world))
+    windows_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps)
+    total_steps = t.max_steps or math.ceil(t.num_epochs * windows_per_epoch)
+    # The scheduler is stepped by hand once per optimizer step; accelerate's wrapper steps it per process.
+    scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, total_steps)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    collator = Collator(parts.tokenizer.pad_token_id)
+    eval_loader = accelerator.prepare(
+        DataLoader(parts.data.validation, batch_size=t.eval_batch_size or t.batch_size, collate_fn=collator)
+    )
+    metrics = MetricsFile(out / "metrics.jsonl", accelerator)
+
+    def evaluate(step: int) -> dict[str, float]:
+        result = held_out_quality(student, parts.teacher, eval_loader, cfg.loss.chunk_size, parts.vocab_size)
+        metrics.write(step, {f"eval/{k}": v for k, v in result.items()})
+        return result
+
+    step, epoch, skip, before = 0, 0, 0, {}
+    checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, accelerator.unwrap_model(student).model, optimizer, scheduler)
+        step, epoch, skip, before = state["step"], state["epoch"], state["window"], state["before"]
+        metrics.truncate_after(step)
+        log.info("resumed from %s (step %d)", checkpoint, step)
+    else:
+        before = evaluate(0)
+
+    bar = tqdm(
+        total=total_steps, initial=step, desc="distill", unit="step", disable=not accelerator.is_main_process
+    )
+    window_log = _LogWindow()
+    while step < total_steps:
+        loader = accelerator.prepare(_epoch_loader(parts.data.train, t.batch_size, t.seed, epoch, collator))
+        for index, window in enumerate(_windows(loader, t.gradient_accumulation_steps)):
+            if index < skip:
+                continue  # already trained before the checkpoint we resumed from
+            stats = _optimizer_step(
+                accelerator, student, parts.teacher, window, settings, optimizer, t.max_grad_norm
+            )
+            scheduler.step()
+            step += 1
+            window_log.add(stats)
+            bar.update(1)
+            if step % t.logging_steps == 0 or step == total_steps:
+                record = window_log.flush(
+                    accelerator, scheduler.get_last_lr()[0], epoch + (index + 1) / windows_per_epoch
+                )
+                metrics.write(step, record)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}",
+                    kd=f"{record['loss/kd']:.3f}",
+                    ce=f"{record['loss/ce']:.3f}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
+                )
+            if t.eval_steps and step % t.eval_steps == 0 and step < total_steps:
+                evaluate(step)
+            if (
+                t.save_steps
+                and step % t.save_steps == 0
+                and step < total_steps
+                and accelerator.is_main_process
+            ):
+                state = {"epoch": epoch, "window": index + 1, "before": before}
+                save_checkpoint(
+                    out / "checkpoints",
+                    step,
+                    accelerator.unwrap_model(student).model,
+                    optimizer,
+                    scheduler,
+                    state,
+                    t.save_total_limit,
+                )
+            if step >= total_steps:
+                break
+        epoch, skip = epoch + 1, 0
+    bar.close()
+
+    after = evaluate(step)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        export_student(accelerator.unwrap_model(student).model, parts.tokenizer, out, cfg.student.merge)
+    summary = RunSummary(
+        str(out),
+        step,
+        time.perf_counter() - started,
+        len(parts.data.train),
+        len(parts.data.validation),
+        parts.data.dropped,
+        before,
+        after,
+    )
+    if accelerator.is_main_process:
+        (out / "summary.json").write_text(json.dumps(summary.__dict__, indent=2))
+    accelerator.end_training()
+    return summary
+
+
+def _optimizer_step(
+    accelerator: Accelerator,
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    window: list[dict[str, torch.Tensor]],
+    settings: LossSettings,
+    optimizer: Any,
+    max_grad_norm: float | None,
+) -> dict[str, float]:
+    """Forward and backward over one accumulation window, then one optimizer step."""
+    local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
+    trained = accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum").item()
+    # DDP averages gradients over processes, so scale by their number to get a sum over all tokens / trained.
+    scale = accelerator.num_processes / max(trained, 1)
+    totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "trained": local, "tokens": 0}
+    for i, batch in enumerate(window):
+        last = i == len(window) - 1
+        sync = contextlib.nullcontext() if last else accelerator.no_sync(student)
+        with sync, accelerator.autocast():
+            sums, _ = batch_loss(student, teacher, batch, settings)
+            accelerator.backward(sums.total * scale)
+        totals["loss"] += float(sums.total.detach())
+        totals["kd"] += float(sums.kd)
+        totals["ce"] += float(sums.ce)
+        totals["tokens"] += int(batch["attention_mask"].sum())
+    if max_grad_norm is not None:
+        totals["grad_norm"] = float(accelerator.clip_grad_norm_(student.parameters(), max_grad_norm))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return totals
+
+
+class _LogWindow:
+    """Sums of the steps since the last log line, turned into per-token means and throughput."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "trained": 0, "tokens": 0}
+        self.grad_norm = None
+        self.start = time.perf_counter()
+
+    def add(self, stats: dict[str, float]) -> None:
+        for key in self.sums:
+            self.sums[key] += stats[key]
+        self.grad_norm = stats.get("grad_norm", self.grad_norm)
+
+    def flush(self, accelerator: Accelerator, lr: float, epoch: float) -> dict[str, float]:
+        keys = list(self.sums)
+        reduced = accelerator.reduce(
+            torch.tensor([float(self.sums[k]) for k in keys], device=accelerator.device), "sum"
+        )
+        sums = dict(zip(keys, reduced.tolist()))
+        seconds = time.perf_counter() - self.start
+        trained = max(sums["trained"], 1.0)
+        record = {
+            "loss": sums["loss"] / trained,
+            "loss/kd": sums["kd"] / trained,
+            "loss/ce": sums["ce"] / trained,
+            "lr": lr,
+            "epoch": round(epoch, 4),
+            "tokens_per_s": sums["tokens"] / seconds,
+            "trained_tokens": int(sums["trained"]),
+        }
+        if self.grad_norm is not None:
+            record["grad_norm"] = self.grad_norm
+        self.reset()
+        return record
+
+
+class MetricsFile:
+    """`metrics.jsonl` in the run folder (main process only), mirrored to accelerate's trackers."""
+
+    def __init__(self, path: Path, accelerator: Accelerator) -> None:
+        self.path, self.accelerator = path, accelerator
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if not values:
+            return
+        self.accelerator.log(values, step=step)
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps({"step": step, **values}) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records written after `step`: a resumed run writes them again."""
+        if not self.accelerator.is_main_process or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+
+
+def _epoch_loader(data: list[Any], batch_size: int, seed: int, epoch: int, collator: Collator) -> DataLoader:
+    # A fixed order per (seed, epoch) makes a resumed run see exactly the batches it would have seen.
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    return DataLoader(data, batch_size=batch_size, sampler=order, collate_fn=collator)
+
+
+def _windows(loader: DataLoader, size: int) -> Any:
+    window = []
+    for batch in loader:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # Norm weights and biases are not decayed (the usual transformer recipe).
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _mixed_precision(name: str) -> str:
+    if name != "auto":
+        return name
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _divergence_kwargs(cfg: RunConfig) -> dict[str, float]:
+    return {
+        "jsd": {"beta": cfg.loss.beta},
+        "skew_kl": {"skew": cfg.loss.skew},
+        "skew_reverse_kl": {"skew": cfg.loss.skew},
+    }.get(cfg.loss.divergence, {})

@@ -1,0 +1,202 @@
+"""End to end on tiny models, through the CLI: train, outputs, refusal, resume, LoRA, validate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import tiny_config, write_config
+from kdistill.cli import main
+from kdistill.config import load_config
+from kdistill.data.formats import Example
+from kdistill.data.responses import with_teacher_responses
+
+
+def _run(tmp_path: Path, tiny: dict, *args: str, **sections: dict) -> tuple[int, Path]:
+    config = write_config(tmp_path / "run.yaml", tiny_config(tiny, tmp_path / "out", **sections))
+    return main(["train", str(config), *args]), tmp_path / "out"
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_end_to_end_through_the_cli(tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixture) -> None:
+    code, out = _run(
+        tmp_path,
+        tiny,
+        loss={"alpha": 1.0, "temperature": 1.0},
+        training={"num_epochs": 3, "learning_rate": 3e-3},
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "KL to teacher" in printed and "perplexity" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 30 and summary["train_rows"] == 40 and summary["validation_rows"] == 8
+    assert summary["after"]["kl"] < 0.8 * summary["before"]["kl"]  # the student moved toward the teacher
+    records = _metrics(out)
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == list(range(1, 31))
+    assert {"loss/kd", "loss/ce", "lr", "tokens_per_s", "grad_norm"} <= set(train_records[0])
+    assert train_records[-1]["loss/kd"] < train_records[0]["loss/kd"]
+    assert load_config(out / "kdistill_config.yaml").loss.alpha == 1.0
+    student = AutoModelForCausalLM.from_pretrained(out)
+    assert student.config.num_hidden_layers == 2
+
+
+def test_trained_tokens_are_counted_per_step(tmp_path: Path, tiny: dict) -> None:
+    code, out = _run(tmp_path, tiny, training={"max_steps": 4, "gradient_accumulation_steps": 2})
+    assert code == 0
+    steps = [r for r in _metrics(out) if "loss" in r]
+    assert len(steps) == 4 and all(r["trained_tokens"] > 0 for r in steps)
+    assert len({r["trained_tokens"] for r in steps}) > 1  # rows differ in length, so counts differ
+
+
+def test_non_empty_output_is_refused_then_overwritten(
+    tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("user file")
+    code, out = _run(tmp_path, tiny, training={"max_steps": 1})
+    assert code == 2
+    assert "is not empty; pass --resume to continue that run or --overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").exists() and not (out / "metrics.jsonl").exists()
+    code, out = _run(tmp_path, tiny, "--overwrite", training={"max_steps": 1})
+    assert code == 0 and not (out / "keep.txt").exists() and (out / "config.json").exists()
+
+
+def test_bad_config_leaves_nothing_behind(tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixture) -> None:
+    code, out = _run(tmp_path, tiny, training={"learning_rat": 1e-3})
+    assert code == 2 and "did you mean 'learning_rate'" in capsys.readouterr().err
+    code, out = _run(tmp_path, tiny, data={"source": str(tmp_path / "missing.jsonl")})
+    assert code == 2 and "data file not found" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_resume_continues_exactly(tmp_path: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    training = {"max_steps": 14, "save_steps": 6}  # 10 steps an epoch: the checkpoint at 12 is mid-epoch 2
+    code, straight = (
+        _run(tmp_path / "a", tiny, training=training) if (tmp_path / "a").mkdir() is None else (0, None)
+    )
+    assert code == 0
+
+    import kdistill.train.loop as loop
+
+    real_step, calls = loop._optimizer_step, {"n": 0}
+
+    def dies_at_13(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 13:
+            raise KeyboardInterrupt  # as if the process were stopped mid-run
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_optimizer_step", dies_at_13)
+    (tmp_path / "b").mkdir()
+    assert _run(tmp_path / "b", tiny, training=training)[0] == 130
+    interrupted = tmp_path / "b" / "out"
+    assert sorted(p.name for p in (interrupted / "checkpoints").iterdir()) == ["step-0000006", "step-0000012"]
+    monkeypatch.setattr(loop, "_optimizer_step", real_step)
+    code, resumed = _run(tmp_path / "b", tiny, "--resume", training=training)
+    assert code == 0
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    losses = lambda out: [(r["step"], round(r["loss"], 6)) for r in _metrics(out) if "loss" in r]  # noqa: E731
+    assert losses(straight) == losses(resumed)
+
+
+def test_lora_student_exports_adapter_and_merged_model(tmp_path: Path, tiny: dict) -> None:
+    student = {
+        "model": str(tiny["student"]),
+        "from_teacher": None,
+        "finetune": "lora",
+        "merge": True,
+        "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+    }
+    code, out = _run(tmp_path, tiny, student=student, training={"max_steps": 3, "learning_rate": 1e-2})
+    assert (
+        code == 0 and (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    )
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(tiny["student"])
+    adapted = PeftModel.from_pretrained(base, out).eval()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    ids = torch.randint(0, 100, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(
+            merged(ids).logits, AutoModelForCausalLM.from_pretrained(tiny["student"])(ids).logits
+        )
+
+
+def test_teacher_responses_are_generated_once(tiny: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoTokenizer
+
+    import kdistill.data.responses as responses
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"]).eval()
+    tok = AutoTokenizer.from_pretrained(tiny["teacher"])
+    examples = [
+        Example([{"role": "user", "content": f"name the {w}"}], "old") for w in ("sun", "moon", "river")
+    ]
+    first = with_teacher_responses(examples, teacher, tok, teacher_id="tiny", max_new_tokens=6, batch_size=2)
+    assert [e.prompt for e in first] == [e.prompt for e in examples] and all(
+        e.response != "old" for e in first
+    )
+    # A single greedy generation of the same prompt gives the same text as the batched one.
+    alone = responses.generate(teacher, tok, [examples[2].prompt], 6, 1)
+    assert alone == [first[2].response]
+    monkeypatch.setattr(responses, "generate", lambda *a, **k: pytest.fail("should read the cache"))
+    again = with_teacher_responses(examples, teacher, tok, teacher_id="tiny", max_new_tokens=6, batch_size=2)
+    assert again == first
+
+
+def test_validate_reports_without_training(tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixture) -> None:
+    config = write_config(tmp_path / "run.yaml", tiny_config(tiny, tmp_path / "out"))
+    assert main(["validate", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert "data: 40 training and 8 validation rows, format dolly, 0 dropped" in printed and "OK" in printed
+    assert not (tmp_path / "out").exists()
+
+
+def test_validate_names_different_vocabularies(
+    tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixture
+) -> None:
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other"
+    tok = AutoTokenizer.from_pretrained(tiny["student"])
+    tok.add_tokens(["<extra_a>", "<extra_b>"])
+    tok.save_pretrained(other)
+    AutoModelForCausalLM.from_pretrained(tiny["student"]).save_pretrained(other)
+    cfg = tiny_config(tiny, tmp_path / "out", student={"model": str(other), "from_teacher": None})
+    assert main(["validate", str(write_config(tmp_path / "run.yaml", cfg))]) == 2
+    err = capsys.readouterr().err
+    assert f"teacher '{tiny['teacher']}' has a {len(tok) - 2:,}-token vocabulary" in err
+    assert f"a {len(tok):,}-token one" in err
+
+
+def test_seed_config_says_the_tokenizers_differ(capsys: pytest.CaptureFixture) -> None:
+    root = Path(__file__).resolve().parents[1]
+    assert main(["validate", str(root / "configs" / "seed.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "teacher 'mistralai/Mistral-7B-v0.1' has a 32,000-token vocabulary" in err
+    assert "student 'microsoft/phi-2' a 50,295-token one" in err and "configs/same-tokenizer.yaml" in err
+
+
+def test_help_texts_list_the_commands(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "train" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "--resume" in text and "--overwrite" in text and "--set KEY=VALUE" in text
+    assert yaml  # yaml is used by write_config; keep the import honest
