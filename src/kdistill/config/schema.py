@@ -64,7 +64,8 @@ class StudentConfig(_Strict):
         False, description="Also save the student with its LoRA adapter merged in (`merged/`)."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Student weights dtype; `auto` is float32 (mixed precision handles bf16 compute)."
+        "auto",
+        description="Student weights dtype; `auto` is float32, or bf16 for a LoRA student's frozen base on GPU.",
     )
     revision: str | None = Field(None, description="Hub revision of the student.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repository.")

@@ -80,7 +80,9 @@ def quantization_config(kind: str, device: torch.device) -> Any:
 
 def build_student(cfg: StudentConfig, teacher: Any | None, device: torch.device) -> Any:
     """The student: a pretrained model or one cut from the teacher, then LoRA-wrapped or fully trainable."""
-    dtype = pick_dtype(cfg.dtype, device) if cfg.dtype != "auto" else torch.float32
+    # Fully trained weights stay fp32 under `auto` (mixed precision computes in bf16 on GPUs); a LoRA
+    # student's frozen base may be bf16 there, which halves its memory without touching the optimizer.
+    dtype = pick_dtype(cfg.dtype, device) if cfg.finetune == "lora" or cfg.dtype != "auto" else torch.float32
     if cfg.from_teacher is not None:
         if teacher is None:
             raise KdistillError("student.from_teacher needs a live teacher model to copy layers from")

@@ -72,60 +72,43 @@ def resolve(
 def load_tokenizer(source: ModelSource) -> Any:
     from transformers import AutoTokenizer
 
-    folder = _converted_folder(source)
-    try:
-        if folder is not None:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(
-                source.path,
-                gguf_file=source.gguf_file,
-                revision=source.revision,
-                trust_remote_code=source.trust_remote_code,
-            )
-    except (OSError, ValueError) as err:
-        raise _not_found(source, err) from None
+    tokenizer = _from_pretrained(AutoTokenizer, source)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # right padding is masked out, so any id works
     return tokenizer
-
-
-def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device | str, **kwargs: Any) -> Any:
-    """Load a causal LM; GGUF files go through the fp32 conversion cache."""
-    from transformers import AutoModelForCausalLM
-
-    if source.gguf_file is not None:
-        folder = _converted_folder(source) or _convert_gguf(source)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
-        return model.to(device)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source.path,
-            dtype=dtype,
-            revision=source.revision,
-            trust_remote_code=source.trust_remote_code,
-            **kwargs,
-        )
-    except OSError as err:
-        raise _not_found(source, err) from None
-    if "quantization_config" not in kwargs and "device_map" not in kwargs:
-        model = model.to(device)
-    return model
 
 
 def load_config_only(source: ModelSource) -> Any:
     """The model's config, without its weights (for `kdistill validate`)."""
     from transformers import AutoConfig
 
+    return _from_pretrained(AutoConfig, source)
+
+
+def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device | str, **kwargs: Any) -> Any:
+    """Load a causal LM; GGUF files go through the fp32 conversion cache."""
+    from transformers import AutoModelForCausalLM
+
+    if source.gguf_file is not None and _converted_folder(source) is None:
+        _convert_gguf(source)
+    model = _from_pretrained(AutoModelForCausalLM, source, dtype=dtype, **kwargs)
+    if "quantization_config" not in kwargs and "device_map" not in kwargs:
+        model = model.to(device)
+    return model
+
+
+def _from_pretrained(auto_class: Any, source: ModelSource, **kwargs: Any) -> Any:
+    """`auto_class.from_pretrained` on the converted GGUF folder if there is one, else on the source."""
     folder = _converted_folder(source)
     try:
         if folder is not None:
-            return AutoConfig.from_pretrained(folder)
-        return AutoConfig.from_pretrained(
+            return auto_class.from_pretrained(folder, **kwargs)
+        return auto_class.from_pretrained(
             source.path,
             gguf_file=source.gguf_file,
             revision=source.revision,
             trust_remote_code=source.trust_remote_code,
+            **kwargs,
         )
     except (OSError, ValueError) as err:
         raise _not_found(source, err) from None
