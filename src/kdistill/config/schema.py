@@ -65,7 +65,7 @@ class StudentConfig(_Strict):
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="Student weights dtype; `auto` is float32, or bf16 for a LoRA student's frozen base on GPU.",
+        description="Weights dtype; `auto` is float32, or bf16 for a LoRA student's frozen base on GPU.",
     )
     revision: str | None = Field(None, description="Hub revision of the student.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repository.")
