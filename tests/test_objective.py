@@ -85,3 +85,22 @@ def test_padding_does_not_change_the_loss(tiny: dict[str, Path]) -> None:
 def test_tokenized_rows_have_no_label_at_position_zero_that_counts() -> None:
     batch = Collator(0)([Tokenized([5, 6, 7], [5, 6, 7])])
     assert int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) == 2
+
+
+def test_held_out_quality_reuses_the_teacher_output(tiny: dict[str, Path]) -> None:
+    from kdistill.eval.quality import held_out_quality
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"]).eval()
+    student = StudentHidden(AutoModelForCausalLM.from_pretrained(tiny["student"]))
+    batches = [_batch(tiny), _batch(tiny)]
+    cache: dict = {}
+    calls = {"n": 0}
+    hook = teacher.model.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    first = held_out_quality(student, teacher, batches, chunk_size=5, teacher_cache=cache)
+    assert sorted(cache) == [0, 1] and calls["n"] == 2
+    calls["n"] = 0
+    second = held_out_quality(student, teacher, batches, chunk_size=5, teacher_cache=cache)
+    hook.remove()
+    assert calls["n"] == 0 and second == first
+    plain = held_out_quality(student, teacher, batches, chunk_size=None)
+    assert abs(plain["kl"] - first["kl"]) < 1e-5 and abs(plain["ppl"] - first["ppl"]) < 1e-3 * first["ppl"]

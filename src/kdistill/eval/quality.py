@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from kdistill.train.forward import LossSettings, batch_loss
+from kdistill.train.forward import LossSettings, batch_loss, teacher_signal, trained_rows
 
 
 @torch.no_grad()
@@ -18,11 +18,13 @@ def held_out_quality(
     batches: Iterable[dict[str, torch.Tensor]],
     chunk_size: int | None = 1024,
     vocab_size: int | None = None,
+    teacher_cache: dict[int, object] | None = None,
 ) -> dict[str, float]:
     """Per-token forward KL(teacher || student) at T = 1, cross-entropy and perplexity.
 
     Measured at T = 1 whatever the training temperature, so runs with different temperatures
-    compare on one scale.
+    compare on one scale. `teacher_cache` keeps the teacher's output per batch between calls on the
+    same (unshuffled) batches: the teacher does not change, so it runs once per run, not per evaluation.
     """
     was_training = student.training
     student.eval()
@@ -34,8 +36,13 @@ def held_out_quality(
     )
     kl = ce = 0.0
     tokens = 0
-    for batch in batches:
-        sums, n = batch_loss(student, teacher, batch, settings)
+    for index, batch in enumerate(batches):
+        signal = None if teacher_cache is None else teacher_cache.get(index)
+        if signal is None and teacher is not None:
+            signal = teacher_signal(teacher, batch, trained_rows(batch["labels"])[0], vocab_size)
+            if teacher_cache is not None:
+                teacher_cache[index] = signal
+        sums, n = batch_loss(student, teacher, batch, settings, signal=signal)
         kl, ce, tokens = kl + float(sums.kd), ce + float(sums.ce), tokens + n
     student.train(was_training)
     if tokens == 0:

@@ -91,15 +91,24 @@ def teacher_signal(
 
 
 def batch_loss(
-    student: nn.Module, teacher: nn.Module | None, batch: dict[str, Any], settings: LossSettings
+    student: nn.Module,
+    teacher: nn.Module | None,
+    batch: dict[str, Any],
+    settings: LossSettings,
+    signal: DenseHidden | None = None,
 ) -> tuple[LossSums, int]:
-    """Loss sums over the batch's trained tokens, and how many tokens that is."""
+    """Loss sums over the batch's trained tokens, and how many tokens that is.
+
+    `signal` is the teacher's output for this batch when the caller already has it (evaluation
+    reuses it across passes); otherwise the live teacher runs.
+    """
     mask, targets = trained_rows(batch["labels"])
     hidden = student(batch["input_ids"], batch["attention_mask"])[:, :-1][mask]
     inner = student.module.model if hasattr(student, "module") else student.model
     weight, bias = output_head(inner, settings.vocab_size)
     use_teacher = teacher is not None and settings.alpha > 0
-    signal = teacher_signal(teacher, batch, mask, settings.vocab_size) if use_teacher else None
+    if use_teacher and signal is None:
+        signal = teacher_signal(teacher, batch, mask, settings.vocab_size)
     sums = distill_loss_sums(
         hidden,
         weight,

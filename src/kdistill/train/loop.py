@@ -89,9 +89,12 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> RunS
         DataLoader(validation, batch_size=t.eval_batch_size or t.batch_size, collate_fn=collator)
     )
     metrics = MetricsFile(out / "metrics.jsonl", accelerator)
+    teacher_on_validation: dict[int, object] = {}  # small: hidden states at response rows only
 
     def evaluate(step: int) -> dict[str, float]:
-        result = held_out_quality(student, parts.teacher, eval_loader, cfg.loss.chunk_size, parts.vocab_size)
+        result = held_out_quality(
+            student, parts.teacher, eval_loader, cfg.loss.chunk_size, parts.vocab_size, teacher_on_validation
+        )
         metrics.write(step, {f"eval/{k}": v for k, v in result.items()})
         return result
 
