@@ -3,15 +3,17 @@
 The ``(N, V)`` logits of a 150k-token vocabulary are the largest tensors in a distillation step, and
 naive autograd keeps several of them alive at once (logits, log-softmaxes, products, their grads).
 Here the student's logits, and the teacher's for ``DenseHidden``, are made for ``chunk_size`` rows at a
-time. Each chunk's loss is differentiated on the spot, inside the forward pass, into the gradient of
-the chunk's hidden states and a running gradient of the head, and the chunk is freed. The only
-full-size buffers are ``grad_hidden (N, H)`` and ``grad_head (V, H)``; backward just scales them.
+time. Each chunk's loss is differentiated on the spot, inside the forward pass (in smaller blocks of
+rows on CPU, see ``_block_rows``), the logits are overwritten by their gradient, and that gives the
+gradient of the chunk's hidden states and a running gradient of the head before the chunk is freed.
+The only full-size buffers are ``grad_hidden (N, H)`` and ``grad_head (V, H)``; backward scales them.
 This is the design of Liger-Kernel's fused linear losses, written from scratch here. It costs no
 extra matmuls: the head product runs once in forward and twice for the gradients, as under autograd.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -23,10 +25,12 @@ from kdistill.errors import KdistillError
 from kdistill.losses.divergences import DIVERGENCES, Divergence
 from kdistill.teacher.signal import Dense, DenseHidden, Sparse, softcap_logits
 
-# 256 rows keeps a chunk's fp32 temporaries (a few (256, V) tensors) well under a quarter of the
-# naive path's even at N = 2048, while the (256, H) x (H, V) matmuls stay large enough to run at
-# full speed on CPU and GPU. See benchmarks/loss_memory.py.
-DEFAULT_CHUNK_SIZE = 256
+# Rows per chunk: the matmuls with the heads run on this many rows at once. A chunk holds two
+# (512, V) fp32 buffers (student logits, later their gradient, and teacher logits), a seventh of the
+# naive path's memory at N = 2048, and 512 rows keep the matmuls efficient; 256-1024 measured the
+# same speed on CPU. See benchmarks/loss_memory.py.
+DEFAULT_CHUNK_SIZE = 512
+_CPU_BLOCK_BYTES = 24 * 2**20  # see _block_rows
 
 
 @dataclass
@@ -52,39 +56,70 @@ class _Spec:
     softcap: float | None = None
 
 
-def _rows_loss(logits: Tensor, start: int, end: int, spec: _Spec) -> tuple[Tensor, Tensor, Tensor]:
-    """``(total, kd, ce)`` sums for rows ``start:end`` given their raw fp32 student logits ``(n, V)``."""
+def _rows_loss(logits: Tensor, labels: Tensor, target: Tensor | Sparse | None, spec: _Spec):
+    """``(total, kd, ce)`` sums for some rows, from their raw fp32 student logits ``(n, V)``.
+
+    ``target`` is the teacher for the same rows: ``(n, V)`` fp32 logits, a ``Sparse``, or None.
+    """
     z = softcap_logits(logits, spec.softcap)
-    labels = spec.labels[start:end, None]
     # logsumexp - z[label] is log-softmax at the label without keeping a second (n, V) tensor alive.
-    ce = (torch.logsumexp(z, dim=-1) - z.gather(-1, labels).squeeze(-1)).sum()
-    if spec.teacher is None:
+    ce = (torch.logsumexp(z, dim=-1) - z.gather(-1, labels[:, None]).squeeze(-1)).sum()
+    if target is None:
         kd = torch.zeros((), device=z.device)
     else:
-        target = spec.teacher.rows(start, end)
         kd = spec.divergence(z, target, temperature=spec.temperature, **spec.divergence_kwargs)
     return spec.kd_weight * kd + spec.ce_weight * ce, kd, ce
+
+
+def _teacher_rows(spec: _Spec, start: int, end: int) -> Tensor | Sparse | None:
+    return None if spec.teacher is None else spec.teacher.rows(start, end)
 
 
 def _naive(hidden: Tensor, head: Tensor, bias: Tensor | None, spec: _Spec) -> LossSums:
     """Reference path: full ``(N, V)`` logits under ordinary autograd."""
     logits = F.linear(hidden, head, bias).float()
-    total, kd, ce = _rows_loss(logits, 0, hidden.shape[0], spec)
+    n = hidden.shape[0]
+    total, kd, ce = _rows_loss(logits, spec.labels, _teacher_rows(spec, 0, n), spec)
     return LossSums(total=total, kd=kd.detach(), ce=ce.detach())
 
 
-def _chunk_grad(h: Tensor, head: Tensor, bias: Tensor | None, start: int, spec: _Spec, want_grad: bool):
-    """One chunk's ``(total, kd, ce)`` and the loss gradient w.r.t. its fp32 logits (None if not wanted)."""
-    with torch.no_grad():
-        logits = F.linear(h, head, bias).float()
-    if not want_grad:
-        with torch.no_grad():
-            return *_rows_loss(logits, start, start + h.shape[0], spec), None
-    logits.requires_grad_(True)
-    with torch.enable_grad():
-        total, kd, ce = _rows_loss(logits, start, start + h.shape[0], spec)
-        (grad_logits,) = torch.autograd.grad(total, logits)
-    return total.detach(), kd.detach(), ce.detach(), grad_logits
+def _block_rows(logits: Tensor) -> int:
+    """Rows per block of the loss formula inside a chunk.
+
+    On CPU, glibc hands allocations above 32 MB straight back to the kernel, so every fresh (n, V)
+    temporary costs page faults, about a third of the CPU time measured here. Blocks whose fp32
+    temporaries stay under 24 MB are recycled from the heap instead. On GPU the caching allocator
+    already reuses memory, and larger kernels are better, so a block is the whole chunk.
+    """
+    if logits.is_cuda:
+        return logits.shape[0]
+    return max(1, _CPU_BLOCK_BYTES // (4 * logits.shape[1]))
+
+
+def _slice_target(target: Tensor | Sparse | None, start: int, end: int) -> Tensor | Sparse | None:
+    if isinstance(target, Sparse):
+        return target.rows(start, end)
+    return None if target is None else target[start:end]
+
+
+def _chunk_loss_(logits: Tensor, labels: Tensor, target, spec: _Spec, want_grad: bool) -> Tensor:
+    """``[total, kd, ce]`` for one chunk; with ``want_grad`` its fp32 ``logits`` are overwritten in place
+    by the loss gradient w.r.t. them, block by block, so no second (n, V) buffer is needed."""
+    sums = torch.zeros(3, device=logits.device)
+    step = _block_rows(logits)
+    for a in range(0, logits.shape[0], step):
+        z, rows = logits[a : a + step], slice(a, a + step)
+        block_target = _slice_target(target, a, a + step)
+        if not want_grad:
+            sums += torch.stack(_rows_loss(z, labels[rows], block_target, spec))
+            continue
+        z = z.detach().requires_grad_(True)
+        with torch.enable_grad():
+            losses = _rows_loss(z, labels[rows], block_target, spec)
+            (grad,) = torch.autograd.grad(losses[0], z)
+        sums += torch.stack(losses).detach()
+        logits[rows] = grad  # this block's logits are no longer needed
+    return sums
 
 
 def _accumulate(grad_logits: Tensor, h: Tensor, w: Tensor, start: int, grad_h, grad_w, grad_b) -> None:
@@ -109,19 +144,23 @@ class _ChunkedLoss(torch.autograd.Function):
     def forward(ctx, hidden, head, bias, spec, chunk_size, needs):  # noqa: D102 - see class docstring
         need_h, need_w, need_b = needs
         n, w, b = hidden.shape[0], head.detach(), None if bias is None else bias.detach()
-        grad_h = torch.zeros_like(hidden) if need_h else None
+        # Contiguous, whatever hidden's strides, so each chunk's rows can be written in place.
+        grad_h = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
         # The head gradient sums over chunks, so it accumulates in fp32 even for bf16 weights.
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
         sums = torch.zeros(3, dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_size):
-            h = hidden[start : start + chunk_size].detach()
-            *losses, grad_logits = _chunk_grad(h, w, b, start, spec, any(needs))
-            sums += torch.stack(losses)
-            if grad_logits is None:
-                continue
-            _accumulate(grad_logits, h, w, start, grad_h, grad_w, grad_b)
-            del grad_logits  # free the chunk before the next one is made
+            end = min(n, start + chunk_size)
+            h = hidden[start:end].detach()
+            with torch.no_grad():
+                logits = F.linear(h, w, b).float()
+            target = _teacher_rows(spec, start, end)  # (n, V) teacher logits made once per chunk
+            sums += _chunk_loss_(logits, spec.labels[start:end], target, spec, any(needs))
+            del target
+            if any(needs):
+                _accumulate(logits, h, w, start, grad_h, grad_w, grad_b)  # logits now hold their gradient
+            del logits  # free the chunk before the next one is made
         ctx.grads = (
             grad_h,
             None if grad_w is None else grad_w.to(head.dtype),
@@ -143,6 +182,18 @@ class _ChunkedLoss(torch.autograd.Function):
         # In place: the buffers are ours alone, and a copy of grad_head would double the peak.
         scaled = tuple(None if g is None else g.mul_(grad_total.to(g.dtype)) for g in grads)
         return (*scaled, None, None, None)
+
+
+def _check_divergence(name: str, kwargs: dict) -> None:
+    """Unknown names and parameters are config mistakes: say which and what is accepted."""
+    if name not in DIVERGENCES:
+        raise KdistillError(f"unknown divergence {name!r}; expected one of {sorted(DIVERGENCES)}")
+    accepted = [
+        p for p in inspect.signature(DIVERGENCES[name]).parameters if p not in ("student_logits", "teacher")
+    ]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise KdistillError(f"divergence {name!r} takes no parameter {unknown[0]!r}; it takes {accepted}")
 
 
 def _check_inputs(hidden: Tensor, head: Tensor, labels: Tensor, teacher, kd_weight: float) -> None:
@@ -192,8 +243,7 @@ def distill_loss_sums(
         ``LossSums``: ``total`` is differentiable, ``kd`` and ``ce`` are detached. All are fp32 scalars;
         gradients reach the inputs in their own dtypes.
     """
-    if divergence not in DIVERGENCES:
-        raise KdistillError(f"unknown divergence {divergence!r}; expected one of {sorted(DIVERGENCES)}")
+    _check_divergence(divergence, divergence_kwargs or {})
     _check_inputs(student_hidden, student_head, labels, teacher, kd_weight)
     spec = _Spec(
         labels=labels,

@@ -46,6 +46,7 @@ def _bucket_student(log_probs: Tensor, ids: Tensor) -> Tensor:
     cancel catastrophically when the kept mass is near 1. Kept tokens are filled with the most negative
     finite float (not -inf) so a row with nothing left (k == V) stays finite in forward and backward.
     """
+    ids = ids.long()  # caches may store int32 ids; gather and scatter need int64
     kept = log_probs.gather(-1, ids)
     rest = log_probs.scatter(-1, ids, torch.finfo(log_probs.dtype).min)
     return torch.cat([kept, torch.logsumexp(rest, dim=-1, keepdim=True)], dim=-1)
