@@ -124,7 +124,7 @@ class LossConfig(_Strict):
     )
     skew: float = Field(0.1, ge=0, le=1, description="Skew KL mixing weight (DistiLLM).")
     chunk_size: int | None = Field(
-        1024, gt=0, description="Tokens per chunk of the output projection; null computes full logits."
+        512, gt=0, description="Tokens per chunk of the output projection; null computes full logits."
     )
 
 

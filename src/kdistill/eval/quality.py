@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from kdistill.losses import DEFAULT_CHUNK_SIZE
 from kdistill.train.forward import LossSettings, batch_loss, teacher_signal, trained_rows
 
 
@@ -16,7 +17,7 @@ def held_out_quality(
     student: nn.Module,
     teacher: nn.Module | None,
     batches: Iterable[dict[str, torch.Tensor]],
-    chunk_size: int | None = 1024,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     vocab_size: int | None = None,
     teacher_cache: dict[int, object] | None = None,
 ) -> dict[str, float]:

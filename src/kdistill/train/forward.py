@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from kdistill.data import IGNORE_INDEX
-from kdistill.losses import LossSums, distill_loss_sums
+from kdistill.losses import DEFAULT_CHUNK_SIZE, LossSums, distill_loss_sums
 from kdistill.teacher.signal import DenseHidden
 
 
@@ -27,7 +27,7 @@ class LossSettings:
     temperature: float
     divergence: str = "forward_kl"
     divergence_kwargs: dict | None = None
-    chunk_size: int | None = 1024
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE
     vocab_size: int | None = None  # common logit width when the two heads are padded differently
 
 

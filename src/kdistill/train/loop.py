@@ -107,6 +107,9 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> RunS
         log.info("resumed from %s (step %d)", checkpoint, step)
     else:
         before = evaluate(0)
+        if "kl" in before:
+            kl, ppl = before["kl"], before["ppl"]
+            log.info("before training: held-out KL to teacher %.4f, perplexity %.2f", kl, ppl)
 
     bar = tqdm(
         total=total_steps, initial=step, desc="distill", unit="step", disable=not accelerator.is_main_process
