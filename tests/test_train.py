@@ -227,3 +227,13 @@ def test_eval_steps_and_tensorboard(tmp_path: Path, tiny: dict) -> None:
     assert eval_steps == [0, 2, 4, 6]
     events = list((out / "logs").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_teacher_responses_through_the_cli(tmp_path: Path, tiny: dict) -> None:
+    import os
+
+    data = {"responses": "teacher", "generation": {"max_new_tokens": 4, "batch_size": 8}}
+    code, out = _run(tmp_path, tiny, data=data, training={"max_steps": 1})
+    assert code == 0
+    cached = list((Path(os.environ["KDISTILL_CACHE"]) / "responses").glob("*.json"))
+    assert len(cached) == 1 and len(json.loads(cached[0].read_text())) == 40  # the training rows only
