@@ -47,11 +47,15 @@ def run(config: dict, folder: Path) -> dict[str, float]:
     path.write_text(yaml.safe_dump(config))
     started = time.perf_counter()
     command = [sys.executable, "-m", "kdistill", "train", str(path), "--overwrite"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
+    # stderr goes to a file, not a pipe: nothing reads a pipe during wait4, and the progress bar
+    # of a longer run would fill it and block the child.
+    log = folder / "train.log"
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=handle)
+        _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"kdistill train failed:\n{proc.stderr.read()[-2000:]}")
+        raise SystemExit(f"kdistill train failed:\n{log.read_text()[-2000:]}")
     summary = json.loads((Path(config["output_dir"]) / "summary.json").read_text())
     return {"peak_rss_mb": usage.ru_maxrss / 1024, "wall_s": seconds, "kl_after": summary["after"]["kl"]}
 
