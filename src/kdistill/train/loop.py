@@ -28,7 +28,7 @@ from kdistill.config import RunConfig, save_config
 from kdistill.data import Collator
 from kdistill.eval.quality import held_out_quality
 from kdistill.train.checkpoint import export_student, latest_checkpoint, load_checkpoint, save_checkpoint
-from kdistill.train.forward import LossSettings, StudentHidden, batch_loss
+from kdistill.train.forward import LossSettings, StudentHidden, batch_loss, trained_rows
 from kdistill.train.metrics import LogWindow, MetricsFile
 from kdistill.train.setup import build_components, prepare_output_dir
 
@@ -191,7 +191,7 @@ def _optimizer_step(
     max_grad_norm: float | None,
 ) -> dict[str, float]:
     """Forward and backward over one accumulation window, then one optimizer step."""
-    local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
+    local = sum(int(trained_rows(b["labels"])[1].numel()) for b in window)
     trained = accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum").item()
     # DDP averages gradients over processes, so scale by their number to get a sum over all tokens / trained.
     scale = accelerator.num_processes / max(trained, 1)
