@@ -1,0 +1,167 @@
+"""Divergences between a teacher and a student whose vocabularies differ, on aligned positions.
+
+Two ways to compare next-token distributions over different vocabularies:
+- ``mapped_divergence``: project the teacher onto the student's vocabulary through a ``VocabMap``
+  (tokens whose strings match), with the mass of unmapped tokens in one explicit "other" bucket on
+  each side, then apply any divergence of ``DIVERGENCES``.
+- ``uld_distance``: Universal Logit Distillation (Boizard et al. 2024), which needs no map at all.
+
+Rows are the aligned positions of ``alignment.stack_positions``: student row i and teacher row i
+both predict the text that starts the same aligned segment. Both functions return sums over the N
+rows (the objective normalises once) and do not apply ``T**2``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kdistill.errors import KdistillError
+from kdistill.losses.divergences import DIVERGENCES
+from kdistill.losses.vocab_map import VocabMap
+from kdistill.teacher.signal import Sparse
+
+
+def _other_mass(log_probs: Tensor, exclude: Tensor) -> Tensor:
+    """``(N, 1)`` log of the mass of ``log_probs`` ``(N, V)`` outside ``exclude`` ``(N, k)`` ids.
+
+    Index ``V`` in ``exclude`` means "nothing" (a padding column absorbs it). A logsumexp over the
+    rest, not ``log(1 - kept)``, which would cancel catastrophically when the kept mass is near 1.
+    """
+    padded = torch.cat([log_probs, log_probs[:, :1]], dim=-1)
+    rest = padded.scatter(-1, exclude, torch.finfo(log_probs.dtype).min)[:, :-1]
+    return torch.logsumexp(rest, dim=-1, keepdim=True)
+
+
+def _group_logsumexp(log_probs: Tensor, column: Tensor, width: int) -> Tensor:
+    """``(N, width)`` log of the summed probabilities of ``log_probs`` ``(N, k)`` landing in each ``column``.
+
+    ``column`` is ``(N, k)`` in ``[0, width)``. Several teacher tokens can decode to one student token
+    ("▁" and "<0x20>" both to " "), so their masses add up; done in log space around each group's
+    maximum, so a lone member comes back exactly and small probabilities do not underflow.
+    """
+    floor = torch.finfo(log_probs.dtype).min
+    top = log_probs.new_full((log_probs.shape[0], width), floor).scatter_reduce(1, column, log_probs, "amax")
+    total = torch.zeros_like(top).scatter_add(1, column, (log_probs - top.gather(1, column)).exp())
+    return top + total.log()
+
+
+def _project_dense(student: Tensor, teacher: Tensor, mapping: VocabMap) -> tuple[Tensor, Tensor]:
+    """Both sides over the mapped student ids (the map's image, ``M'``) plus one "other" bucket."""
+    table = mapping.lookup(teacher.shape[-1], teacher.device)
+    t_ids = torch.nonzero(table >= 0).squeeze(-1)
+    image, column = torch.unique(table[t_ids], return_inverse=True)
+    n = teacher.shape[0]
+    t_img = _group_logsumexp(teacher[:, t_ids], column.expand(n, -1), image.numel())
+    t_other = torch.logsumexp(teacher[:, table < 0], dim=-1, keepdim=True)
+    s_other = _other_mass(student, image.expand(n, -1))
+    return torch.cat([student[:, image], s_other], -1), torch.cat([t_img, t_other], -1)
+
+
+def _project_sparse(
+    student: Tensor, teacher: Sparse, mapping: VocabMap, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """Both sides over the student ids of the row's mapped top-k plus one "other" bucket, ``(N, k + 1)``.
+
+    The teacher's "other" holds its tail and its unmapped top-k mass. Slots are sorted by student
+    id, so top-k tokens sharing a student id sit together: the first of each run holds the run's
+    summed mass; the rest, and unmapped slots, hold nothing on either side. Everything is
+    ``(N, k)``-sized except the student's "other" (one masked copy of its ``(N, Vs)`` log-probs).
+    """
+    vs, floor = student.shape[-1], torch.finfo(student.dtype).min
+    t_lp = teacher.bucket_log_probs(mapping.teacher_size, temperature)
+    s_ids = mapping.lookup_for(teacher.ids)[teacher.ids.long()]
+    col, order = torch.where(s_ids >= 0, s_ids, vs).sort(dim=-1, stable=True)  # vs: unmapped, sorted last
+    t_top = t_lp[:, :-1].gather(1, order)
+    starts = torch.ones_like(col, dtype=torch.bool)
+    starts[:, 1:] = col[:, 1:] != col[:, :-1]
+    keep = starts & (col < vs)
+    run = starts.long().cumsum(-1) - 1  # index of each slot's run of equal student ids
+    t_runs = _group_logsumexp(t_top, run, col.shape[-1])
+    t_slots = torch.where(keep, t_runs.gather(1, run), floor)
+    t_unmapped = t_top.masked_fill(col < vs, float("-inf"))
+    t_other = torch.logsumexp(torch.cat([t_unmapped, t_lp[:, -1:]], -1), dim=-1, keepdim=True)
+    s_slots = torch.where(keep, student.gather(1, col.clamp(max=vs - 1)), floor)
+    s_other = _other_mass(student, torch.where(keep, col, vs))
+    return torch.cat([s_slots, s_other], -1), torch.cat([t_slots, t_other], -1)
+
+
+def mapped_log_probs(
+    student_logits: Tensor, teacher: Tensor | Sparse, mapping: VocabMap, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """Student and teacher log-probs at temperature T over shared outcomes: mapped tokens + "other".
+
+    The teacher's distribution is projected onto the student's vocabulary through ``mapping``; the
+    teacher's mass on unmapped tokens and the student's mass on tokens no teacher token maps to each
+    go to one explicit "other" bucket (the last column), so both sides are proper distributions.
+
+    Args:
+        student_logits: ``(N, Vs)`` student logits at the aligned student positions.
+        teacher: ``(N, Vt)`` teacher logits, or a ``Sparse`` top-k signal, at the aligned teacher positions.
+        mapping: the vocabulary map, teacher ids to student ids.
+    Returns:
+        ``(student, teacher)`` log-probs, ``(N, M' + 1)`` for a dense teacher (``M'`` distinct mapped
+        student ids), ``(N, k + 1)`` for a sparse one; empty outcomes hold the most negative float.
+    """
+    student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    if isinstance(teacher, Sparse):
+        return _project_sparse(student, teacher, mapping, temperature)
+    return _project_dense(student, torch.log_softmax(teacher.float() / temperature, dim=-1), mapping)
+
+
+def mapped_divergence(
+    student_logits: Tensor,
+    teacher: Tensor | Sparse,
+    mapping: VocabMap,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    **params: float,
+) -> Tensor:
+    """A divergence of ``DIVERGENCES`` (forward KL by default) on the mapped outcomes, summed over the N rows.
+
+    Shapes as in ``mapped_log_probs``; returns a scalar. ``T**2`` is not applied (the objective does).
+    """
+    if divergence not in DIVERGENCES:
+        raise KdistillError(
+            f"unknown divergence {divergence!r}; expected one of {', '.join(sorted(DIVERGENCES))}"
+        )
+    student, target = mapped_log_probs(student_logits, teacher, mapping, temperature)
+    # The divergences take logits; normalised log-probs are logits whose softmax is themselves.
+    return DIVERGENCES[divergence](student, target, temperature=1.0, **params)
+
+
+def uld_distance(
+    student_logits: Tensor,
+    teacher: Tensor | Sparse,
+    *,
+    temperature: float = 1.0,
+    teacher_vocab_size: int | None = None,
+) -> Tensor:
+    """Universal Logit Distillation (Boizard et al. 2024): L1 between sorted probabilities, summed over rows.
+
+    Both distributions at temperature T are sorted in decreasing order and the shorter padded with
+    zeros; ranks past the shorter vocabulary then add the longer side's remaining mass. Needs no
+    vocabulary map. A ``Sparse`` teacher knows only its top k: ranks ``k+1..`` are one bucket on each
+    side (the teacher's tail against the student's mass below its own top k), exact when k covers
+    the vocabulary and, at T = 1, otherwise a lower bound of the full distance.
+
+    Args:
+        student_logits: ``(N, Vs)`` student logits.
+        teacher: ``(N, Vt)`` teacher logits, or ``Sparse`` (then ``teacher_vocab_size`` = ``Vt`` is
+            required: it says whether the top k is the whole vocabulary).
+    Returns: a scalar, the distance summed over the N rows.
+    """
+    student = torch.softmax(student_logits.float() / temperature, dim=-1)
+    if isinstance(teacher, Sparse):
+        if teacher_vocab_size is None:
+            raise ValueError("uld_distance needs teacher_vocab_size with a Sparse teacher")
+        lp = teacher.bucket_log_probs(teacher_vocab_size, temperature).exp()
+        top, tail = lp[:, :-1].sort(dim=-1, descending=True).values, lp[:, -1]
+    else:
+        top = torch.softmax(teacher.float() / temperature, dim=-1).sort(dim=-1, descending=True).values
+        tail = top.new_zeros(top.shape[0])
+    n = min(top.shape[-1], student.shape[-1])
+    s_top, s_ids = student.topk(n, dim=-1)
+    s_rest = student.scatter(-1, s_ids, 0.0).sum(-1)
+    return (top[:, :n] - s_top).abs().sum() + top[:, n:].sum() + (tail - s_rest).abs().sum()
