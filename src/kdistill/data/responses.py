@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from kdistill.data.formats import Example
 from kdistill.data.tokenize import prompt_text
+from kdistill.errors import KdistillError
 
 
 def cache_root() -> Path:
@@ -47,8 +48,14 @@ def with_teacher_responses(
     if path.is_file():
         texts = json.loads(path.read_text())
     else:
+        try:  # before generating, which can take hours, not after
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise KdistillError(
+                f"cannot create the cache folder {path.parent} ({err.strerror}); "
+                "set KDISTILL_CACHE to a writable folder"
+            ) from None
         texts = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens, batch_size)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(texts))
         tmp.replace(path)  # atomic: a crash never leaves a half-written cache

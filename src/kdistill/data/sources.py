@@ -31,6 +31,8 @@ def load_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
 
 
 def _read_local(path: Path) -> list[dict[str, Any]]:
+    if path.is_dir():
+        raise KdistillError(f"{path} is a folder; data.source must be a data file")
     if not path.is_file():
         raise KdistillError(f"data file not found: {path}")
     readers = {".jsonl": read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
@@ -38,13 +40,22 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
         raise KdistillError(
             f"{path}: unsupported file type '{path.suffix}'; expected one of {', '.join(readers)}"
         )
-    return readers[path.suffix](path)
+    try:
+        return readers[path.suffix](path)
+    except UnicodeDecodeError:
+        raise KdistillError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+    except OSError as err:
+        raise KdistillError(f"{path}: cannot be read ({err.strerror})") from None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise KdistillError(f"{path}:{number}: not UTF-8 text; save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

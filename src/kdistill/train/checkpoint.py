@@ -7,16 +7,21 @@ place, so `--resume` never picks up a half-written one.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from kdistill.errors import KdistillError
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -58,6 +63,49 @@ def latest_checkpoint(folder: Path) -> Path | None:
         if match and (path / "state.json").is_file():
             found.append((int(match.group(1)), path))
     return max(found)[1] if found else None
+
+
+def check_writable(out: Path) -> None:
+    """Fail now, with the folder named, if the run could not write its outputs."""
+    if out.exists() and not out.is_dir():
+        raise KdistillError(f"output_dir {out} exists and is not a folder")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    try:
+        # A real write, not os.access: root passes os.access on read-only folders and file systems.
+        fd, probe = tempfile.mkstemp(prefix=".kdistill-write-test", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise KdistillError(
+            f"output_dir {out} cannot be written: {existing} is not writable ({err.strerror}); "
+            "choose another output_dir or change the folder's permissions"
+        ) from None
+
+
+def remove_partial(folder: Path) -> None:
+    """Delete `step-N.tmp/` folders left by a run killed while writing a checkpoint."""
+    for path in folder.glob("step-*.tmp"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# Keys that fix which rows form which optimizer step, and how many steps an epoch has: a resumed
+# run with other values would not continue the run it resumes.
+_RESUME_KEYS = (("training", "seed"), ("training", "batch_size"), ("training", "gradient_accumulation_steps"))
+
+
+def check_resume_config(saved: Path, current: dict[str, Any]) -> None:
+    """Refuse to resume a run whose saved config differs in a key that fixes the data order."""
+    if not saved.is_file():
+        return
+    old = yaml.safe_load(saved.read_text()) or {}
+    for section, key in _RESUME_KEYS:
+        before, now = old.get(section, {}).get(key), current[section][key]
+        if before is not None and before != now:
+            raise KdistillError(
+                f"--resume: {section}.{key} is {now} here but {before} in the run being resumed ({saved}); "
+                "it fixes which rows form each step, so resuming would not continue that run. "
+                f"Use {section}.{key}={before}, or --overwrite to start again"
+            )
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
