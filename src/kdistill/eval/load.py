@@ -1,0 +1,157 @@
+"""Load what `kdistill eval` and `kdistill bench` compare: a student (a run folder or any model),
+its teacher, the tokenizer and the held-out examples.
+
+A run folder is one with `kdistill_config.yaml` in it; that config names the teacher, how the student
+was built and which rows were held out. A LoRA run folder holds an adapter, which is merged into its
+base here (the logits are the same, and evaluation runs faster without the adapter's extra matmuls);
+a `full` or `from_teacher` run holds the whole model. These are the only functions of the package
+that read the run config; everything after them takes plain values.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdistill.config import RunConfig, TeacherConfig, load_config
+from kdistill.data import Example, _split, load_examples
+from kdistill.errors import KdistillError
+from kdistill.losses import DEFAULT_CHUNK_SIZE
+from kdistill.models.build import build_student, load_teacher, pick_dtype
+from kdistill.models.loading import ModelSource, load_config_only, load_model, load_tokenizer, resolve
+from kdistill.models.vocab import shared_vocab_size
+
+log = logging.getLogger("kdistill")
+
+CONFIG_NAME = "kdistill_config.yaml"
+
+
+@dataclass
+class EvalModels:
+    """Everything evaluation needs, as plain objects."""
+
+    student: Any  # a PreTrainedModel in eval mode, LoRA merged
+    teacher: Any | None
+    tokenizer: Any
+    student_name: str
+    teacher_name: str | None
+    run_dir: Path | None  # the run folder, where eval.json / bench.json go
+    vocab_size: int | None = None  # logit width the two heads share
+    validation: list[Example] = field(default_factory=list)
+    validation_source: str | None = None
+    max_length: int = 512
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE
+
+
+def run_folder(target: str | Path) -> Path | None:
+    """`target` as a run folder, or None when it is a plain model (folder or hub id)."""
+    path = Path(target).expanduser()
+    return path if (path / CONFIG_NAME).is_file() else None
+
+
+def device_for_eval() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_eval_models(
+    target: str,
+    teacher: str | None = None,
+    validation: str | None = None,
+    device: torch.device | None = None,
+) -> EvalModels:
+    """Load the student `target`, the teacher (`teacher`, else the run's), tokenizer and held-out rows.
+
+    `validation` is a data file (any format kdistill trains on); without it a run folder's own
+    held-out rows are used, and a plain model gets none.
+    """
+    device = device or device_for_eval()
+    run_dir = run_folder(target)
+    cfg = load_config(run_dir / CONFIG_NAME) if run_dir else None
+    teacher_cfg = TeacherConfig(model=teacher) if teacher else (cfg.teacher if cfg else None)
+    teacher_model = load_teacher(teacher_cfg, device) if teacher_cfg else None
+    if run_dir is not None:
+        student = load_run_student(run_dir, cfg, teacher_model, device)
+    else:
+        student = load_model(resolve(target), pick_dtype("auto", device), device)
+    _for_inference(student)
+    # A run folder holds the student's tokenizer even when it holds only an adapter (no config.json).
+    tokenizer = load_tokenizer(ModelSource(str(run_dir), str(run_dir)) if run_dir else resolve(target))
+    vocab = None
+    if teacher_model is not None:
+        vocab = _shared_width(teacher_cfg, student, tokenizer, str(target))
+    examples, source = _validation_examples(cfg, validation)
+    return EvalModels(
+        student=student,
+        teacher=teacher_model,
+        tokenizer=tokenizer,
+        student_name=str(target),
+        teacher_name=teacher_cfg.model if teacher_cfg else None,
+        run_dir=run_dir,
+        vocab_size=vocab,
+        validation=examples,
+        validation_source=source,
+        max_length=cfg.data.max_length if cfg else 512,
+        chunk_size=cfg.loss.chunk_size if cfg else DEFAULT_CHUNK_SIZE,
+    )
+
+
+def load_run_student(run_dir: Path, cfg: RunConfig, teacher: Any | None, device: torch.device) -> Any:
+    """The trained student of a run folder: the full model, or the LoRA adapter merged into its base."""
+    if (run_dir / "config.json").is_file():
+        return load_model(resolve(str(run_dir)), pick_dtype(cfg.student.dtype, device), device)
+    if not (run_dir / "adapter_config.json").is_file():
+        raise KdistillError(
+            f"{run_dir}: no trained student in it (neither config.json nor adapter_config.json); "
+            "did its training finish?"
+        )
+    from peft import PeftModel
+
+    if cfg.student.from_teacher is not None and teacher is None:
+        teacher = load_teacher(cfg.teacher, device)  # the base is cut from the run's own teacher
+    base = build_student(cfg.student.model_copy(update={"finetune": "full"}), teacher, device)
+    return PeftModel.from_pretrained(base, str(run_dir)).merge_and_unload()
+
+
+def load_bench_teacher(teacher: TeacherConfig, device: torch.device) -> Any:
+    model = load_teacher(teacher, device)
+    _for_inference(model)
+    return model
+
+
+def _for_inference(model: Any) -> None:
+    model.eval()
+    model.requires_grad_(False)
+    # Training turns the KV cache off; generation needs it back.
+    model.config.use_cache = True
+
+
+def _shared_width(teacher_cfg: TeacherConfig, student: Any, tokenizer: Any, student_name: str) -> int:
+    t_source = resolve(teacher_cfg.model, teacher_cfg.gguf_file, teacher_cfg.revision)
+    t_tok = load_tokenizer(t_source)
+    t_width = _logit_width(load_config_only(t_source))
+    s_width = _logit_width(student.config)
+    return shared_vocab_size(teacher_cfg.model, t_tok, t_width, student_name, tokenizer, s_width)
+
+
+def _logit_width(config: Any) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.vocab_size)
+
+
+def _validation_examples(cfg: RunConfig | None, validation: str | None) -> tuple[list[Example], str | None]:
+    if validation:
+        return load_examples(validation, "validation")[0], validation
+    if cfg is None:
+        return [], None
+    data = cfg.data
+    if data.validation_source:
+        return load_examples(data.validation_source, "validation", data.format)[0], data.validation_source
+    rows, _ = load_examples(data.source, data.split, data.format)
+    rows = rows[: data.max_rows] if data.max_rows else rows
+    # The very draw `build_datasets` made for this run, so these are the rows it held out.
+    _, held_out = _split(rows, data.validation_size, cfg.training.seed, data.source)
+    return held_out, f"{data.source} (the run's held-out rows)"

@@ -1,0 +1,151 @@
+"""`kdistill eval`: held-out metrics, generations and benchmarks for student and teacher, side by side.
+
+The result is one JSON-able dict (written to `eval.json`):
+
+    {"student": NAME, "teacher": NAME, "device": ..., "seconds": ...,
+     "held_out": {"source", "rows", "student": {ppl, ce, kl, top1, rouge_l, tokens}, "teacher": {...}},
+     "benchmarks": {"data_dir", "limit", "tasks": {TASK: {"student": {acc, acc_stderr, n}, "teacher": ...}}},
+     "generations": [{"prompt", "reference", "student", "teacher"}],
+     "kept": {METRIC: share of the teacher's value}}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdistill.data import tokenize_examples
+from kdistill.eval.harness import run_benchmarks
+from kdistill.eval.load import EvalModels
+from kdistill.eval.metrics import greedy_responses, held_out_metrics, kept, mean_rouge_l
+
+log = logging.getLogger("kdistill")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What to evaluate; plain values from the command line."""
+
+    tasks: tuple[str, ...] = ()
+    data_dir: str | None = None
+    limit: int | None = None  # items per benchmark task; None = all
+    rows: int | None = None  # held-out rows for perplexity / KL / top-1; None = all
+    rouge_rows: int = 32  # held-out rows generated for ROUGE-L
+    show: int = 3  # generations shown side by side
+    max_new_tokens: int = 128
+    batch_size: int = 8
+    num_fewshot: int | None = None
+
+
+def evaluate(models: EvalModels, settings: EvalSettings) -> dict[str, Any]:
+    """Evaluate student and teacher; see the module docstring for the result's layout."""
+    started = time.perf_counter()
+    result: dict[str, Any] = {
+        "student": models.student_name,
+        "teacher": models.teacher_name,
+        "device": str(next(models.student.parameters()).device),
+    }
+    if models.validation:
+        result["held_out"], result["generations"] = held_out_section(models, settings)
+    if settings.tasks:
+        result["benchmarks"] = benchmark_section(models, settings)
+    result["kept"] = kept_shares(result)
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def held_out_section(models: EvalModels, s: EvalSettings) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    examples = models.validation[: s.rows] if s.rows else models.validation
+    rows, dropped = tokenize_examples(examples, models.tokenizer, models.max_length)
+    pad = models.tokenizer.pad_token_id
+    common = {"batch_size": s.batch_size, "chunk_size": models.chunk_size, "vocab_size": models.vocab_size}
+    log.info(
+        "held-out: %d rows (%d dropped for length) from %s", len(rows), dropped, models.validation_source
+    )
+    section: dict[str, Any] = {"source": models.validation_source, "rows": len(rows)}
+    section["student"] = held_out_metrics(models.student, models.teacher, rows, pad, **common)
+    if models.teacher is not None:
+        section["teacher"] = held_out_metrics(models.teacher, None, rows, pad, **common)
+    generated = models.validation[: s.rouge_rows]
+    references = [e.response for e in generated]
+    outputs = {"student": greedy_responses(models.student, models.tokenizer, generated, s.max_new_tokens)}
+    if models.teacher is not None:
+        outputs["teacher"] = greedy_responses(models.teacher, models.tokenizer, generated, s.max_new_tokens)
+    for who, texts in outputs.items():
+        section[who]["rouge_l"] = mean_rouge_l(texts, references)
+    section["rouge_rows"] = len(generated)
+    shown = [
+        {"prompt": e.prompt[-1]["content"] if e.prompt else "", "reference": e.response}
+        | {who: texts[i] for who, texts in outputs.items()}
+        for i, e in enumerate(generated[: s.show])
+    ]
+    return section, shown
+
+
+def benchmark_section(models: EvalModels, s: EvalSettings) -> dict[str, Any]:
+    tasks = list(s.tasks)
+    run = {"limit": s.limit, "batch_size": s.batch_size, "num_fewshot": s.num_fewshot}
+    per_model = {"student": run_benchmarks(models.student, models.tokenizer, tasks, s.data_dir, **run)}
+    if models.teacher is not None:
+        per_model["teacher"] = run_benchmarks(models.teacher, models.tokenizer, tasks, s.data_dir, **run)
+    return {
+        "data_dir": str(s.data_dir),
+        "limit": s.limit,
+        "num_fewshot": s.num_fewshot,
+        "tasks": {t: {who: scores[t] for who, scores in per_model.items()} for t in tasks},
+    }
+
+
+def kept_shares(result: dict[str, Any]) -> dict[str, float | None]:
+    """`{metric: share}` for every metric both models have; benchmark metrics are `TASK/acc` etc."""
+    shares: dict[str, float | None] = {}
+    held = result.get("held_out", {})
+    if "teacher" in held:
+        for metric in ("ppl", "top1", "rouge_l"):
+            if metric in held["student"]:
+                teacher_value = held["teacher"].get(metric, 1.0)  # top-1: the teacher agrees with itself
+                shares[metric] = kept(metric, held["student"][metric], teacher_value)
+    for task, scores in result.get("benchmarks", {}).get("tasks", {}).items():
+        if "teacher" not in scores:
+            continue
+        for metric in ("acc", "acc_norm"):
+            if metric in scores["student"]:
+                shares[f"{task}/{metric}"] = kept(
+                    metric, scores["student"][metric], scores["teacher"][metric]
+                )
+    return shares
+
+
+def mean_kept(shares: dict[str, float | None]) -> float | None:
+    """The mean share kept over the benchmark accuracies (acc_norm where a task has it)."""
+    picked = {}
+    for key, value in shares.items():
+        if "/" in key and value is not None:
+            task, metric = key.split("/")
+            if metric == "acc_norm" or task not in picked:
+                picked[task] = value
+    return sum(picked.values()) / len(picked) if picked else None
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    """Write `data` as JSON atomically (a temporary file renamed over the target)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(_finite(data), indent=2))
+    tmp.replace(path)
+
+
+def _finite(value: Any) -> Any:
+    # JSON has no NaN or infinity; a metric that could not be computed is written as null.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

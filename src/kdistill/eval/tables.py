@@ -1,0 +1,123 @@
+"""The eval and bench results as tables: rows of strings, drawn as text (CLI) or markdown (report)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from kdistill.eval.runner import mean_kept
+
+Table = tuple[list[str], list[list[str]]]  # headers, rows
+
+TASK_LABELS = {
+    "arc_easy": "ARC-Easy",
+    "piqa": "PIQA",
+    "commonsense_qa": "CommonsenseQA",
+    "boolq": "BoolQ",
+    "winogrande": "Winogrande",
+    "openbook_qa": "OpenBookQA",
+    "copa": "COPA",
+    "hellaswag": "HellaSwag",
+    "mmlu": "MMLU",
+}
+
+
+def number(value: Any) -> str:
+    """A metric value for a table: thousands separated when large, 4 significant digits otherwise."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    if abs(value) >= 1e4:
+        return f"{value:,.0f}"
+    return f"{value:.4g}"
+
+
+def share(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1%}"
+
+
+def eval_table(result: dict[str, Any]) -> Table:
+    """metric | student | teacher | kept, for the held-out metrics and every benchmark accuracy."""
+    kept = result.get("kept", {})
+    rows = []
+    held = result.get("held_out")
+    if held:
+        student, teacher = held["student"], held.get("teacher", {})
+        for key, label, teacher_default in (
+            ("ppl", "held-out perplexity", None),
+            ("kl", "held-out KL to teacher", 0.0),
+            ("top1", "top-1 agreement with teacher", 1.0),
+            ("rouge_l", f"ROUGE-L ({held.get('rouge_rows', '?')} generations)", None),
+        ):
+            if key in student:
+                shown = teacher.get(key, teacher_default if teacher else None)
+                rows.append([label, number(student[key]), number(shown), share(kept.get(key))])
+    for task, scores in result.get("benchmarks", {}).get("tasks", {}).items():
+        for metric in ("acc", "acc_norm"):
+            if metric in scores["student"]:
+                label = f"{TASK_LABELS.get(task, task)} {metric} (n={int(scores['student']['n'])})"
+                teacher = scores.get("teacher")
+                rows.append(
+                    [
+                        label,
+                        _with_stderr(scores["student"], metric),
+                        _with_stderr(teacher, metric) if teacher else "—",
+                        share(kept.get(f"{task}/{metric}")),
+                    ]
+                )
+    overall = mean_kept(kept)
+    if overall is not None:
+        rows.append(["mean share kept over benchmarks", "", "", share(overall)])
+    return ["metric", "student", "teacher", "kept"], rows
+
+
+def _with_stderr(scores: dict[str, float], metric: str) -> str:
+    stderr = scores.get(f"{metric}_stderr")
+    return f"{scores[metric]:.4f} ± {stderr:.4f}" if stderr is not None else f"{scores[metric]:.4f}"
+
+
+def bench_table(result: dict[str, Any]) -> Table:
+    """The guide's "Why distill" table, with measured values and student / teacher ratios."""
+    roles = [r for r in ("teacher", "student") if r in result]
+    ratios = result.get("ratios", {})
+    memory = "peak GPU memory" if "gpu" in result.get("machine", {}) else "peak memory (max RSS)"
+    rows = []
+    for key, label, show in (
+        ("parameters", "parameters", lambda v: f"{v / 1e6:,.1f} M"),
+        ("disk_bytes", "size on disk", _bytes),
+        ("peak_memory_bytes", memory, _bytes),
+        ("prompt_tok_s", "prompt tokens/s", lambda v: f"{v:,.0f}"),
+        ("generate_tok_s", "generation tokens/s", lambda v: f"{v:,.1f}"),
+    ):
+        ratio = ratios.get(key)
+        rows.append(
+            [label, *(show(result[r][key]) for r in roles), "—" if ratio is None else f"{ratio:.2f}×"]
+        )
+    return ["", *roles, "student / teacher"], rows
+
+
+def _bytes(value: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if value >= size:
+            return f"{value / size:,.2f} {unit}" if unit == "GiB" else f"{value / size:,.0f} {unit}"
+    return f"{value / 2**10:,.0f} KiB"
+
+
+def text_table(table: Table) -> str:
+    """Columns padded with spaces, for a terminal."""
+    headers, rows = table
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    # The first column (labels) is left-aligned, the numbers right-aligned.
+    lines = [
+        "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in [headers, *rows]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def markdown_table(table: Table) -> str:
+    headers, rows = table
+    escape = lambda cell: str(cell).replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
+    lines = ["| " + " | ".join(escape(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

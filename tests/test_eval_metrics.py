@@ -1,0 +1,126 @@
+"""Each held-out metric against a value computed by hand or by a plain full-logits reference."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import dolly_rows
+from kdistill.data import tokenize_examples
+from kdistill.data.formats import to_examples
+from kdistill.eval.metrics import held_out_metrics, kept, mean_rouge_l, rouge_l, top1_matches
+from kdistill.eval.runner import kept_shares, mean_kept, write_json
+from kdistill.models.build import shrink
+from kdistill.teacher.signal import Dense, DenseHidden
+
+pytest.importorskip("rouge_score", reason="rouge-score is not installed (pip install 'kdistill[eval]')")
+
+
+def test_rouge_l_by_hand() -> None:
+    # LCS("the cat sat", "the cat sat on the mat") = 3: precision 3/3, recall 3/6, F = 2PR/(P+R) = 2/3.
+    assert rouge_l("the cat sat", "the cat sat on the mat") == pytest.approx(2 / 3)
+    # LCS("a b c d", "a c b d") = 3 ("a b d" or "a c d"): P = R = F = 3/4.
+    assert rouge_l("a b c d", "a c b d") == pytest.approx(0.75)
+    assert rouge_l("Same words here.", "same words here") == 1.0  # case and punctuation are ignored
+    assert rouge_l("nothing shared", "other text") == 0.0
+    assert mean_rouge_l(["the cat sat", "a b c d"], ["the cat sat on the mat", "a c b d"]) == pytest.approx(
+        (2 / 3 + 0.75) / 2
+    )
+    assert math.isnan(mean_rouge_l([], []))
+
+
+def test_share_kept_by_hand() -> None:
+    assert kept("ppl", 20.0, 10.0) == 0.5  # lower is better: teacher / student
+    assert kept("acc", 0.6, 0.8) == pytest.approx(0.75)
+    assert kept("acc_norm", 0.3, 0.6) == pytest.approx(0.5)
+    assert kept("rouge_l", 0.2, 0.25) == pytest.approx(0.8)
+    assert kept("top1", 0.4, 1.0) == 0.4  # already a share of the teacher's choices
+    assert kept("kl", 0.5, 0.0) is None
+    assert kept("acc", 0.5, 0.0) is None and kept("ppl", float("inf"), 3.0) is None
+
+
+def test_top1_matches_by_hand() -> None:
+    head = torch.eye(3)  # student logits are the hidden states themselves
+    hidden = torch.tensor([[1.0, 0, 0], [0, 2, 1], [0, 0, 3], [4, 5, 0]])  # arg-max 0, 1, 2, 1
+    teacher = torch.tensor([[5.0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 1, 0]])  # arg-max 0, 2, 2, 1
+    for chunk in (None, 1, 3):
+        assert top1_matches(hidden, head, None, Dense(teacher), chunk) == 3
+    bias = torch.tensor([0.0, 0.0, 10.0])  # now every student row picks token 2
+    assert top1_matches(hidden, head, bias, Dense(teacher), 2) == 2
+    as_hidden = DenseHidden(hidden=teacher, head=torch.eye(3))
+    assert top1_matches(hidden, head, None, as_hidden, 2) == 3
+
+
+def _reference(student: torch.nn.Module, teacher: torch.nn.Module, rows: list) -> dict[str, float]:
+    """Per-token CE, KL(teacher || student) and top-1 agreement from full logits, one row at a time."""
+    ce = kl = agree = tokens = 0.0
+    for row in rows:
+        ids = torch.tensor([row.input_ids])
+        labels = torch.tensor(row.labels[1:])
+        keep = labels != -100
+        with torch.no_grad():
+            s = F.log_softmax(student(ids).logits[0, :-1][keep], -1)
+            t = F.log_softmax(teacher(ids).logits[0, :-1][keep], -1)
+        ce += float(F.nll_loss(s, labels[keep], reduction="sum"))
+        kl += float((t.exp() * (t - s)).sum())
+        agree += float((s.argmax(-1) == t.argmax(-1)).sum())
+        tokens += int(keep.sum())
+    return {"ce": ce / tokens, "kl": kl / tokens, "top1": agree / tokens, "tokens": tokens}
+
+
+def test_held_out_metrics_match_a_full_logits_reference(tiny: dict) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny["teacher"])
+    teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"]).eval()
+    student = shrink(teacher, 2).eval()  # shares some of the teacher's choices, not all
+    rows, _ = tokenize_examples(to_examples(dolly_rows(10, seed=3), "dolly", "rows"), tokenizer, 64)
+    expected = _reference(student, teacher, rows)
+    cache: dict[int, object] = {}
+    got = held_out_metrics(student, teacher, rows, tokenizer.pad_token_id, 3, 7, None, cache)
+    for key in ("ce", "kl", "top1", "tokens"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-4), key
+    assert got["ppl"] == pytest.approx(math.exp(expected["ce"]), rel=1e-4)
+    assert 0 < got["top1"] < 1 and len(cache) == 4  # 10 rows in batches of 3
+    teacher.forward = lambda *a, **k: pytest.fail("the cached teacher outputs should be used")
+    again = held_out_metrics(student, teacher, rows, tokenizer.pad_token_id, 3, 7, None, cache)
+    assert again["kl"] == pytest.approx(got["kl"]) and again["top1"] == got["top1"]
+    alone = held_out_metrics(student, None, rows, tokenizer.pad_token_id, 3, 7)
+    assert set(alone) == {"ce", "ppl", "tokens"} and alone["ce"] == pytest.approx(got["ce"], rel=1e-5)
+
+
+def test_kept_shares_and_json(tmp_path: Path) -> None:
+    result = {
+        "held_out": {
+            "student": {"ppl": 20.0, "kl": 0.7, "top1": 0.55, "rouge_l": 0.2},
+            "teacher": {"ppl": 10.0, "rouge_l": 0.25},
+        },
+        "benchmarks": {
+            "tasks": {
+                "arc_easy": {
+                    "student": {"acc": 0.5, "acc_norm": 0.45},
+                    "teacher": {"acc": 0.6, "acc_norm": 0.5},
+                },
+                "boolq": {"student": {"acc": 0.6}, "teacher": {"acc": 0.6}},
+            }
+        },
+    }
+    shares = kept_shares(result)
+    assert shares == pytest.approx(
+        {
+            "ppl": 0.5,
+            "top1": 0.55,
+            "rouge_l": 0.8,
+            "arc_easy/acc": 5 / 6,
+            "arc_easy/acc_norm": 0.9,
+            "boolq/acc": 1.0,
+        }
+    )
+    assert mean_kept(shares) == pytest.approx((0.9 + 1.0) / 2)  # acc_norm where a task has it
+    write_json({"a": float("nan"), "b": [1.0, float("inf")]}, tmp_path / "eval.json")
+    assert json.loads((tmp_path / "eval.json").read_text()) == {"a": None, "b": [1.0, None]}
+    assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]
