@@ -163,6 +163,25 @@ def test_seed_recipe_states_the_guide_exactly() -> None:
     assert (cfg.loss.temperature, cfg.loss.alpha) == (3.0, 0.5)
 
 
-@pytest.mark.parametrize("name", ["quickstart.yaml", "same-tokenizer.yaml"])
+@pytest.mark.parametrize(
+    "name", ["quickstart.yaml", "same-tokenizer.yaml", "quickstart-cached.yaml", "multi-teacher.yaml"]
+)
 def test_shipped_configs_validate(name: str) -> None:
     load_config(ROOT / "configs" / name)
+
+
+def test_teachers_list_names_weights_and_the_first_teacher() -> None:
+    cfg = load_config(ROOT / "configs" / "multi-teacher.yaml")
+    assert [(name, t.weight) for name, t in cfg.teacher_list()] == [("qwen7b", 2.0), ("qwen3b", 1.0)]
+    assert cfg.teacher.model == "Qwen/Qwen2.5-7B-Instruct" and cfg.loss.multi_teacher == "mixture"
+    assert cfg.teachers[0].cache == "runs/multi-teacher/cache-qwen7b"
+
+
+def test_teacher_needs_a_model_or_a_cache(tmp_path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("teacher: {weight: 1.0}\nstudent: {model: x}\n")
+    with pytest.raises(KdistillError, match="give the teacher's `model`, its `cache` folder, or both"):
+        load_config(path)
+    path.write_text("teacher: {model: a}\nteachers: [{model: b}]\nstudent: {model: x}\n")
+    with pytest.raises(KdistillError, match="give `teacher` or a `teachers` list, not both"):
+        load_config(path)

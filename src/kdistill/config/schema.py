@@ -17,9 +17,19 @@ class _Strict(BaseModel):
 
 
 class TeacherConfig(_Strict):
-    model: str = Field(
-        description="Hub id, local folder, or `package:NAME` for a model inside an installed Python package."
+    model: str | None = Field(
+        None,
+        description="Hub id, local folder, or `package:NAME` for a model inside an installed Python package.",
     )
+    cache: str | None = Field(
+        None,
+        description="Folder of this teacher's top-k cache: `kdistill cache` writes it, training then reads "
+        "it instead of running the model (no teacher is loaded).",
+    )
+    name: str | None = Field(
+        None, description="Name in logs (`loss/kd/NAME`); default: the model's or cache's last path part."
+    )
+    weight: float = Field(1.0, gt=0, description="Weight among several `teachers` (normalised to sum to 1).")
     gguf_file: str | None = Field(
         None, description="GGUF file inside `model` (auto-detected when the folder holds exactly one)."
     )
@@ -33,6 +43,33 @@ class TeacherConfig(_Strict):
         description="Load the frozen teacher through bitsandbytes (4bit = NF4 with double quantization).",
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repository.")
+
+    @model_validator(mode="after")
+    def _model_or_cache(self) -> TeacherConfig:
+        if self.model is None and self.cache is None:
+            raise ValueError("give the teacher's `model`, its `cache` folder, or both")
+        return self
+
+
+class CacheConfig(_Strict):
+    top_k: int = Field(
+        48,
+        gt=0,
+        description="Teacher tokens stored per trained token (its k most likely); with the 16 tail samples "
+        "that is 64 entries, 198 bytes a token for vocabularies up to 65,536.",
+    )
+    tail_samples: int = Field(
+        16,
+        ge=0,
+        description="Extra tokens per trained token drawn from the teacher's distribution outside its top "
+        "k, which make forward KL unbiased at any temperature (0: top k and the tail's mass only).",
+    )
+    rows_per_shard: int = Field(256, gt=0, description="Data rows per shard file.")
+    batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Rows per teacher forward pass (default: training.eval_batch_size or batch_size).",
+    )
 
 
 class FromTeacher(_Strict):
@@ -126,11 +163,52 @@ class LossConfig(_Strict):
     chunk_size: int | None = Field(
         512, gt=0, description="Tokens per chunk of the output projection; null computes full logits."
     )
+    multi_teacher: Literal["sum", "mixture"] = Field(
+        "sum",
+        description="Several teachers: `sum` of weighted per-teacher divergences, or one divergence to "
+        "their weighted `mixture` distribution.",
+    )
+
+
+class HealthConfig(_Strict):
+    window: int | None = Field(
+        200,
+        ge=2,
+        description="Warn when the mean loss of the last `window` steps is not below that of the `window` "
+        "steps before (a loss that is not decreasing); null disables.",
+    )
+    explode_factor: float | None = Field(
+        10.0,
+        gt=1,
+        description="Warn when a step's loss exceeds this multiple of the recent mean; null disables.",
+    )
+    max_bad_steps: int = Field(
+        5, gt=0, description="Steps with a NaN or infinite loss in a row (each skipped) that stop the run."
+    )
+    kd_ce_ratio: float | None = Field(
+        100.0,
+        gt=1,
+        description="Warn when the KD part (T^2 x divergence) and the CE part differ by more than this "
+        "factor, so that alpha barely acts; null disables.",
+    )
+    min_quality_gain: float | None = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="Warn after training when the held-out KL to the teacher (perplexity without one) "
+        "fell by less than this share; null disables.",
+    )
 
 
 class TrainingConfig(_Strict):
     num_epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
     batch_size: int = Field(4, gt=0, description="Rows per micro-batch on each process.")
+    micro_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Rows per forward pass (default batch_size): a smaller value saves memory without "
+        "changing the data order or the effective batch. Out-of-memory back-off halves it by itself.",
+    )
     eval_batch_size: int | None = Field(
         None, gt=0, description="Rows per evaluation batch (default batch_size)."
     )
@@ -157,18 +235,66 @@ class TrainingConfig(_Strict):
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="Trackers besides metrics.jsonl."
     )
+    health: HealthConfig = Field(
+        default_factory=HealthConfig, description="Loss health checks and the NaN guard."
+    )
     # The guide's flat keys: accepted here and moved to `loss` by the loader.
     temperature: float | None = Field(None, gt=0, description="Alias of loss.temperature (the guide's key).")
     alpha: float | None = Field(None, ge=0, le=1, description="Alias of loss.alpha (the guide's key).")
 
+    @model_validator(mode="after")
+    def _micro_fits(self) -> TrainingConfig:
+        if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
+            raise ValueError(
+                f"training.micro_batch_size={self.micro_batch_size} is larger than "
+                f"training.batch_size={self.batch_size}; it splits a batch, so it must not exceed it"
+            )
+        return self
+
 
 class RunConfig(_Strict):
-    teacher: TeacherConfig
+    teacher: TeacherConfig | None = Field(
+        None,
+        description="The teacher; with `teachers`, the first of them (it builds `from_teacher` students).",
+    )
+    teachers: list[TeacherConfig] | None = Field(
+        None, min_length=1, description="Several teachers, each with a `weight` (see loss.multi_teacher)."
+    )
+    cache: CacheConfig = Field(
+        default_factory=CacheConfig, description="Teacher cache format (`kdistill cache`)."
+    )
     student: StudentConfig
     data: DataConfig = Field(default_factory=DataConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     output_dir: str = Field("runs/kdistill", description="Folder for the student, checkpoints and metrics.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _first_teacher(cls, data: object) -> object:
+        # `teacher` always names the first teacher, so single-teacher code reads one place.
+        if not isinstance(data, dict) or not data.get("teachers"):
+            return data
+        first = data["teachers"][0]
+        if data.get("teacher") is not None and data["teacher"] != first:
+            raise ValueError("give `teacher` or a `teachers` list, not both")
+        return {**data, "teacher": first}
+
+    @model_validator(mode="after")
+    def _some_teacher(self) -> RunConfig:
+        if self.teacher is None:
+            raise ValueError("give a `teacher` (or a `teachers` list)")
+        return self
+
+    def teacher_list(self) -> list[tuple[str, TeacherConfig]]:
+        """Every teacher with a unique name for its logs."""
+        named, seen = [], set()
+        for i, teacher in enumerate(self.teachers or [self.teacher]):
+            base = teacher.name or (teacher.model or teacher.cache).rstrip("/").split("/")[-1].split(":")[-1]
+            name = base if base not in seen else f"{base}_{i}"
+            seen.add(name)
+            named.append((name, teacher))
+        return named
 
     @model_validator(mode="after")
     def _move_guide_aliases(self) -> RunConfig:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kdistill.config import DataConfig
 from kdistill.data.formats import Example, detect_format, to_examples
@@ -65,6 +65,8 @@ def build_datasets(
             f"data.max_length={cfg.max_length}; "
             "raise data.max_length or shorten the prompts"
         )
+    train_tok = [replace(row, index=i) for i, row in enumerate(train_tok)]
+    val_tok = [replace(row, index=i) for i, row in enumerate(val_tok)]
     return DataSplits(train_tok, val_tok, dropped_train + dropped_val, fmt)
 
 

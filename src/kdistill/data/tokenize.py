@@ -18,6 +18,7 @@ PLAIN_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 class Tokenized:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX on the prompt; the response's own ids elsewhere
+    index: int = -1  # position in its split: how a teacher cache finds this row's tokens
 
 
 def render(example: Example, tokenizer: Any) -> tuple[str, str]:
@@ -80,4 +81,7 @@ class Collator:
             input_ids[row, :n] = torch.tensor(item.input_ids)
             labels[row, :n] = torch.tensor(item.labels)
             attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if all(item.index >= 0 for item in batch):
+            out["row"] = torch.tensor([item.index for item in batch])
+        return out

@@ -23,7 +23,8 @@ from torch.autograd.function import once_differentiable
 
 from kdistill.errors import KdistillError
 from kdistill.losses.divergences import DIVERGENCES, Divergence
-from kdistill.teacher.signal import Dense, DenseHidden, Sparse, softcap_logits
+from kdistill.losses.ensemble import ensemble_divergence
+from kdistill.teacher.signal import Dense, DenseHidden, Ensemble, Sparse, softcap_logits
 
 # Rows per chunk: the matmuls with the heads run on this many rows at once. A chunk holds two
 # (512, V) fp32 buffers (student logits, later their gradient, and teacher logits), a seventh of the
@@ -40,6 +41,7 @@ class LossSums:
     total: Tensor  # scalar, differentiable: kd_weight * kd + ce_weight * ce
     kd: Tensor  # scalar, detached: divergence summed over rows (not multiplied by T**2)
     ce: Tensor  # scalar, detached: cross-entropy summed over rows (T = 1)
+    kd_parts: Tensor | None = None  # (P,) detached: each teacher's own divergence sum (an Ensemble)
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class _Spec:
     """Everything a chunk needs besides the tensors that receive gradients."""
 
     labels: Tensor
-    teacher: Dense | DenseHidden | Sparse | None
+    teacher: Dense | DenseHidden | Sparse | Ensemble | None
     kd_weight: float
     ce_weight: float
     temperature: float
@@ -56,19 +58,26 @@ class _Spec:
     softcap: float | None = None
 
 
-def _rows_loss(logits: Tensor, labels: Tensor, target: Tensor | Sparse | None, spec: _Spec):
-    """``(total, kd, ce)`` sums for some rows, from their raw fp32 student logits ``(n, V)``.
+def _rows_loss(logits: Tensor, labels: Tensor, target: Tensor | Sparse | Ensemble | None, spec: _Spec):
+    """``(total, kd, ce, *parts)`` sums for some rows, from their raw fp32 student logits ``(n, V)``.
 
-    ``target`` is the teacher for the same rows: ``(n, V)`` fp32 logits, a ``Sparse``, or None.
+    ``target`` is the teacher for the same rows: ``(n, V)`` fp32 logits, a ``Sparse``, an
+    ``Ensemble`` of those (then ``parts`` holds each teacher's own divergence), or None.
     """
     z = softcap_logits(logits, spec.softcap)
     # logsumexp - z[label] is log-softmax at the label without keeping a second (n, V) tensor alive.
     ce = (torch.logsumexp(z, dim=-1) - z.gather(-1, labels[:, None]).squeeze(-1)).sum()
+    parts = ()
     if target is None:
         kd = torch.zeros((), device=z.device)
+    elif isinstance(target, Ensemble):
+        kd, stacked = ensemble_divergence(
+            z, target, spec.divergence, spec.temperature, **spec.divergence_kwargs
+        )
+        parts = tuple(stacked.unbind())
     else:
         kd = spec.divergence(z, target, temperature=spec.temperature, **spec.divergence_kwargs)
-    return spec.kd_weight * kd + spec.ce_weight * ce, kd, ce
+    return (spec.kd_weight * kd + spec.ce_weight * ce, kd, ce, *parts)
 
 
 def _teacher_rows(spec: _Spec, start: int, end: int) -> Tensor | Sparse | None:
@@ -79,8 +88,9 @@ def _naive(hidden: Tensor, head: Tensor, bias: Tensor | None, spec: _Spec) -> Lo
     """Reference path: full ``(N, V)`` logits under ordinary autograd."""
     logits = F.linear(hidden, head, bias).float()
     n = hidden.shape[0]
-    total, kd, ce = _rows_loss(logits, spec.labels, _teacher_rows(spec, 0, n), spec)
-    return LossSums(total=total, kd=kd.detach(), ce=ce.detach())
+    total, kd, ce, *parts = _rows_loss(logits, spec.labels, _teacher_rows(spec, 0, n), spec)
+    kd_parts = torch.stack(parts).detach() if parts else None
+    return LossSums(total=total, kd=kd.detach(), ce=ce.detach(), kd_parts=kd_parts)
 
 
 def _block_rows(logits: Tensor) -> int:
@@ -96,8 +106,8 @@ def _block_rows(logits: Tensor) -> int:
     return max(1, _CPU_BLOCK_BYTES // (4 * logits.shape[1]))
 
 
-def _slice_target(target: Tensor | Sparse | None, start: int, end: int) -> Tensor | Sparse | None:
-    if isinstance(target, Sparse):
+def _slice_target(target, start: int, end: int) -> Tensor | Sparse | Ensemble | None:
+    if isinstance(target, Sparse | Ensemble):
         return target.rows(start, end)
     return None if target is None else target[start:end]
 
@@ -105,7 +115,7 @@ def _slice_target(target: Tensor | Sparse | None, start: int, end: int) -> Tenso
 def _chunk_loss_(logits: Tensor, labels: Tensor, target, spec: _Spec, want_grad: bool) -> Tensor:
     """``[total, kd, ce]`` for one chunk; with ``want_grad`` its fp32 ``logits`` are overwritten in place
     by the loss gradient w.r.t. them, block by block, so no second (n, V) buffer is needed."""
-    sums = torch.zeros(3, device=logits.device)
+    sums = torch.zeros(3 + _num_parts(spec), device=logits.device)
     step = _block_rows(logits)
     for a in range(0, logits.shape[0], step):
         z, rows = logits[a : a + step], slice(a, a + step)
@@ -149,7 +159,7 @@ class _ChunkedLoss(torch.autograd.Function):
         # The head gradient sums over chunks, so it accumulates in fp32 even for bf16 weights.
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
-        sums = torch.zeros(3, dtype=torch.float32, device=hidden.device)
+        sums = torch.zeros(3 + _num_parts(spec), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_size):
             end = min(n, start + chunk_size)
             h = hidden[start:end].detach()
@@ -166,13 +176,14 @@ class _ChunkedLoss(torch.autograd.Function):
             None if grad_w is None else grad_w.to(head.dtype),
             None if grad_b is None else grad_b.to(bias.dtype),
         )
-        total, kd, ce = (s.clone() for s in sums.unbind())  # separate tensors, not views of one buffer
-        ctx.mark_non_differentiable(kd, ce)
-        return total, kd, ce
+        total, kd, ce = (s.clone() for s in sums[:3].unbind())  # separate tensors, not views of one buffer
+        parts = sums[3:].clone()
+        ctx.mark_non_differentiable(kd, ce, parts)
+        return total, kd, ce, parts
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_total, _grad_kd, _grad_ce):  # noqa: D102 - see class docstring
+    def backward(ctx, grad_total, _grad_kd, _grad_ce, _grad_parts):  # noqa: D102 - see class docstring
         grads = getattr(ctx, "grads", None)
         if grads is None:
             raise RuntimeError(
@@ -211,7 +222,7 @@ def distill_loss_sums(
     student_hidden: Tensor,
     student_head: Tensor,
     labels: Tensor,
-    teacher: Dense | DenseHidden | Sparse | None,
+    teacher: Dense | DenseHidden | Sparse | Ensemble | None,
     *,
     kd_weight: float,
     ce_weight: float,
@@ -263,5 +274,11 @@ def distill_loss_sums(
     needs = tuple(
         grad_on and t is not None and t.requires_grad for t in (student_hidden, student_head, student_bias)
     )
-    total, kd, ce = _ChunkedLoss.apply(student_hidden, student_head, student_bias, spec, chunk_size, needs)
-    return LossSums(total=total, kd=kd, ce=ce)
+    total, kd, ce, parts = _ChunkedLoss.apply(
+        student_hidden, student_head, student_bias, spec, chunk_size, needs
+    )
+    return LossSums(total=total, kd=kd, ce=ce, kd_parts=parts if _num_parts(spec) else None)
+
+
+def _num_parts(spec: _Spec) -> int:
+    return len(spec.teacher.members) if isinstance(spec.teacher, Ensemble) else 0

@@ -34,8 +34,8 @@ def aligned_log_probs(
     """Student and teacher log-probs over the same outcomes: ``(N, V)`` dense or ``(N, k + 1)`` sparse."""
     student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     if isinstance(teacher, Sparse):
-        vocab = student.shape[-1]
-        return _bucket_student(student, teacher.ids), teacher.bucket_log_probs(vocab, temperature)
+        vocab, top = student.shape[-1], teacher.top()  # tail samples serve forward KL only
+        return _bucket_student(student, top.ids), top.bucket_log_probs(vocab, temperature)
     return student, torch.log_softmax(teacher.float() / temperature, dim=-1)
 
 
@@ -81,8 +81,15 @@ def _check_unit(name: str, value: float, *, closed_right: bool = True) -> None:
 def forward_kl(student_logits: Tensor, teacher: Tensor | Sparse, *, temperature: float = 1.0) -> Tensor:
     """Forward KL ``KL(p_t || p_s)`` summed over rows; mass-covering (Hinton et al. 2015).
 
+    With a ``Sparse`` teacher that carries tail samples, the tail's part is estimated from them
+    without bias (see ``Sparse.target_weights``) instead of being collapsed into one bucket.
+
     Args: ``student_logits`` ``(N, V)``, ``teacher`` ``(N, V)`` logits or ``Sparse``. Returns a scalar.
     """
+    if isinstance(teacher, Sparse) and teacher.has_samples:
+        weights, log_p = teacher.target_weights(temperature)
+        log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, teacher.ids.long())
+        return (weights * torch.where(weights > 0, log_p - log_q, 0.0)).sum()
     student, target = aligned_log_probs(student_logits, teacher, temperature)
     return _kl(target, student)
 

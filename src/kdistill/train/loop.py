@@ -20,17 +20,28 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from kdistill.config import RunConfig, save_config
 from kdistill.data import Collator
-from kdistill.eval.quality import held_out_quality
-from kdistill.train.checkpoint import export_student, latest_checkpoint, load_checkpoint, save_checkpoint
-from kdistill.train.forward import LossSettings, StudentHidden, batch_loss, trained_rows
+from kdistill.eval.quality import held_out_quality, shard_batches
+from kdistill.train.batches import epoch_loader, windows
+from kdistill.train.batches import length_grouped_batches as length_grouped_batches  # tests import it here
+from kdistill.train.checkpoint import (
+    check_resume_config,
+    check_writable,
+    export_student,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_partial,
+    save_checkpoint,
+)
+from kdistill.train.forward import LossSettings, StudentHidden, Teacher, batch_loss, trained_rows
+from kdistill.train.guards import OomBackoff, SkipNonFinite, build_health, oom_advice
 from kdistill.train.metrics import LogWindow, MetricsFile
 from kdistill.train.setup import build_components, prepare_output_dir
+from kdistill.train.signals import Interrupted, StopSignals
 
 log = logging.getLogger("kdistill")
 
@@ -47,8 +58,13 @@ class RunSummary:
     after: dict[str, float] = field(default_factory=dict)
 
 
-def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> RunSummary:
-    """Distil the student described by `cfg` and write it to `cfg.output_dir`."""
+def train(
+    cfg: RunConfig, resume: bool = False, overwrite: bool = False, config_path: str = "CONFIG"
+) -> RunSummary:
+    """Distil the student described by `cfg` and write it to `cfg.output_dir`.
+
+    `config_path` only names the config in messages (such as how to build a missing teacher cache).
+    """
     started = time.perf_counter()
     out = Path(cfg.output_dir)
     t = cfg.training
@@ -58,8 +74,14 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> RunS
         project_dir=str(out / "logs"),
     )
     set_seed(t.seed)
-    parts = build_components(cfg, accelerator.device)  # everything that can fail on bad input happens here
+    if accelerator.is_main_process:
+        check_writable(out)  # before the models load: a read-only folder should not cost minutes
+    parts = build_components(
+        cfg, accelerator.device, config_path
+    )  # everything that can fail on bad input happens here
     prepare_output_dir(out, resume=resume, overwrite=overwrite, main=accelerator.is_main_process)
+    if resume:
+        check_resume_config(out / "kdistill_config.yaml", cfg.model_dump(mode="json"))
     if accelerator.is_main_process:
         save_config(cfg, out / "kdistill_config.yaml")
     if t.report_to:
@@ -72,6 +94,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> RunS
         divergence_kwargs=_divergence_kwargs(cfg),
         chunk_size=cfg.loss.chunk_size,
         vocab_size=parts.vocab_size,
+        multi_teacher=cfg.loss.multi_teacher,
     )
     student = StudentHidden(parts.student)
     optimizer = torch.optim.AdamW(_param_groups(parts.student, t.weight_decay), lr=t.learning_rate)
@@ -81,31 +104,62 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> RunS
     total_steps = t.max_steps or math.ceil(t.num_epochs * windows_per_epoch)
     # The scheduler is stepped by hand once per optimizer step; accelerate's wrapper steps it per process.
     scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, total_steps)
+    if accelerator.state.deepspeed_plugin is not None:  # it cannot infer this without a prepared loader
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.batch_size
     student, optimizer = accelerator.prepare(student, optimizer)
     collator = Collator(parts.tokenizer.pad_token_id)
     # Validation rows sorted by length: the padding of an evaluation pass is then close to none.
     validation = sorted(parts.data.validation, key=lambda x: len(x.input_ids))
-    eval_loader = accelerator.prepare(
-        DataLoader(validation, batch_size=t.eval_batch_size or t.batch_size, collate_fn=collator)
+    size = t.eval_batch_size or t.batch_size
+    eval_batches, eval_counted = shard_batches(
+        [collator(validation[i : i + size]) for i in range(0, len(validation), size)],
+        accelerator.process_index,
+        world,
     )
     metrics = MetricsFile(out / "metrics.jsonl", accelerator)
     teacher_on_validation: dict[int, object] = {}  # small: hidden states at response rows only
+    # Sums over processes, so that every normalisation and every guard's decision is the same everywhere.
+    reduce = (lambda x: accelerator.reduce(x.to(accelerator.device), "sum")) if world > 1 else None
+    agree = (lambda x: accelerator.gather(x.to(accelerator.device)).max()) if world > 1 else None
+    guarded = SkipNonFinite(optimizer, reduce)
+    backoff = OomBackoff(
+        t.micro_batch_size or t.batch_size,
+        world,
+        oom_advice(cfg.data.max_length, cfg.loss.chunk_size),
+        reset=lambda: optimizer.zero_grad(set_to_none=True),
+    )
+    monitor = build_health(t.health, cfg.loss.alpha, cfg.loss.temperature, bool(parts.teachers), reduce)
 
     def evaluate(step: int) -> dict[str, float]:
+        batches = ({k: v.to(accelerator.device) for k, v in b.items()} for b in eval_batches)
         result = held_out_quality(
-            student, parts.teacher, eval_loader, cfg.loss.chunk_size, parts.vocab_size, teacher_on_validation
+            student,
+            parts.teachers,
+            batches,
+            cfg.loss.chunk_size,
+            parts.vocab_size,
+            teacher_on_validation,
+            reduce=reduce,
+            counted=eval_counted,
         )
         metrics.write(step, {f"eval/{k}": v for k, v in result.items()})
         return result
 
     step, epoch, skip, before = 0, 0, 0, {}
     checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
+    if resume and accelerator.is_main_process:
+        remove_partial(out / "checkpoints")
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, accelerator.unwrap_model(student).model, optimizer, scheduler)
         step, epoch, skip, before = state["step"], state["epoch"], state["window"], state["before"]
+        if t.micro_batch_size is None:  # keep what out-of-memory back-off found, unless the config says
+            backoff.micro = state.get("micro_batch_size", backoff.micro)
         metrics.truncate_after(step)
         log.info("resumed from %s (step %d)", checkpoint, step)
     else:
+        if resume:
+            log.warning("--resume: no checkpoint in %s; starting from step 0", out / "checkpoints")
+            metrics.truncate_after(-1)
         before = evaluate(0)
         if "kl" in before:
             kl, ppl = before["kl"], before["ppl"]
@@ -115,53 +169,61 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> RunS
         total=total_steps, initial=step, desc="distill", unit="step", disable=not accelerator.is_main_process
     )
     window_log = LogWindow()
-    while step < total_steps:
-        loader = accelerator.prepare(_epoch_loader(parts.data.train, t.batch_size, t.seed, epoch, collator))
-        for index, window in enumerate(_windows(loader, t.gradient_accumulation_steps)):
-            if index < skip:
-                continue  # already trained before the checkpoint we resumed from
-            stats = _optimizer_step(
-                accelerator, student, parts.teacher, window, settings, optimizer, t.max_grad_norm
+
+    def run_step(window: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        return _optimizer_step(
+            accelerator, student, parts.teachers, window, settings, guarded, t.max_grad_norm
+        )
+
+    def save(step: int, epoch: int, window: int) -> Path:
+        state = {"epoch": epoch, "window": window, "before": before, "micro_batch_size": backoff.micro}
+        path = out / "checkpoints" / f"step-{step:07d}"
+        if accelerator.is_main_process:
+            model = accelerator.unwrap_model(student).model
+            path = save_checkpoint(path.parent, step, model, optimizer, scheduler, state, t.save_total_limit)
+        accelerator.wait_for_everyone()  # no process may exit before the checkpoint is complete
+        return path
+
+    # SIGINT/SIGTERM: finish the step, checkpoint, exit (see signals.py); the bar closes on any exit.
+    with StopSignals() as stop, bar:
+        while step < total_steps:
+            loader = accelerator.prepare(
+                epoch_loader(parts.data.train, t.batch_size, t.seed, epoch, collator)
             )
-            scheduler.step()
-            step += 1
-            window_log.add(stats)
-            bar.update(1)
-            if step % t.logging_steps == 0 or step == total_steps:
-                record = window_log.flush(
-                    accelerator, scheduler.get_last_lr()[0], epoch + (index + 1) / windows_per_epoch
-                )
-                metrics.write(step, record)
-                bar.set_postfix(
-                    loss=f"{record['loss']:.3f}",
-                    kd=f"{record['loss/kd']:.3f}",
-                    ce=f"{record['loss/ce']:.3f}",
-                    tok_s=f"{record['tokens_per_s']:.0f}",
-                )
-            if t.eval_steps and step % t.eval_steps == 0 and step < total_steps:
-                evaluate(step)
-            if (
-                t.save_steps
-                and step % t.save_steps == 0
-                and step < total_steps
-                and accelerator.is_main_process
-            ):
-                state = {"epoch": epoch, "window": index + 1, "before": before}
-                save_checkpoint(
-                    out / "checkpoints",
-                    step,
-                    accelerator.unwrap_model(student).model,
-                    optimizer,
-                    scheduler,
-                    state,
-                    t.save_total_limit,
-                )
-            if step >= total_steps:
-                break
-        epoch, skip = epoch + 1, 0
-    bar.close()
+            for index, window in enumerate(windows(loader, t.gradient_accumulation_steps)):
+                if index < skip:
+                    continue  # already trained before the checkpoint we resumed from
+                stats = backoff.run(run_step, window, step + 1)
+                scheduler.step()
+                step += 1
+                if monitor.after_step(step, stats, guarded.skipped):
+                    window_log.add(stats)
+                bar.update(1)
+                if (step % t.logging_steps == 0 or step == total_steps) and window_log.sums["trained"]:
+                    record = window_log.flush(
+                        accelerator, scheduler.get_last_lr()[0], epoch + (index + 1) / windows_per_epoch
+                    )
+                    metrics.write(step, {**record, **monitor.on_log(record)})
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.3f}",
+                        kd=f"{record['loss/kd']:.3f}",
+                        ce=f"{record['loss/ce']:.3f}",
+                        tok_s=f"{record['tokens_per_s']:.0f}",
+                    )
+                if t.eval_steps and step % t.eval_steps == 0 and step < total_steps:
+                    evaluate(step)
+                signum = stop.requested(agree) if step < total_steps else None
+                if signum or (t.save_steps and step % t.save_steps == 0 and step < total_steps):
+                    checkpoint = save(step, epoch, index + 1)
+                if signum:
+                    accelerator.end_training()  # trackers flush what they hold
+                    raise Interrupted(signum, step, checkpoint)
+                if step >= total_steps:
+                    break
+            epoch, skip = epoch + 1, 0
 
     after = evaluate(step)
+    monitor.check_quality(before, after)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         export_student(accelerator.unwrap_model(student).model, parts.tokenizer, out, cfg.student.merge)
@@ -177,6 +239,9 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> RunS
     )
     if accelerator.is_main_process:
         (out / "summary.json").write_text(json.dumps(summary.__dict__, indent=2))
+        from kdistill.eval.report import report_after_training
+
+        report_after_training(out)  # report.md / report.html: config, loss curves, tables
     accelerator.end_training()
     return summary
 
@@ -184,7 +249,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> RunS
 def _optimizer_step(
     accelerator: Accelerator,
     student: torch.nn.Module,
-    teacher: torch.nn.Module | None,
+    teachers: list[Teacher],
     window: list[dict[str, torch.Tensor]],
     settings: LossSettings,
     optimizer: Any,
@@ -200,53 +265,20 @@ def _optimizer_step(
         last = i == len(window) - 1
         sync = contextlib.nullcontext() if last else accelerator.no_sync(student)
         with sync, accelerator.autocast():
-            sums, _ = batch_loss(student, teacher, batch, settings)
+            sums, _ = batch_loss(student, teachers, batch, settings)
             accelerator.backward(sums.total * scale)
         totals["loss"] += float(sums.total.detach())
         totals["kd"] += float(sums.kd)
         totals["ce"] += float(sums.ce)
+        if sums.kd_parts is not None:
+            for teacher, part in zip(teachers, sums.kd_parts.tolist()):
+                totals[f"kd/{teacher.name}"] = totals.get(f"kd/{teacher.name}", 0.0) + part
         totals["tokens"] += int(batch["attention_mask"].sum())
     if max_grad_norm is not None:
         totals["grad_norm"] = float(accelerator.clip_grad_norm_(student.parameters(), max_grad_norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return totals
-
-
-def _epoch_loader(data: list[Any], batch_size: int, seed: int, epoch: int, collator: Collator) -> DataLoader:
-    # A fixed order per (seed, epoch) makes a resumed run see exactly the batches it would have seen.
-    batches = length_grouped_batches([len(x.input_ids) for x in data], batch_size, seed * 1000 + epoch)
-    return DataLoader(data, batch_sampler=batches, collate_fn=collator)
-
-
-def length_grouped_batches(
-    lengths: list[int], batch_size: int, seed: int, group: int = 16
-) -> list[list[int]]:
-    """Shuffled batches of row indices, each holding rows of similar length.
-
-    Rows are shuffled, cut into groups of `group` batches, sorted by length inside each group, and
-    the resulting batches are shuffled again. Padding shrinks (in one random batch of instruction
-    data about a third of the tokens were padding) while every epoch still sees a new order.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    span = batch_size * group
-    batches = []
-    for start in range(0, len(order), span):
-        chunk = sorted(order[start : start + span], key=lambda i: -lengths[i])
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    return [batches[b] for b in torch.randperm(len(batches), generator=generator).tolist()]
-
-
-def _windows(loader: DataLoader, size: int) -> Any:
-    window = []
-    for batch in loader:
-        window.append(batch)
-        if len(window) == size:
-            yield window
-            window = []
-    if window:
-        yield window
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ on the main process and to accelerate's trackers (TensorBoard, W&B) under the sa
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -26,8 +27,8 @@ class LogWindow:
         self.start = time.perf_counter()
 
     def add(self, stats: dict[str, float]) -> None:
-        for key in self.sums:
-            self.sums[key] += stats[key]
+        for key in (*self.sums, *(k for k in stats if k.startswith("kd/") and k not in self.sums)):
+            self.sums[key] = self.sums.get(key, 0.0) + stats[key]
         self.grad_norm = stats.get("grad_norm", self.grad_norm)
 
     def flush(self, accelerator: Accelerator, lr: float, epoch: float) -> dict[str, float]:
@@ -47,6 +48,9 @@ class LogWindow:
             "tokens_per_s": sums["tokens"] / seconds,
             "trained_tokens": int(sums["trained"]),
         }
+        for key in keys:
+            if key.startswith("kd/"):  # one teacher's own divergence among several (`loss/kd/NAME`)
+                record[f"loss/{key}"] = sums[key] / trained
         if self.grad_norm is not None:
             record["grad_norm"] = self.grad_norm
         self.reset()
@@ -71,7 +75,15 @@ class MetricsFile:
         """Drop records written after `step`: a resumed run writes them again."""
         if not self.accelerator.is_main_process or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)
+
+
+def _step_of(line: str) -> float:
+    # A run killed mid-write leaves a cut last line; it is dropped with the records after the checkpoint.
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf

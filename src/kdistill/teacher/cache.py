@@ -1,0 +1,226 @@
+"""Run the teacher once: write its top-k outputs for every trained token to disk, and read them back.
+
+With a live teacher every epoch pays a teacher forward pass and the teacher sits in memory beside
+the student. `kdistill cache` pays it once; training then reads a ``Sparse`` signal per batch from
+here and loads no teacher. The format is in ``cache_format``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from kdistill.errors import KdistillError
+from kdistill.teacher import cache_format as fmt
+from kdistill.teacher.signal import Sparse, _log1mexp
+
+log = logging.getLogger("kdistill")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """How to build a cache: plain values from the config (see `kdistill.train.setup`)."""
+
+    top_k: int
+    tail_samples: int
+    temperatures: dict[str, float]  # per split: the training temperature, and 1 for validation
+    rows_per_shard: int
+    batch_size: int
+    seed: int
+
+
+def build_cache(
+    folder: Path,
+    teacher_forward: Any,
+    splits: dict[str, list[Any]],
+    header: dict[str, Any],
+    spec: CacheSpec,
+    collate: Any,
+    vocab_size: int,
+) -> dict[str, Any]:
+    """Write (or finish) the cache in `folder` and return its manifest.
+
+    ``teacher_forward(batch, mask) -> (N, V)`` gives teacher logits at a batch's trained rows. An
+    existing complete cache for the same header is kept; an incomplete one is continued from its
+    last whole shard; one built for something else is refused, not overwritten.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = fmt.load_manifest(folder)
+    if manifest is not None:
+        problem = fmt.header_mismatch(folder, manifest["header"], header)
+        if problem:
+            raise KdistillError(f"{problem}; delete {folder} or set another teacher.cache folder")
+        # A complete cache is checked too: a missing or damaged shard (and those after it) is rebuilt.
+        log.info("teacher cache %s exists: keeping its whole shards", folder)
+    else:
+        manifest = {"format_version": fmt.FORMAT_VERSION, "header": header, "complete": False, "splits": {}}
+    for split, rows in splits.items():
+        shards = manifest["splits"].setdefault(split, {"rows": len(rows), "tokens": 0, "shards": []})
+        if _keep_whole_shards(folder, shards):
+            manifest["complete"] = False
+            fmt.save_manifest(folder, manifest)  # so an interruption now cannot leave it marked complete
+        count = math.ceil(len(rows) / spec.rows_per_shard)
+        bar = tqdm(total=count, initial=len(shards["shards"]), desc=f"cache {split}", unit="shard")
+        for index in range(len(shards["shards"]), count):
+            start, end = index * spec.rows_per_shard, min(len(rows), (index + 1) * spec.rows_per_shard)
+            tensors = _shard(teacher_forward, rows, start, end, split, spec, collate, vocab_size)
+            name = f"{split}-{index:05d}.safetensors"
+            fmt.write_atomic(folder / name, lambda tmp, t=tensors: save_file(t, str(tmp)))
+            tokens = int(tensors["lengths"].sum())
+            path = folder / name
+            shards["shards"].append(
+                {
+                    "file": name,
+                    "rows": [start, end],
+                    "tokens": tokens,
+                    "bytes": path.stat().st_size,
+                    "sha256": fmt.sha256_file(path),
+                }
+            )
+            shards["tokens"] += tokens
+            fmt.save_manifest(folder, manifest)  # the shard is now part of the cache
+            bar.update(1)
+        bar.close()
+    if not manifest["complete"]:
+        manifest["complete"] = True
+        fmt.save_manifest(folder, manifest)
+    return manifest
+
+
+def _keep_whole_shards(folder: Path, shards: dict[str, Any]) -> bool:
+    """Drop recorded shards from the first one that is missing or damaged on (they are rebuilt)."""
+    for i, shard in enumerate(shards["shards"]):
+        problem = _shard_problem(folder, shard)
+        if problem is not None:
+            log.warning("teacher cache %s: %s; rebuilding it and the shards after it", folder, problem)
+            del shards["shards"][i:]
+            shards["tokens"] = sum(s["tokens"] for s in shards["shards"])
+            return True
+    return False
+
+
+@torch.no_grad()
+def _shard(
+    teacher_forward, rows, start, end, split, spec: CacheSpec, collate, vocab_size
+) -> dict[str, Tensor]:
+    """Encode rows ``start:end``, teacher batches grouped by length, stored back in row order."""
+    order = sorted(range(start, end), key=lambda i: len(rows[i].input_ids))
+    per_row: dict[int, dict[str, Tensor]] = {}
+    generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + start)
+    for b in range(0, len(order), spec.batch_size):
+        members = order[b : b + spec.batch_size]
+        batch = collate([rows[i] for i in members])
+        mask = batch["labels"][:, 1:] != -100
+        logits = teacher_forward(batch, mask)
+        packed = encode_rows(logits, spec, spec.temperatures[split], vocab_size, generator)
+        counts = mask.sum(dim=1).tolist()
+        offsets = [0, *torch.tensor(counts).cumsum(0).tolist()]
+        for j, i in enumerate(members):
+            per_row[i] = {k: v[offsets[j] : offsets[j + 1]] for k, v in packed.items()}
+    ordered = [per_row[i] for i in range(start, end)]
+    tensors = {k: torch.cat([r[k] for r in ordered]).contiguous() for k in ordered[0]}
+    tensors["lengths"] = torch.tensor([len(r["tail"]) for r in ordered], dtype=torch.int32)
+    return tensors
+
+
+def encode_rows(
+    logits: Tensor, spec: CacheSpec, temperature: float, vocab_size: int, generator: torch.Generator
+) -> dict[str, Tensor]:
+    """Pack ``(N, V)`` teacher logits: top k, the log tail mass at T, and tail samples drawn at T."""
+    out = []
+    for start in range(0, logits.shape[0], 256):  # a few (256, V) fp32 temporaries at a time
+        lp = torch.log_softmax(logits[start : start + 256].float(), dim=-1)
+        top, ids = lp.topk(spec.top_k, dim=-1)
+        tempered = lp / temperature
+        kept = torch.logsumexp(top / temperature, dim=-1) - torch.logsumexp(tempered, dim=-1)
+        tail = _log1mexp(kept)
+        if spec.tail_samples:
+            weights = torch.softmax(tempered, dim=-1).scatter_(-1, ids, 0.0).clamp_(min=1e-30)
+            draws = torch.multinomial(weights, spec.tail_samples, replacement=True, generator=generator)
+            ids, top = torch.cat([ids, draws], dim=-1), torch.cat([top, lp.gather(-1, draws)], dim=-1)
+        out.append(fmt.encode(ids, top, tail, vocab_size))
+    return {k: torch.cat([o[k] for o in out]) for k in out[0]}
+
+
+def _shard_problem(folder: Path, shard: dict[str, Any]) -> str | None:
+    path = folder / shard["file"]
+    if not path.is_file():
+        return f"shard {shard['file']} is missing"
+    size = path.stat().st_size
+    if size != shard["bytes"]:
+        return f"shard {shard['file']} is {size} bytes, the manifest says {shard['bytes']} (truncated?)"
+    if fmt.sha256_file(path) != shard["sha256"]:
+        return f"shard {shard['file']} does not match its checksum (corrupt)"
+    return None
+
+
+class TeacherCache:
+    """A complete, verified cache held in memory; ``signal`` gives a batch's ``Sparse`` teacher."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
+        self.folder, self.manifest = folder, manifest
+        header = manifest["header"]
+        self.top_k, self.temperatures = header["top_k"], header["temperature_by_split"]
+        self.splits = {name: self._load(split) for name, split in manifest["splits"].items()}
+
+    @classmethod
+    def open(cls, folder: str | Path, wanted: dict[str, Any], how_to_build: str) -> TeacherCache:
+        """Open and check a cache against the config's ``wanted`` header; one clear error otherwise."""
+        folder = Path(folder)
+        manifest = fmt.load_manifest(folder)
+        if manifest is None:
+            raise KdistillError(f"teacher cache {folder} does not exist; build it with `{how_to_build}`")
+        if not manifest["complete"]:
+            done = sum(len(s["shards"]) for s in manifest["splits"].values())
+            raise KdistillError(
+                f"teacher cache {folder} is incomplete ({done} shards written); run `{how_to_build}` "
+                "again to finish it"
+            )
+        problem = fmt.header_mismatch(folder, manifest["header"], wanted)
+        if problem:
+            raise KdistillError(
+                f"{problem}; rebuild it with `{how_to_build}` or point teacher.cache elsewhere"
+            )
+        for split in manifest["splits"].values():
+            for shard in split["shards"]:
+                problem = _shard_problem(folder, shard)
+                if problem:
+                    raise KdistillError(
+                        f"teacher cache {folder}: {problem}; run `{how_to_build}` to rebuild it"
+                    )
+        return cls(folder, manifest)
+
+    def _load(self, split: dict[str, Any]) -> dict[str, Tensor]:
+        parts = []
+        for shard in split["shards"]:
+            try:
+                parts.append(load_file(str(self.folder / shard["file"])))
+            except (SafetensorError, OSError) as err:
+                raise KdistillError(
+                    f"teacher cache {self.folder}: cannot read {shard['file']} ({err})"
+                ) from None
+        data = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        data["offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), data.pop("lengths").long().cumsum(0)])
+        return data
+
+    def signal(self, split: str, rows: Tensor) -> Sparse:
+        """The teacher's ``Sparse`` signal for these dataset rows' trained tokens, in the loss's order."""
+        data = self.splits[split]
+        index = torch.cat([torch.arange(data["offsets"][r], data["offsets"][r + 1]) for r in rows.tolist()])
+        logprobs = fmt.decode_logprobs(data["q"][index], data["top1"][index], data["step"][index])
+        return Sparse(
+            ids=data["ids"][index].long(),
+            logprobs=logprobs,
+            num_top=self.top_k,
+            tail=data["tail"][index].float(),
+            temperature=self.temperatures[split],
+        )
