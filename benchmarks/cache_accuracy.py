@@ -49,18 +49,20 @@ def main() -> None:
     from kdistill.config import load_config
     from kdistill.data import Collator
     from kdistill.losses.divergences import forward_kl
-    from kdistill.models.build import build_student
+    from kdistill.models.build import build_student, load_teacher
     from kdistill.teacher.cache import TeacherCache
     from kdistill.train.forward import trained_rows
-    from kdistill.train.teachers import cache_teachers, load_live_teachers
+    from kdistill.train.teachers import cache_teachers
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=40)
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--student", type=Path, default=None, help="a trained student folder as well")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--work", type=Path, default=None, help="keep the caches here (reused if complete)")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="kdistill-cache-accuracy-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="kdistill-cache-accuracy-"))
+    work.mkdir(parents=True, exist_ok=True)
     cpu = torch.device("cpu")
     caches, sizes = {}, {}
     for k, s in SETTINGS:
@@ -69,7 +71,7 @@ def main() -> None:
         tokens = sum(x["tokens"] for x in manifest["splits"].values())
         sizes[(k, s)] = sum(sh["bytes"] for x in manifest["splits"].values() for sh in x["shards"]) / tokens
         caches[(k, s)] = TeacherCache(Path(cfg.teacher.cache), manifest)
-    teacher = next(iter(load_live_teachers(cfg, cpu).values()))
+    teacher = load_teacher(cfg.teacher, cpu)
     students = {"from_teacher (untrained)": build_student(cfg.student, teacher, cpu)}
     if args.student:
         students[f"trained ({args.student})"] = AutoModelForCausalLM.from_pretrained(args.student).float()

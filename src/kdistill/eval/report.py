@@ -96,7 +96,7 @@ def _plot_blocks(records: list[dict[str, Any]]) -> list[Block]:
     try:
         import matplotlib
     except ImportError:
-        return [("p", "Loss curves need matplotlib: pip install 'kdistill[eval]', then `kdistill report`.")]
+        return [("p", "Loss curves need matplotlib: pip install 'kdistill[report]', then `kdistill report`.")]
     matplotlib.use("Agg")  # no display: draw straight to PNG
     blocks: list[Block] = [("h2", "Loss curves")]
     if train:
