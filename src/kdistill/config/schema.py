@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -150,6 +150,43 @@ class DataConfig(_Strict):
 DIVERGENCE_NAMES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
 
 
+class HiddenConfig(_Strict):
+    weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the hidden-state term (each live teacher's share is its `weight` times this); "
+        "0 turns it off. Needs live teachers: a teacher cache holds no hidden states.",
+    )
+    layers: Literal["auto"] | list[tuple[int, int]] = Field(
+        "auto",
+        description="`auto`, or `[[teacher_layer, student_layer], ...]` numbered as `output_hidden_states` "
+        "numbers them (0 = embeddings, L = the last layer, after the final norm). `auto` pairs every student "
+        "layer with the teacher layer at the same relative depth; a `from_teacher` student's layers pair "
+        "with the teacher layers they were copied from.",
+    )
+    distance: Literal["mse", "cosine"] = Field(
+        "mse",
+        description="Per-token distance between the student's (projected) and the teacher's states: mean "
+        "squared error over the hidden size, or 1 - cosine similarity.",
+    )
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _pairs(cls, value: object) -> object:
+        # Checked here, so that a bad value gives one message instead of one per member of the union.
+        if isinstance(value, str):
+            if value != "auto":
+                raise ValueError("expected 'auto' or a list of [teacher_layer, student_layer] pairs")
+            return value
+        if not isinstance(value, list | tuple) or not value:
+            raise ValueError("expected 'auto' or a non-empty list of [teacher_layer, student_layer] pairs")
+        for item in value:
+            ok = isinstance(item, list | tuple) and len(item) == 2
+            if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in item):
+                raise ValueError(f"a pair is [teacher_layer, student_layer], integers >= 0; got {item}")
+        return value
+
+
 class LossConfig(_Strict):
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"] = Field(
         "forward_kl", description="Divergence between the teacher's and the student's softened distributions."
@@ -167,6 +204,11 @@ class LossConfig(_Strict):
         "sum",
         description="Several teachers: `sum` of weighted per-teacher divergences, or one divergence to "
         "their weighted `mixture` distribution.",
+    )
+    hidden: HiddenConfig = Field(
+        default_factory=HiddenConfig,
+        description="Layer-wise hidden-state distillation: `weight` x distance between paired layers, summed "
+        "over trained tokens (off while weight is 0).",
     )
 
 

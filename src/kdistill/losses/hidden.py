@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,17 @@ def auto_layer_pairs(teacher_layers: int, student_layers: int) -> LayerPairs:
         ((2 * s * teacher_layers + student_layers) // (2 * student_layers), s)
         for s in range(1, student_layers + 1)
     ]
+
+
+def copied_layer_pairs(kept: Sequence[int]) -> LayerPairs:
+    """A ``from_teacher`` student's layers paired with the teacher layers they were copied from.
+
+    ``kept`` holds the teacher's 0-based decoder-layer indices the student keeps, in order; student
+    layer ``i`` (1-based) is a copy of teacher layer ``kept[i - 1]``, whose output is teacher state
+    ``kept[i - 1] + 1``. E.g. 10 of 30 layers kept at 0, 3, 6, 10, ..., 29 give (1, 1), (4, 2), (7, 3),
+    (11, 4), ..., (30, 10): the first pair starts equal, the last is both final (normed) outputs.
+    """
+    return [(k + 1, i + 1) for i, k in enumerate(kept)]
 
 
 def resolve_layer_pairs(
@@ -76,13 +88,17 @@ def resolve_layer_pairs(
     return pairs
 
 
-def require_live_teacher(teacher_is_cache: bool, source: str) -> None:
-    """Hidden-state distillation needs the teacher's hidden states, which a teacher cache does not store."""
+def require_live_teacher(teacher_is_cache: bool, source: str, name: str | None = None) -> None:
+    """Hidden-state distillation needs the teacher's hidden states, which a teacher cache does not store.
+
+    ``name`` names the teacher among several (its ``loss/kd/NAME``).
+    """
     if teacher_is_cache:
+        who = "the teacher" if name is None else f"teacher '{name}'"
         raise KdistillError(
-            f"loss.hidden needs a live teacher, but the teacher is the cache '{source}': a teacher cache "
-            "stores only the teacher's top-k tokens, not its hidden states. Set teacher.model to the model "
-            "itself, or remove loss.hidden"
+            f"loss.hidden needs a live teacher, but {who} is the cache '{source}': a teacher cache "
+            "stores only the teacher's top-k tokens, not its hidden states. Give that teacher its `model` "
+            "without `cache` so that it runs live, or set loss.hidden.weight: 0"
         )
 
 
@@ -126,8 +142,8 @@ def _distance(student: Tensor, teacher: Tensor, distance: str) -> Tensor:
 
 
 def hidden_loss_sums(
-    student_states: Sequence[Tensor],
-    teacher_states: Sequence[Tensor],
+    student_states: Sequence[Tensor | None],
+    teacher_states: Sequence[Tensor] | Mapping[int, Tensor],
     mask: Tensor,
     projections: HiddenProjections,
     distance: str = "mse",
@@ -136,8 +152,10 @@ def hidden_loss_sums(
     """Distance between paired hidden states at the trained rows, summed over rows.
 
     Args:
-        student_states: the student's ``hidden_states`` tuple, each ``(B, T, Hs)``.
-        teacher_states: the teacher's, each ``(B, Tt, Ht)``, ``Tt = T`` unless ``teacher_mask`` (detached).
+        student_states: the student's ``hidden_states`` tuple, each ``(B, T, Hs)`` (None where unpaired).
+        teacher_states: the teacher's, each ``(B, Tt, Ht)``, ``Tt = T`` unless ``teacher_mask`` (detached);
+            or a mapping of the paired teacher layers to their states, of any shape ``teacher_mask`` fits
+            (the trainer passes the teacher's trained rows ``(N, Ht)`` with an all-True ``(N,)`` mask).
         mask: ``(B, T)`` bool, True at rows that train (the KD loss's own rows).
         projections: the pairs and their student-to-teacher maps.
         distance: ``"mse"`` or ``"cosine"``.
@@ -161,11 +179,20 @@ def hidden_loss_sums(
     return HiddenSums(total / max(len(projections.pairs), 1), int(mask.sum()))
 
 
-def save_projections(projections: HiddenProjections, folder: str | Path) -> Path:
-    """Write ``folder/hidden_projections.safetensors`` atomically (pairs and sizes in its metadata)."""
+def projections_filename(teacher: str | None = None) -> str:
+    """``hidden_projections.safetensors``, or ``hidden_projections.NAME.safetensors`` for one of several."""
+    if teacher is None:
+        return PROJECTIONS_FILE
+    return f"hidden_projections.{re.sub(r'[^A-Za-z0-9_.-]', '_', teacher)}.safetensors"
+
+
+def save_projections(
+    projections: HiddenProjections, folder: str | Path, filename: str = PROJECTIONS_FILE
+) -> Path:
+    """Write ``folder/filename`` atomically (pairs and sizes in its metadata)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path, tmp = folder / PROJECTIONS_FILE, folder / f"{PROJECTIONS_FILE}.tmp"
+    path, tmp = folder / filename, folder / f"{filename}.tmp"
     tensors = {name: p.detach().to("cpu").contiguous() for name, p in projections.state_dict().items()}
     metadata = {
         "pairs": json.dumps(projections.pairs),
@@ -177,9 +204,9 @@ def save_projections(projections: HiddenProjections, folder: str | Path) -> Path
     return path
 
 
-def load_projections(folder: str | Path) -> HiddenProjections:
-    """Rebuild the projections saved by ``save_projections`` in ``folder``."""
-    path = Path(folder) / PROJECTIONS_FILE
+def load_projections(folder: str | Path, filename: str = PROJECTIONS_FILE) -> HiddenProjections:
+    """Rebuild the projections saved by ``save_projections`` as ``folder/filename``."""
+    path = Path(folder) / filename
     if not path.is_file():
         raise KdistillError(
             f"no hidden-state projections at {path} (loss.hidden saves them beside the student)"

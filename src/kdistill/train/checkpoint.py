@@ -12,6 +12,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kdistill.errors import KdistillError
+from kdistill.losses.hidden import HiddenProjections, load_projections, projections_filename, save_projections
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -41,12 +43,15 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     keep: int | None,
+    projections: Sequence[tuple[str, HiddenProjections]] = (),
 ) -> Path:
+    """Write `folder/step-N/`: trainable weights, hidden-state projections, optimizer, RNG, state."""
     final = folder / f"step-{step:07d}"
     tmp = folder / f"step-{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    save_hidden(projections, tmp)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}))  # written last: marks completeness
@@ -108,7 +113,15 @@ def check_resume_config(saved: Path, current: dict[str, Any]) -> None:
             )
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    projections: Sequence[tuple[str, HiddenProjections]] = (),
+) -> dict[str, Any]:
+    """Restore what `save_checkpoint` wrote into the given objects; returns its `state.json`."""
+    load_hidden(projections, path)  # first: a changed loss.hidden gets its own message, not the optimizer's
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -119,6 +132,38 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, scheduler: Any
     scheduler.load_state_dict(optim["scheduler"])
     _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     return json.loads((path / "state.json").read_text())
+
+
+def _hidden_file(name: str, several: bool) -> str:
+    return projections_filename(name if several else None)
+
+
+def save_hidden(projections: Sequence[tuple[str, HiddenProjections]], folder: Path) -> None:
+    """Each teacher's projections as `hidden_projections.safetensors` (`.NAME.` among several teachers)."""
+    for name, module in projections:
+        save_projections(module, folder, _hidden_file(name, len(projections) > 1))
+
+
+def load_hidden(projections: Sequence[tuple[str, HiddenProjections]], folder: Path) -> None:
+    """Copy saved projections into `projections`; refuse a checkpoint whose loss.hidden differs."""
+    saved = sorted(p.name for p in folder.glob("hidden_projections*.safetensors"))
+    wanted = [_hidden_file(name, len(projections) > 1) for name, _ in projections]
+    if saved != sorted(wanted):
+        raise KdistillError(
+            f"--resume: checkpoint {folder} holds hidden-state projections {saved or 'none'}, but this "
+            f"config needs {wanted or 'none'}: loss.hidden (on or off) and the teachers must stay as the run "
+            "began. Resume with its settings, or --overwrite to start again"
+        )
+    for (_, current), filename in zip(projections, wanted):
+        loaded = load_projections(folder, filename)
+        shape = (loaded.pairs, loaded.student_size, loaded.teacher_size)
+        if shape != (current.pairs, current.student_size, current.teacher_size):
+            raise KdistillError(
+                f"--resume: {folder / filename} pairs layers {loaded.pairs} ({loaded.student_size} -> "
+                f"{loaded.teacher_size}), this config {current.pairs} ({current.student_size} -> "
+                f"{current.teacher_size}); resume with the run's loss.hidden.layers, or --overwrite"
+            )
+        current.load_state_dict(loaded.state_dict())
 
 
 def _prune(folder: Path, keep: int | None) -> None:
@@ -144,16 +189,24 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def export_student(model: nn.Module, tokenizer: Any, output_dir: Path, merge: bool) -> None:
+def export_student(
+    model: nn.Module,
+    tokenizer: Any,
+    output_dir: Path,
+    merge: bool,
+    projections: Sequence[tuple[str, HiddenProjections]] = (),
+) -> None:
     """Save the student (LoRA adapter or full model) and its tokenizer into `output_dir`.
 
     Files are written to a temporary folder first and moved in with `config.json` (or
-    `adapter_config.json`) last, so the folder is loadable only once it is complete.
+    `adapter_config.json`) last, so the folder is loadable only once it is complete. Hidden-state
+    projections go beside the student in their own file: they are training aids, not part of it.
     """
     tmp = output_dir / ".student.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    save_hidden(projections, tmp)
     if merge and hasattr(model, "merge_and_unload"):
         merged = tmp / "merged"
         # merge_and_unload folds the adapter into the base weights in place: export is a run's last step.

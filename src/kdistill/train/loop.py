@@ -37,7 +37,7 @@ from kdistill.train.checkpoint import (
     remove_partial,
     save_checkpoint,
 )
-from kdistill.train.forward import LossSettings, StudentHidden, Teacher, batch_loss, trained_rows
+from kdistill.train.forward import LossSettings, StepSums, StudentHidden, Teacher, batch_loss, trained_rows
 from kdistill.train.guards import OomBackoff, SkipNonFinite, build_health, oom_advice
 from kdistill.train.metrics import LogWindow, MetricsFile
 from kdistill.train.setup import build_components, prepare_output_dir
@@ -82,6 +82,9 @@ def train(
     prepare_output_dir(out, resume=resume, overwrite=overwrite, main=accelerator.is_main_process)
     if resume:
         check_resume_config(out / "kdistill_config.yaml", cfg.model_dump(mode="json"))
+    # Every process checks the folder before the main one writes into it; else a slower process could
+    # find the main one's config there and refuse a folder that was empty.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_config(cfg, out / "kdistill_config.yaml")
     if t.report_to:
@@ -95,9 +98,13 @@ def train(
         chunk_size=cfg.loss.chunk_size,
         vocab_size=parts.vocab_size,
         multi_teacher=cfg.loss.multi_teacher,
+        hidden_weight=cfg.loss.hidden.weight,
+        hidden_distance=cfg.loss.hidden.distance,
     )
-    student = StudentHidden(parts.student)
-    optimizer = torch.optim.AdamW(_param_groups(parts.student, t.weight_decay), lr=t.learning_rate)
+    # The hidden-state projections (none without loss.hidden) are part of the student module: prepared,
+    # synced, clipped and stepped with it, after its own weights in the optimizer.
+    student = StudentHidden(parts.student, parts.projections)
+    optimizer = torch.optim.AdamW(_param_groups(student, t.weight_decay), lr=t.learning_rate)
     world = accelerator.num_processes
     batches_per_epoch = math.ceil(len(parts.data.train) / (t.batch_size * world))
     windows_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps)
@@ -150,7 +157,9 @@ def train(
     if resume and accelerator.is_main_process:
         remove_partial(out / "checkpoints")
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, accelerator.unwrap_model(student).model, optimizer, scheduler)
+        unwrapped = accelerator.unwrap_model(student)
+        hidden = _named_projections(unwrapped, parts.teachers)
+        state = load_checkpoint(checkpoint, unwrapped.model, optimizer, scheduler, hidden)
         step, epoch, skip, before = state["step"], state["epoch"], state["window"], state["before"]
         if t.micro_batch_size is None:  # keep what out-of-memory back-off found, unless the config says
             backoff.micro = state.get("micro_batch_size", backoff.micro)
@@ -179,8 +188,10 @@ def train(
         state = {"epoch": epoch, "window": window, "before": before, "micro_batch_size": backoff.micro}
         path = out / "checkpoints" / f"step-{step:07d}"
         if accelerator.is_main_process:
-            model = accelerator.unwrap_model(student).model
-            path = save_checkpoint(path.parent, step, model, optimizer, scheduler, state, t.save_total_limit)
+            unwrapped = accelerator.unwrap_model(student)
+            hidden = _named_projections(unwrapped, parts.teachers)
+            model, keep = unwrapped.model, t.save_total_limit
+            path = save_checkpoint(path.parent, step, model, optimizer, scheduler, state, keep, hidden)
         accelerator.wait_for_everyone()  # no process may exit before the checkpoint is complete
         return path
 
@@ -226,7 +237,9 @@ def train(
     monitor.check_quality(before, after)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        export_student(accelerator.unwrap_model(student).model, parts.tokenizer, out, cfg.student.merge)
+        unwrapped = accelerator.unwrap_model(student)
+        hidden = _named_projections(unwrapped, parts.teachers)  # written beside the student, not in it
+        export_student(unwrapped.model, parts.tokenizer, out, cfg.student.merge, hidden)
     summary = RunSummary(
         str(out),
         step,
@@ -264,6 +277,8 @@ def _optimizer_step(
     for i, batch in enumerate(window):
         last = i == len(window) - 1
         sync = contextlib.nullcontext() if last else accelerator.no_sync(student)
+        # DeepSpeed steps its optimizer inside backward when this flag is set: only on the last one.
+        accelerator.sync_gradients = last
         with sync, accelerator.autocast():
             sums, _ = batch_loss(student, teachers, batch, settings)
             accelerator.backward(sums.total * scale)
@@ -273,12 +288,22 @@ def _optimizer_step(
         if sums.kd_parts is not None:
             for teacher, part in zip(teachers, sums.kd_parts.tolist()):
                 totals[f"kd/{teacher.name}"] = totals.get(f"kd/{teacher.name}", 0.0) + part
+        if isinstance(sums, StepSums):  # loss.hidden: the teacher-weighted sum, and each teacher's own
+            totals["hidden"] = totals.get("hidden", 0.0) + float(sums.hidden)
+            each = sums.hidden_parts.tolist() if len(teachers) > 1 else []
+            for teacher, part in zip(teachers, each):
+                totals[f"hidden/{teacher.name}"] = totals.get(f"hidden/{teacher.name}", 0.0) + part
         totals["tokens"] += int(batch["attention_mask"].sum())
     if max_grad_norm is not None:
         totals["grad_norm"] = float(accelerator.clip_grad_norm_(student.parameters(), max_grad_norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return totals
+
+
+def _named_projections(student: StudentHidden, teachers: list[Teacher]) -> list[tuple[str, Any]]:
+    """Each teacher's name with its hidden-state projections; empty without loss.hidden."""
+    return list(zip([t.name for t in teachers], student.projections))
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -1,7 +1,7 @@
 """Training metrics: per-token means over a logging window, and `metrics.jsonl`.
 
-Metric names are stable (`loss`, `loss/kd`, `loss/ce`, `eval/kl`, ...); they go to `metrics.jsonl`
-on the main process and to accelerate's trackers (TensorBoard, W&B) under the same names.
+Metric names are stable (`loss`, `loss/kd`, `loss/ce`, `loss/hidden`, `eval/kl`, ...); they go to
+`metrics.jsonl` on the main process and to accelerate's trackers (TensorBoard, W&B) under the same names.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ class LogWindow:
         self.start = time.perf_counter()
 
     def add(self, stats: dict[str, float]) -> None:
-        for key in (*self.sums, *(k for k in stats if k.startswith("kd/") and k not in self.sums)):
+        # Optional sums join when a step has them: several teachers (`kd/NAME`), loss.hidden (`hidden...`).
+        optional = ("kd/", "hidden")
+        for key in (*self.sums, *(k for k in stats if k.startswith(optional) and k not in self.sums)):
             self.sums[key] = self.sums.get(key, 0.0) + stats[key]
         self.grad_norm = stats.get("grad_norm", self.grad_norm)
 
@@ -49,7 +51,9 @@ class LogWindow:
             "trained_tokens": int(sums["trained"]),
         }
         for key in keys:
-            if key.startswith("kd/"):  # one teacher's own divergence among several (`loss/kd/NAME`)
+            # `loss/hidden` is teacher-weighted and without loss.hidden.weight, as `loss/kd` is without
+            # alpha T^2; among several teachers, `loss/kd/NAME` and `loss/hidden/NAME` are each one's own.
+            if key.startswith(("kd/", "hidden")):
                 record[f"loss/{key}"] = sums[key] / trained
         if self.grad_norm is not None:
             record["grad_norm"] = self.grad_norm
