@@ -42,14 +42,16 @@ def _build_tokenizer(folder: Path) -> None:
     fast.save_pretrained(folder)
 
 
-def _build_model(folder: Path, vocab: int, layers: int, seed: int, init_range: float = 0.02) -> None:
+def _build_model(
+    folder: Path, vocab: int, layers: int, seed: int, init_range: float = 0.02, hidden: int = 64
+) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,

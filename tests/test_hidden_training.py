@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import _build_model, tiny_config, write_config
 from kdistill.cli import main
@@ -34,22 +34,8 @@ def narrow(tiny: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("narrow")
     tok = AutoTokenizer.from_pretrained(tiny["teacher"])
     tok.save_pretrained(folder)
-    torch.manual_seed(2)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=NARROW,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        initializer_range=0.2,  # states on the teacher's scale, as a pretrained student's would be
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    # init 0.2: states on the teacher's scale, as a pretrained student's would be.
+    _build_model(folder, len(tok), layers=2, seed=2, init_range=0.2, hidden=NARROW)
     return folder
 
 

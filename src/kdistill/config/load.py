@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from kdistill.config.schema import RunConfig
 from kdistill.errors import KdistillError
+from kdistill.files import write_atomic
 
 # The guide's seed script keeps everything in one flat dict; these are its keys and where they live here.
 _FLAT_KEYS = {
@@ -47,9 +48,7 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
 def save_config(config: RunConfig, path: str | Path) -> None:
     """Write the resolved config (every default filled in) as YAML, atomically."""
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    tmp.replace(path)
+    write_atomic(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
 def _read_file(path: Path) -> dict[str, Any]:

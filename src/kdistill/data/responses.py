@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from kdistill.data.formats import Example
 from kdistill.data.tokenize import prompt_text
 from kdistill.errors import KdistillError
+from kdistill.files import write_atomic
 
 
 def cache_root() -> Path:
@@ -56,9 +57,7 @@ def with_teacher_responses(
                 "set KDISTILL_CACHE to a writable folder"
             ) from None
         texts = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens, batch_size)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(texts))
-        tmp.replace(path)  # atomic: a crash never leaves a half-written cache
+        write_atomic(path, json.dumps(texts))  # a crash never leaves a half-written cache
     return [replace(e, response=t) for e, t in zip(examples, texts)]
 
 

@@ -13,11 +13,11 @@ import html
 import io
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from kdistill.eval.tables import Table, bench_table, eval_table, markdown_table, number
+from kdistill.files import write_atomic
 
 log = logging.getLogger("kdistill")
 
@@ -36,9 +36,9 @@ def write_report(run_dir: str | Path) -> Path:
     images.mkdir(exist_ok=True)
     for kind, content in blocks:
         if kind == "img":
-            _write_atomic(images / content[0], content[1])
-    _write_atomic(run_dir / "report.md", render_markdown(blocks).encode())
-    _write_atomic(run_dir / "report.html", render_html(blocks, f"kdistill report: {run_dir.name}").encode())
+            write_atomic(images / content[0], content[1])
+    write_atomic(run_dir / "report.md", render_markdown(blocks).encode())
+    write_atomic(run_dir / "report.html", render_html(blocks, f"kdistill report: {run_dir.name}").encode())
     return run_dir / "report.html"
 
 
@@ -235,9 +235,3 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.replace(path)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from kdistill.data import tokenize_examples
 from kdistill.eval.harness import run_benchmarks
 from kdistill.eval.load import EvalModels
 from kdistill.eval.metrics import greedy_responses, held_out_metrics, kept, mean_rouge_l
+from kdistill.files import write_atomic
 
 log = logging.getLogger("kdistill")
 
@@ -135,9 +135,7 @@ def mean_kept(shares: dict[str, float | None]) -> float | None:
 
 def write_json(data: dict[str, Any], path: Path) -> None:
     """Write `data` as JSON atomically (a temporary file renamed over the target)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(_finite(data), indent=2))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(_finite(data), indent=2))
 
 
 def _finite(value: Any) -> Any:

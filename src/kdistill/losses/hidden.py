@@ -11,7 +11,6 @@ the teacher's space; it trains with the student, is saved beside it and is never
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from kdistill.errors import KdistillError
+from kdistill.files import save_atomic
 
 PROJECTIONS_FILE = "hidden_projections.safetensors"
 DISTANCES = ("mse", "cosine")
@@ -192,15 +192,14 @@ def save_projections(
     """Write ``folder/filename`` atomically (pairs and sizes in its metadata)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path, tmp = folder / filename, folder / f"{filename}.tmp"
+    path = folder / filename
     tensors = {name: p.detach().to("cpu").contiguous() for name, p in projections.state_dict().items()}
     metadata = {
         "pairs": json.dumps(projections.pairs),
         "student_size": str(projections.student_size),
         "teacher_size": str(projections.teacher_size),
     }
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)  # a crash leaves only the .tmp file, never a half-written one
+    save_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return path
 
 

@@ -20,6 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kdistill.errors import KdistillError
+from kdistill.files import save_atomic
 from kdistill.teacher import cache_format as fmt
 from kdistill.teacher.signal import Sparse, _log1mexp
 
@@ -74,7 +75,7 @@ def build_cache(
             start, end = index * spec.rows_per_shard, min(len(rows), (index + 1) * spec.rows_per_shard)
             tensors = _shard(teacher_forward, rows, start, end, split, spec, collate, vocab_size)
             name = f"{split}-{index:05d}.safetensors"
-            fmt.write_atomic(folder / name, lambda tmp, t=tensors: save_file(t, str(tmp)))
+            save_atomic(folder / name, lambda tmp, t=tensors: save_file(t, str(tmp)))
             tokens = int(tensors["lengths"].sum())
             path = folder / name
             shards["shards"].append(

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 from torch import Tensor
 
 from kdistill.errors import KdistillError
+from kdistill.files import write_atomic
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -60,17 +60,8 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_atomic(path: Path, write: Any) -> None:
-    """``write(tmp_path)``, flushed to disk, then renamed over ``path``: readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with tmp.open("rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def save_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    write_atomic(folder / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+    write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def load_manifest(folder: Path) -> dict[str, Any] | None:

@@ -13,7 +13,7 @@ loss is computed too, so that its projections train, sync and shard with the stu
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -160,10 +160,9 @@ def teacher_signal(
     batch: dict[str, torch.Tensor],
     mask: torch.Tensor,
     vocab: int | None,
-    layers: Sequence[int] = (),
 ) -> DenseHidden:
     """A live teacher's hidden states at the trained rows, with its head; logits come later, by chunk."""
-    return live_teacher(teacher, batch, mask, vocab, layers)[0]
+    return live_teacher(teacher, batch, mask, vocab)[0]
 
 
 def live_teacher(
@@ -231,13 +230,8 @@ def teacher_outputs(
 def _to_device(signal: Sparse, device: torch.device) -> Sparse:
     if signal.ids.device == device:
         return signal
-    return Sparse(
-        signal.ids.to(device),
-        signal.logprobs.to(device),
-        signal.num_top,
-        signal.tail.to(device),
-        signal.temperature,
-    )
+    tail = None if signal.tail is None else signal.tail.to(device)
+    return replace(signal, ids=signal.ids.to(device), logprobs=signal.logprobs.to(device), tail=tail)
 
 
 def as_teachers(teacher: nn.Module | list[Teacher] | None) -> list[Teacher]:

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from kdistill.files import write_atomic
+
 
 class LogWindow:
     """Sums of the steps since the last log line, turned into per-token means and throughput."""
@@ -80,9 +82,7 @@ class MetricsFile:
         if not self.accelerator.is_main_process or not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        write_atomic(self.path, "".join(line + "\n" for line in kept))
 
 
 def _step_of(line: str) -> float:
