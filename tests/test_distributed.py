@@ -8,6 +8,11 @@ accelerate 1.x starts a single process for `accelerate launch --cpu --num_proces
 set up (its CPU launcher is mpirun); `--multi_gpu` with `ACCELERATE_USE_CPU=true` starts two torchrun
 processes that use gloo on the CPU, which is what a test needs. The token counts checked below
 would be halved if only one process ran.
+
+FSDP: accelerate (1.15) never selects it on CPU processes: with `ACCELERATE_USE_CPU=true` its state
+stays MULTI_CPU and `--use_fsdp` is silently ignored (DDP runs), and FSDP1 refuses a CPU `device_id`.
+torch's FSDP2 itself runs on gloo, so the FSDP test starts `kdistill` through a few lines
+(`_FORCE_FSDP`) that turn accelerate's CPU state into FSDP with the plugin `accelerate launch` built.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from conftest import tiny_config, write_config
 from kdistill.cli import main
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 # 40 training rows in 10 batches of 4: each process gets 5, so no batch is repeated to even them out.
 # 8 validation rows in batches of 3: one process has a batch less, padded with a repeat not counted.
 TRAINING = {"max_steps": 8, "eval_steps": 4, "eval_batch_size": 3, "batch_size": 4, "save_steps": 4}
@@ -42,37 +49,56 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow  # two fresh processes importing torch and transformers: about 30 s on 2 busy cores
-def test_two_processes_match_one_with_twice_the_accumulation(tmp_path: Path, tiny: dict) -> None:
+def _launch(args: list[str], *target: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` two CPU processes (gloo) with the given launch `args` on `target`."""
     launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     if launcher is None:
         pytest.skip("the `accelerate` command is not installed next to this Python")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [launcher, "launch", *args, "--num_processes", "2", "--num_machines", "1"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    done = subprocess.run([*command, *target], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _assert_same_losses(one: Path, two: Path, tol: float = 1e-4) -> None:
+    a, b = _records(one), _records(two)
+    assert [(r["step"], r.get("trained_tokens")) for r in a] == [
+        (r["step"], r.get("trained_tokens")) for r in b
+    ]
+    for x, y in zip(a, b):
+        for key in (
+            "loss",
+            "loss/kd",
+            "loss/ce",
+            "loss/hidden",
+            "grad_norm",
+            "eval/kl",
+            "eval/ppl",
+            "eval/tokens",
+        ):
+            assert (key in x) == (key in y)
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=tol, abs=tol), (x["step"], key)
+
+
+def _assert_same_weights(one: Path, two: Path, atol: float = 1e-4) -> None:
+    weights_one, weights_two = load_file(one), load_file(two)
+    assert weights_one.keys() == weights_two.keys()
+    for name, value in weights_one.items():
+        torch.testing.assert_close(weights_two[name], value, rtol=0, atol=atol, msg=name)
+
+
+@pytest.mark.slow  # two fresh processes importing torch and transformers: about 30 s on 2 busy cores
+def test_two_processes_match_one_with_twice_the_accumulation(tmp_path: Path, tiny: dict) -> None:
     pair = write_config(tmp_path / "pair.yaml", tiny_config(tiny, tmp_path / "pair", training=TRAINING))
     single = tiny_config(tiny, tmp_path / "single", training={**TRAINING, "gradient_accumulation_steps": 2})
     assert main(["train", str(write_config(tmp_path / "single.yaml", single))]) == 0
+    done = _launch(["--multi_gpu"], "-m", "kdistill", "train", str(pair))
 
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    command = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
-    command += ["-m", "kdistill", "train", str(pair)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-    one, two = _records(tmp_path / "single"), _records(tmp_path / "pair")
-    assert [(r["step"], r.get("trained_tokens")) for r in one] == [
-        (r["step"], r.get("trained_tokens")) for r in two
-    ]
-    for a, b in zip(one, two):
-        for key in ("loss", "loss/kd", "loss/ce", "grad_norm", "eval/kl", "eval/ppl", "eval/tokens"):
-            assert (key in a) == (key in b)
-            if key in a:
-                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-4), (a["step"], key)
-    weights_one, weights_two = (
-        load_file(tmp_path / "single" / "model.safetensors"),
-        load_file(tmp_path / "pair" / "model.safetensors"),
-    )
-    for name, value in weights_one.items():
-        torch.testing.assert_close(weights_two[name], value, rtol=0, atol=1e-4, msg=name)
+    _assert_same_losses(tmp_path / "single", tmp_path / "pair")
+    _assert_same_weights(tmp_path / "single" / "model.safetensors", tmp_path / "pair" / "model.safetensors")
 
     # Only the main process writes files and logs.
     def listing(out: Path) -> list[str]:
@@ -82,6 +108,98 @@ def test_two_processes_match_one_with_twice_the_accumulation(tmp_path: Path, tin
     assert done.stderr.count("data: 40 training and 8 validation rows") == 1
     assert done.stderr.count("before training: held-out KL") == 1
     assert "student written to" in done.stdout and done.stdout.count("held-out") == 1
+
+
+_FORCE_FSDP = """
+import sys
+from accelerate import state
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+init = state.AcceleratorState.__init__
+
+
+def init_fsdp(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    if self.distributed_type == DistributedType.MULTI_CPU:  # what accelerate picks on CPU processes
+        self.fsdp_plugin = kwargs.get("fsdp_plugin") or FullyShardedDataParallelPlugin()
+        self.distributed_type = state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+state.AcceleratorState.__init__ = init_fsdp
+from kdistill.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _fsdp(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "fsdp_on_cpu.py"
+    script.write_text(_FORCE_FSDP)
+    return _launch(["--config_file", str(CONFIGS / "fsdp.yaml")], str(script), *args)
+
+
+@pytest.mark.slow  # four runs, three of them two fresh processes: about a minute on 2 busy cores
+def test_fsdp_matches_one_process_and_resumes(tmp_path: Path, tiny: dict) -> None:
+    """Sharded weights and optimizer (FSDP2): the same losses, a whole exported student, exact resume."""
+    pair = write_config(tmp_path / "pair.yaml", tiny_config(tiny, tmp_path / "pair", training=TRAINING))
+    single = tiny_config(tiny, tmp_path / "single", training={**TRAINING, "gradient_accumulation_steps": 2})
+    assert main(["train", str(write_config(tmp_path / "single.yaml", single))]) == 0
+    _fsdp(tmp_path, "train", str(pair))
+
+    _assert_same_losses(tmp_path / "single", tmp_path / "pair")
+    # The export holds the whole gathered student (not rank 0's shard): it loads, tied head included.
+    _assert_same_weights(tmp_path / "single" / "model.safetensors", tmp_path / "pair" / "model.safetensors")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pair")
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    for name, value in load_file(tmp_path / "single" / "model.safetensors").items():
+        torch.testing.assert_close(loaded.state_dict()[name], value, rtol=0, atol=1e-4, msg=name)
+    # accelerate's FSDP checkpoint: the gathered weights and optimizer state, each process's RNG.
+    step4 = tmp_path / "pair" / "checkpoints" / "step-0000004"
+    assert sorted(p.name for p in step4.iterdir()) == [
+        "optimizer.bin",
+        "pytorch_model_fsdp.bin",
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+        "scheduler.pt",
+        "state.json",
+    ]
+
+    # Resume from step 4 in a copy of the run: the last four steps and the student come out the same.
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(step4, resumed / "checkpoints" / step4.name)
+    for name in ("kdistill_config.yaml", "metrics.jsonl"):
+        shutil.copy(tmp_path / "pair" / name, resumed / name)
+    config = write_config(tmp_path / "resumed.yaml", tiny_config(tiny, resumed, training=TRAINING))
+    done = _fsdp(tmp_path, "train", str(config), "--resume")
+    assert "resumed from" in done.stderr
+    _assert_same_losses(tmp_path / "pair", resumed, tol=1e-5)
+    _assert_same_weights(tmp_path / "pair" / "model.safetensors", resumed / "model.safetensors", atol=1e-6)
+
+
+@pytest.mark.slow  # two runs, one of them two fresh processes: about 30 s on 2 busy cores
+def test_fsdp_lora_student_with_hidden_projections_exports_whole(tmp_path: Path, tiny: dict) -> None:
+    """A LoRA student under FSDP: adapter, merged student and projections come from the gathered weights."""
+    sections = {
+        "student": {"finetune": "lora", "merge": True, "lora": {"lora_dropout": 0.0}},
+        "loss": {"hidden": {"weight": 0.5}},
+    }
+    pair = write_config(
+        tmp_path / "pair.yaml", tiny_config(tiny, tmp_path / "pair", training=TRAINING, **sections)
+    )
+    single = tiny_config(
+        tiny, tmp_path / "single", training={**TRAINING, "gradient_accumulation_steps": 2}, **sections
+    )
+    assert main(["train", str(write_config(tmp_path / "single.yaml", single))]) == 0
+    _fsdp(tmp_path, "train", str(pair))
+
+    _assert_same_losses(tmp_path / "single", tmp_path / "pair")
+    for name in ("adapter_model.safetensors", "hidden_projections.safetensors", "merged/model.safetensors"):
+        _assert_same_weights(tmp_path / "single" / name, tmp_path / "pair" / name)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "pair" / "merged")
+    assert not any("lora" in name for name in merged.state_dict())
+    fsdp_weights = tmp_path / "pair" / "checkpoints" / "step-0000004" / "pytorch_model_fsdp.bin"
+    assert fsdp_weights.is_file()  # FSDP ran, not DDP
 
 
 @pytest.mark.parametrize(
@@ -108,7 +226,7 @@ def test_accelerate_configs_load_into_their_plugins(name: str, env: dict[str, st
     from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
     from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
-    path = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / f"{name}.yaml"
+    path = CONFIGS / f"{name}.yaml"
     args = launch_command_parser().parse_args(
         ["--config_file", str(path), "-m", "kdistill", "train", "x.yaml"]
     )
@@ -124,9 +242,14 @@ def test_accelerate_configs_load_into_their_plugins(name: str, env: dict[str, st
     with mock.patch.dict(os.environ, launched):
         if args.use_fsdp:
             plugin = FullyShardedDataParallelPlugin()
+            assert plugin.fsdp_version == 2
             assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
+            assert not plugin.cpu_ram_efficient_loading  # it would untie the student's output head
         elif args.use_deepspeed:
             plugin = DeepSpeedPlugin()
             # kdistill accumulates itself: DeepSpeed must take one micro-batch a step, and clip.
             assert plugin.deepspeed_config["gradient_accumulation_steps"] == 1
             assert plugin.deepspeed_config["gradient_clipping"] == 1.0
+            zero = plugin.deepspeed_config["zero_optimization"]
+            # ZeRO-3 only: the export gathers the whole student (accelerator.get_state_dict).
+            assert zero.get("stage3_gather_16bit_weights_on_model_save", False) == (zero["stage"] == 3)

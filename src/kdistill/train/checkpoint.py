@@ -2,6 +2,11 @@
 
 A checkpoint is written into `step-N.tmp/` and renamed to `step-N/` only once every file is in
 place, so `--resume` never picks up a half-written one.
+
+Every process calls `save_checkpoint`, `load_checkpoint` and `export_student`: under FSDP and
+DeepSpeed no process holds the whole student or its optimizer state, so saving is collective
+(accelerate's `save_state` and `get_state_dict`); only the main process writes kdistill's own files.
+One process, or DDP, keeps the small format below (only trainable weights, e.g. the LoRA adapter).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -35,29 +42,54 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def is_sharded(accelerator: Accelerator) -> bool:
+    """FSDP or DeepSpeed: the student's weights or its optimizer state are split across processes."""
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
 def save_checkpoint(
     folder: Path,
     step: int,
-    model: nn.Module,
+    accelerator: Accelerator,
+    student: nn.Module,
     optimizer: Any,
     scheduler: Any,
     state: dict[str, Any],
     keep: int | None,
     projections: Sequence[tuple[str, HiddenProjections]] = (),
 ) -> Path:
-    """Write `folder/step-N/`: trainable weights, hidden-state projections, optimizer, RNG, state."""
-    final = folder / f"step-{step:07d}"
-    tmp = folder / f"step-{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    save_hidden(projections, tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step}))  # written last: marks completeness
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    _prune(folder, keep)
+    """Write `folder/step-N/` (weights, projections, optimizer, RNG, state); every process calls it.
+
+    `student` is the prepared `StudentHidden`; `projections` pairs each teacher's name with its
+    module in `student.projections`. Sharded runs store accelerate's `save_state` (each process's
+    shards or the gathered weights, the optimizer, each process's RNG) with the scheduler beside it.
+    """
+    final, tmp = folder / f"step-{step:07d}", folder / f"step-{step:07d}.tmp"
+    main = accelerator.is_main_process
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()  # the folder exists before any process writes into it
+    if is_sharded(accelerator):
+        accelerator.save_state(str(tmp))  # each process ends by writing its own RNG file, unsynchronised
+        projections = _gathered_projections(accelerator, student, projections)
+        accelerator.wait_for_everyone()  # so every process has written before the folder is renamed
+    if main:
+        if is_sharded(accelerator):
+            torch.save({"scheduler": scheduler.state_dict()}, tmp / "scheduler.pt")
+        else:
+            model = accelerator.unwrap_model(student).model
+            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+            optim = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            torch.save(optim, tmp / "optim.pt")
+            torch.save(_rng_state(), tmp / "rng.pt")
+        save_hidden(projections, tmp)
+        # state.json is written last: it marks the checkpoint complete (see latest_checkpoint).
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        _prune(folder, keep)
+    accelerator.wait_for_everyone()  # no process may go on (or exit) before the checkpoint is complete
     return final
 
 
@@ -115,15 +147,31 @@ def check_resume_config(saved: Path, current: dict[str, Any]) -> None:
 
 def load_checkpoint(
     path: Path,
-    model: nn.Module,
+    accelerator: Accelerator,
+    student: nn.Module,
     optimizer: Any,
     scheduler: Any,
     projections: Sequence[tuple[str, HiddenProjections]] = (),
 ) -> dict[str, Any]:
-    """Restore what `save_checkpoint` wrote into the given objects; returns its `state.json`."""
-    load_hidden(projections, path)  # first: a changed loss.hidden gets its own message, not the optimizer's
+    """Restore what `save_checkpoint` wrote into the given objects; returns its `state.json`.
+
+    Every process calls it with the prepared `student` and `optimizer`.
+    """
+    sharded, written_sharded = is_sharded(accelerator), not (path / "trainable.safetensors").is_file()
+    if sharded != written_sharded:
+        how = "under FSDP or DeepSpeed" if written_sharded else "by one process or DDP"
+        raise KdistillError(
+            f"--resume: checkpoint {path} was written {how}; resume it the same way, or --overwrite"
+        )
+    saved = load_hidden(projections, path)  # first: a changed loss.hidden gets its own message
+    if sharded:  # the projections' values come back with the student's shards
+        accelerator.load_state(str(path))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False)["scheduler"])
+        return json.loads((path / "state.json").read_text())
+    for (_, current), loaded in zip(projections, saved):
+        current.load_state_dict(loaded.state_dict())
     weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
+    params = dict(accelerator.unwrap_model(student).model.named_parameters())
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
@@ -144,8 +192,10 @@ def save_hidden(projections: Sequence[tuple[str, HiddenProjections]], folder: Pa
         save_projections(module, folder, _hidden_file(name, len(projections) > 1))
 
 
-def load_hidden(projections: Sequence[tuple[str, HiddenProjections]], folder: Path) -> None:
-    """Copy saved projections into `projections`; refuse a checkpoint whose loss.hidden differs."""
+def load_hidden(
+    projections: Sequence[tuple[str, HiddenProjections]], folder: Path
+) -> list[HiddenProjections]:
+    """The projections saved in `folder`, in the order of `projections`; refused if loss.hidden differs."""
     saved = sorted(p.name for p in folder.glob("hidden_projections*.safetensors"))
     wanted = [_hidden_file(name, len(projections) > 1) for name, _ in projections]
     if saved != sorted(wanted):
@@ -154,6 +204,7 @@ def load_hidden(projections: Sequence[tuple[str, HiddenProjections]], folder: Pa
             f"config needs {wanted or 'none'}: loss.hidden (on or off) and the teachers must stay as the run "
             "began. Resume with its settings, or --overwrite to start again"
         )
+    found = []
     for (_, current), filename in zip(projections, wanted):
         loaded = load_projections(folder, filename)
         shape = (loaded.pairs, loaded.student_size, loaded.teacher_size)
@@ -163,7 +214,32 @@ def load_hidden(projections: Sequence[tuple[str, HiddenProjections]], folder: Pa
                 f"{loaded.teacher_size}), this config {current.pairs} ({current.student_size} -> "
                 f"{current.teacher_size}); resume with the run's loss.hidden.layers, or --overwrite"
             )
-        current.load_state_dict(loaded.state_dict())
+        found.append(loaded)
+    return found
+
+
+def _gathered_projections(
+    accelerator: Accelerator, student: nn.Module, projections: Sequence[tuple[str, HiddenProjections]]
+) -> list[tuple[str, HiddenProjections]]:
+    """Whole copies of sharded projections, on the main process (others get empty ones); collective."""
+    if not projections:
+        return []
+    full = accelerator.get_state_dict(student)
+    return [(name, copy_projections(p, full, f"projections.{i}.")) for i, (name, p) in enumerate(projections)]
+
+
+def copy_projections(
+    module: HiddenProjections, full: dict[str, torch.Tensor], prefix: str
+) -> HiddenProjections:
+    copy = HiddenProjections(module.pairs, module.student_size, module.teacher_size)
+    if full:  # empty on processes other than the main one
+        copy.load_state_dict(under(full, prefix))
+    return copy
+
+
+def under(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of `state` whose key starts with `prefix`, with the prefix removed."""
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _prune(folder: Path, keep: int | None) -> None:
@@ -187,36 +263,3 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def export_student(
-    model: nn.Module,
-    tokenizer: Any,
-    output_dir: Path,
-    merge: bool,
-    projections: Sequence[tuple[str, HiddenProjections]] = (),
-) -> None:
-    """Save the student (LoRA adapter or full model) and its tokenizer into `output_dir`.
-
-    Files are written to a temporary folder first and moved in with `config.json` (or
-    `adapter_config.json`) last, so the folder is loadable only once it is complete. Hidden-state
-    projections go beside the student in their own file: they are training aids, not part of it.
-    """
-    tmp = output_dir / ".student.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    save_hidden(projections, tmp)
-    if merge and hasattr(model, "merge_and_unload"):
-        merged = tmp / "merged"
-        # merge_and_unload folds the adapter into the base weights in place: export is a run's last step.
-        model.merge_and_unload().save_pretrained(merged)
-        tokenizer.save_pretrained(merged)
-    markers = {"config.json", "adapter_config.json"}
-    items = sorted(tmp.iterdir(), key=lambda p: p.name in markers)
-    for item in items:
-        target = output_dir / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        item.rename(target)
-    tmp.rmdir()
