@@ -15,16 +15,22 @@ import torch
 from accelerate import Accelerator
 
 from kdistill.files import write_atomic
+from kdistill.train.flops import ModelShape, step_flops
 
 
 class LogWindow:
-    """Sums of the steps since the last log line, turned into per-token means and throughput."""
+    """Sums of the steps since the last log line, turned into per-token means and throughput.
 
-    def __init__(self) -> None:
+    With the student's and live teachers' shapes, each record also has `flops_per_s`: the useful FLOPs
+    of the window's tokens (see `kdistill.train.flops`) over its seconds; steps then add `pairs`.
+    """
+
+    def __init__(self, student: ModelShape | None = None, teachers: list[ModelShape] | None = None) -> None:
+        self.student, self.teachers = student, teachers or []
         self.reset()
 
     def reset(self) -> None:
-        self.sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "trained": 0, "tokens": 0}
+        self.sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "trained": 0, "tokens": 0, "pairs": 0}
         self.grad_norm = None
         self.start = time.perf_counter()
 
@@ -32,7 +38,7 @@ class LogWindow:
         # Optional sums join when a step has them: several teachers (`kd/NAME`), loss.hidden (`hidden...`).
         optional = ("kd/", "hidden")
         for key in (*self.sums, *(k for k in stats if k.startswith(optional) and k not in self.sums)):
-            self.sums[key] = self.sums.get(key, 0.0) + stats[key]
+            self.sums[key] = self.sums.get(key, 0.0) + stats.get(key, 0)
         self.grad_norm = stats.get("grad_norm", self.grad_norm)
 
     def flush(self, accelerator: Accelerator, lr: float, epoch: float) -> dict[str, float]:
@@ -52,6 +58,9 @@ class LogWindow:
             "tokens_per_s": sums["tokens"] / seconds,
             "trained_tokens": int(sums["trained"]),
         }
+        if self.student is not None:
+            counts = int(sums["tokens"]), int(sums["trained"]), int(sums["pairs"])
+            record["flops_per_s"] = step_flops(self.student, self.teachers, *counts) / seconds
         for key in keys:
             # `loss/hidden` is teacher-weighted and without loss.hidden.weight, as `loss/kd` is without
             # alpha T^2; among several teachers, `loss/kd/NAME` and `loss/hidden/NAME` are each one's own.
