@@ -205,6 +205,14 @@ class LossConfig(_Strict):
         description="Several teachers: `sum` of weighted per-teacher divergences, or one divergence to "
         "their weighted `mixture` distribution.",
     )
+    alignment: Literal["span", "uld"] = Field(
+        "span",
+        description="A teacher whose tokenizer differs from the student's: `span` aligns both tokenizations "
+        "of each text through character offsets and compares next-token distributions through a map of "
+        "tokens with the same text (unmapped mass in an explicit 'other' bucket), falling back to ULD "
+        "where an aligned segment is not one token on each side; `uld` uses Universal Logit Distillation's "
+        "sorted-probability distance at every aligned position.",
+    )
     hidden: HiddenConfig = Field(
         default_factory=HiddenConfig,
         description="Layer-wise hidden-state distillation: `weight` x distance between paired layers, summed "

@@ -5,8 +5,10 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from kdistill.config import DataConfig
+from kdistill.data.cross import teacher_view
 from kdistill.data.formats import Example, detect_format, to_examples
 from kdistill.data.sources import load_rows
 from kdistill.data.tokenize import IGNORE_INDEX, Collator, Tokenized, tokenize_examples
@@ -42,11 +44,13 @@ def build_datasets(
     tokenizer: object,
     seed: int,
     respond: Callable[[list[Example]], list[Example]] | None = None,
+    teacher_tokenizers: dict[str, Any] | None = None,
 ) -> DataSplits:
     """Read, split, (optionally) re-answer with the teacher, and tokenize the training data.
 
     `respond` replaces responses by the teacher's (`data.responses: teacher`); the caller builds it
-    so that this package never loads a model.
+    so that this package never loads a model. `teacher_tokenizers` names the teachers whose
+    tokenizer differs from the student's: each row then carries their aligned views (`data.cross`).
     """
     train, fmt = load_examples(cfg.source, cfg.split, cfg.format)
     if cfg.max_rows:
@@ -57,8 +61,9 @@ def build_datasets(
         train, validation = _split(train, cfg.validation_size, seed, cfg.source)
     if respond is not None:
         train = respond(train)
-    train_tok, dropped_train = tokenize_examples(train, tokenizer, cfg.max_length)
-    val_tok, dropped_val = tokenize_examples(validation, tokenizer, cfg.max_length)
+    views = teacher_tokenizers or {}
+    train_tok, dropped_train = _tokenize(train, tokenizer, cfg.max_length, views)
+    val_tok, dropped_val = _tokenize(validation, tokenizer, cfg.max_length, views)
     if not train_tok:
         raise KdistillError(
             f"{cfg.source}: no training row has a response token left within "
@@ -68,6 +73,21 @@ def build_datasets(
     train_tok = [replace(row, index=i) for i, row in enumerate(train_tok)]
     val_tok = [replace(row, index=i) for i, row in enumerate(val_tok)]
     return DataSplits(train_tok, val_tok, dropped_train + dropped_val, fmt)
+
+
+def _tokenize(
+    examples: list[Example], tokenizer: Any, max_length: int, teachers: dict[str, Any]
+) -> tuple[list[Tokenized], int]:
+    """`tokenize_examples`, plus each row's view for every teacher of another tokenizer."""
+    if not teachers:
+        return tokenize_examples(examples, tokenizer, max_length)
+    rows, dropped = [], 0
+    for example in examples:  # one at a time: a row dropped for length must not shift the views
+        kept, lost = tokenize_examples([example], tokenizer, max_length)
+        dropped += lost
+        views = {name: teacher_view(example, tokenizer, tok, max_length) for name, tok in teachers.items()}
+        rows += [replace(row, views=views) for row in kept]
+    return rows, dropped
 
 
 def _split(

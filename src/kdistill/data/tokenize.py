@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,6 +19,8 @@ class Tokenized:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX on the prompt; the response's own ids elsewhere
     index: int = -1  # position in its split: how a teacher cache finds this row's tokens
+    # Per teacher with another tokenizer (by name): its tokens and the aligned positions (`data.cross`).
+    views: dict[str, Any] | None = None
 
 
 def render(example: Example, tokenizer: Any) -> tuple[str, str]:
@@ -65,15 +67,23 @@ def tokenize_examples(
 
 @dataclass
 class Collator:
-    """Pad a list of `Tokenized` on the right into `input_ids`, `attention_mask`, `labels` tensors."""
+    """Pad a list of `Tokenized` on the right into `input_ids`, `attention_mask`, `labels` tensors.
+
+    Rows with teacher views (teachers of another tokenizer) also give, per teacher NAME, that
+    teacher's batch (`teacher/NAME/input_ids`, `.../attention_mask`, `.../labels`, the labels marking
+    the compared positions) and the alignment, `align/NAME/student_pos` and `align/NAME/one_to_one`
+    `(B, S)`: each row's compared student positions in the order of the teacher's marked ones,
+    padded with -1 (and False).
+    """
 
     pad_token_id: int
     pad_to_multiple_of: int = 8
+    teacher_pads: dict[str, int] = field(default_factory=dict)  # pad id of each view's teacher
 
-    def __call__(self, batch: list[Tokenized]) -> dict[str, torch.Tensor]:
+    def pad(self, batch: list[Tokenized], pad_token_id: int) -> dict[str, torch.Tensor]:
         longest = max(len(item.input_ids) for item in batch)
         width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, item in enumerate(batch):
@@ -81,7 +91,22 @@ class Collator:
             input_ids[row, :n] = torch.tensor(item.input_ids)
             labels[row, :n] = torch.tensor(item.labels)
             attention_mask[row, :n] = 1
-        out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def __call__(self, batch: list[Tokenized]) -> dict[str, torch.Tensor]:
+        out = self.pad(batch, self.pad_token_id)
         if all(item.index >= 0 for item in batch):
             out["row"] = torch.tensor([item.index for item in batch])
+        for name in batch[0].views or {}:
+            views = [item.views[name] for item in batch]
+            teacher = self.pad([v.as_row(-1) for v in views], self.teacher_pads.get(name, 0))
+            out.update({f"teacher/{name}/{k}": v for k, v in teacher.items()})
+            # Per row, padded with -1: a batch cut into micro-batches by rows keeps its alignment.
+            pairs = max(len(v.student_pos) for v in views)
+            student_pos = torch.full((len(views), pairs), -1, dtype=torch.long)
+            one_to_one = torch.zeros((len(views), pairs), dtype=torch.bool)
+            for row, view in enumerate(views):
+                student_pos[row, : len(view.student_pos)] = torch.tensor(view.student_pos, dtype=torch.long)
+                one_to_one[row, : len(view.one_to_one)] = torch.tensor(view.one_to_one, dtype=torch.bool)
+            out[f"align/{name}/student_pos"], out[f"align/{name}/one_to_one"] = student_pos, one_to_one
         return out

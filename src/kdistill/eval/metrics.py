@@ -102,9 +102,12 @@ class _KeepHidden(StudentHidden):
         super().__init__(model)
         self.last: Tensor | None = None
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        self.last = super().forward(input_ids, attention_mask)
-        return self.last
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, hidden=None, head_loss=None):  # noqa: ANN001, ANN201
+        def keep(final: Tensor, model: nn.Module):  # noqa: ANN202
+            self.last = final
+            return final if head_loss is None else head_loss(final, model)
+
+        return super().forward(input_ids, attention_mask, hidden, keep)
 
 
 def held_out_metrics(

@@ -30,6 +30,7 @@ def held_out_quality(
     teacher_cache: dict[int, object] | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     counted: int | None = None,
+    alignment: str = "span",
 ) -> dict[str, float]:
     """Per-token forward KL(teacher || student) at T = 1, cross-entropy and perplexity.
 
@@ -38,24 +39,28 @@ def held_out_quality(
     same (unshuffled) batches: the teacher does not change, so it runs once per run, not per evaluation.
     Under several processes each passes its share of the batches (`shard_batches`), `reduce` sums
     the KL, CE and token counts over processes, and batches from index `counted` on are run but
-    not counted (they only keep the processes in step).
+    not counted (they only keep the processes in step). With a teacher of another tokenizer, its
+    KL is the aligned one (`loss.alignment`), summed over aligned pairs and divided, like the rest,
+    by the student's trained tokens.
     """
     was_training = student.training
     student.eval()
     teachers = as_teachers(teacher)
+    same = [t for t in teachers if t.mapping is None]
     settings = LossSettings(
         alpha=1.0 if teachers else 0.0,
         temperature=1.0,
         chunk_size=chunk_size,
         vocab_size=vocab_size,
+        alignment=alignment,
     )
     kl = ce = 0.0
     tokens = 0
     for index, batch in enumerate(batches):
         signal = None if teacher_cache is None else teacher_cache.get(index)
-        if signal is None and teachers:
+        if signal is None and same:  # teachers of another tokenizer run inside `batch_loss`
             mask = trained_rows(batch["labels"])[0]
-            signal = combined_signal(teachers, batch, mask, "validation", vocab_size, "sum")
+            signal = combined_signal(same, batch, mask, "validation", vocab_size, "sum")
             if teacher_cache is not None:
                 teacher_cache[index] = signal
         sums, n = batch_loss(student, teachers, batch, settings, signal=signal, split="validation")

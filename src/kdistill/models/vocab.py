@@ -18,13 +18,11 @@ KNOWN_VOCABULARIES = {
 }
 
 
-def mismatch_message(teacher: str, teacher_size: int, student: str, student_size: int, note: str = "") -> str:
+def mismatch_message(teacher: str, teacher_size: int, student: str, student_size: int) -> str:
     return (
         f"teacher and student use different tokenizers: teacher '{teacher}' has a {teacher_size:,}-token "
-        f"vocabulary, student '{student}' a {student_size:,}-token one{note}. kdistill compares their "
-        "distributions token by token, which needs one shared vocabulary; distillation across tokenizers is "
-        "not supported yet. Choose a student of the teacher's family (or a teacher of the student's), for "
-        "example configs/same-tokenizer.yaml, or use student.from_teacher"
+        f"vocabulary, student '{student}' a {student_size:,}-token one, so their logits cannot be compared "
+        "token by token; kdistill aligns such a pair instead (loss.alignment)"
     )
 
 
@@ -50,13 +48,3 @@ def shared_vocab_size(
             f"shared tokenizer ({len(teacher_tok):,} tokens)"
         )
     return width
-
-
-def known_mismatch(teacher: str, student: str) -> str | None:
-    """The mismatch message for two well-known hub models, without loading anything."""
-    if teacher in KNOWN_VOCABULARIES and student in KNOWN_VOCABULARIES:
-        (t_size, t_family), (s_size, s_family) = KNOWN_VOCABULARIES[teacher], KNOWN_VOCABULARIES[student]
-        if t_family != s_family:
-            note = f" ({t_family} against {s_family}; sizes from kdistill's table of known models)"
-            return mismatch_message(teacher, t_size, student, s_size, note)
-    return None

@@ -21,10 +21,19 @@ from tqdm.auto import tqdm
 
 from kdistill.errors import KdistillError
 from kdistill.files import save_atomic
+from kdistill.losses.vocab_map import VocabMap
 from kdistill.teacher import cache_format as fmt
 from kdistill.teacher.signal import Sparse, _log1mexp
 
 log = logging.getLogger("kdistill")
+
+VOCAB_MAP_FILE = "vocab_map.safetensors"  # beside the shards of a teacher with another tokenizer
+
+
+def save_vocab_map(folder: Path, mapping: VocabMap) -> None:
+    """Store the vocabulary map an aligned cache is read with (training then needs no teacher tokenizer)."""
+    tensors = {k: torch.as_tensor(v) for k, v in mapping.to_tensors().items()}
+    save_atomic(folder / VOCAB_MAP_FILE, lambda tmp: save_file(tensors, str(tmp)))
 
 
 @dataclass(frozen=True)
@@ -47,10 +56,13 @@ def build_cache(
     spec: CacheSpec,
     collate: Any,
     vocab_size: int,
+    extras: Any = None,
 ) -> dict[str, Any]:
     """Write (or finish) the cache in `folder` and return its manifest.
 
-    ``teacher_forward(batch, mask) -> (N, V)`` gives teacher logits at a batch's trained rows. An
+    ``teacher_forward(batch, mask) -> (N, V)`` gives teacher logits at a batch's trained rows;
+    ``extras(row) -> {name: (n,) tensor}``, if given, adds per-entry values stored beside them (the
+    student side of a cross-tokenizer alignment). An
     existing complete cache for the same header is kept; an incomplete one is continued from its
     last whole shard; one built for something else is refused, not overwritten.
     """
@@ -73,7 +85,7 @@ def build_cache(
         bar = tqdm(total=count, initial=len(shards["shards"]), desc=f"cache {split}", unit="shard")
         for index in range(len(shards["shards"]), count):
             start, end = index * spec.rows_per_shard, min(len(rows), (index + 1) * spec.rows_per_shard)
-            tensors = _shard(teacher_forward, rows, start, end, split, spec, collate, vocab_size)
+            tensors = _shard(teacher_forward, rows, start, end, split, spec, collate, vocab_size, extras)
             name = f"{split}-{index:05d}.safetensors"
             save_atomic(folder / name, lambda tmp, t=tensors: save_file(t, str(tmp)))
             tokens = int(tensors["lengths"].sum())
@@ -111,7 +123,7 @@ def _keep_whole_shards(folder: Path, shards: dict[str, Any]) -> bool:
 
 @torch.no_grad()
 def _shard(
-    teacher_forward, rows, start, end, split, spec: CacheSpec, collate, vocab_size
+    teacher_forward, rows, start, end, split, spec: CacheSpec, collate, vocab_size, extras=None
 ) -> dict[str, Tensor]:
     """Encode rows ``start:end``, teacher batches grouped by length, stored back in row order."""
     order = sorted(range(start, end), key=lambda i: len(rows[i].input_ids))
@@ -127,6 +139,7 @@ def _shard(
         offsets = [0, *torch.tensor(counts).cumsum(0).tolist()]
         for j, i in enumerate(members):
             per_row[i] = {k: v[offsets[j] : offsets[j + 1]] for k, v in packed.items()}
+            per_row[i].update(extras(rows[i]) if extras is not None else {})
     ordered = [per_row[i] for i in range(start, end)]
     tensors = {k: torch.cat([r[k] for r in ordered]).contiguous() for k in ordered[0]}
     tensors["lengths"] = torch.tensor([len(r["tail"]) for r in ordered], dtype=torch.int32)
@@ -212,6 +225,30 @@ class TeacherCache:
         data = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         data["offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), data.pop("lengths").long().cumsum(0)])
         return data
+
+    @property
+    def aligned(self) -> bool:
+        """Whether the cache is of a teacher with another tokenizer (it then stores the alignment)."""
+        return self.manifest["header"].get("teacher_tokenizer") is not None
+
+    def vocab_map(self) -> VocabMap:
+        """The teacher-to-student vocabulary map stored with an aligned cache."""
+        try:
+            return VocabMap.from_tensors(load_file(str(self.folder / VOCAB_MAP_FILE)))
+        except (SafetensorError, OSError) as err:
+            raise KdistillError(
+                f"teacher cache {self.folder}: cannot read {VOCAB_MAP_FILE} ({err})"
+            ) from None
+
+    def alignment(self, split: str, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(example, student_pos, one_to_one)`` of each stored pair of these rows, in `signal`'s order."""
+        data = self.splits[split]
+        if "student_pos" not in data:
+            raise KdistillError(f"teacher cache {self.folder} holds no alignment (same-tokenizer cache)")
+        pieces = [torch.arange(data["offsets"][r], data["offsets"][r + 1]) for r in rows.tolist()]
+        index = torch.cat(pieces)
+        example = torch.cat([torch.full((len(p),), j, dtype=torch.long) for j, p in enumerate(pieces)])
+        return example, data["student_pos"][index].long(), data["one_to_one"][index].bool()
 
     def signal(self, split: str, rows: Tensor) -> Sparse:
         """The teacher's ``Sparse`` signal for these dataset rows' trained tokens, in the loss's order."""

@@ -103,6 +103,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 _HEADER_KEYS = (
     ("teacher", "teacher"),
     ("tokenizer", "tokenizer (vocabulary and chat template)"),
+    ("teacher_tokenizer", "teacher tokenizer (another than the student's)"),
     ("top_k", "top_k"),
     ("tail_samples", "tail_samples"),
     ("temperature", "temperature (loss.temperature)"),

@@ -12,20 +12,34 @@ loss is computed too, so that its projections train, sync and shard with the stu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdistill.data import IGNORE_INDEX
-from kdistill.errors import KdistillError
 from kdistill.losses import DEFAULT_CHUNK_SIZE, LossSums, distill_loss_sums
-from kdistill.losses.hidden import HiddenProjections, hidden_loss_sums, require_live_teacher
-from kdistill.teacher.cache import TeacherCache
+from kdistill.losses.aligned import aligned_kd_sum
+from kdistill.losses.hidden import HiddenProjections, hidden_loss_sums
 from kdistill.teacher.signal import DenseHidden, Ensemble, Sparse
+from kdistill.train.teacher_pass import (  # noqa: F401  (re-exported: callers import them from here)
+    Aligned,
+    Teacher,
+    _base,
+    aligned_teacher,
+    as_teachers,
+    combined_signal,
+    live_teacher,
+    output_head,
+    softcap,
+    teacher_hidden,
+    teacher_outputs,
+    teacher_signal,
+    trained_rows,
+)
 
 
 @dataclass(frozen=True)
@@ -41,6 +55,7 @@ class LossSettings:
     multi_teacher: str = "sum"  # how several teachers combine: sum | mixture (see losses.ensemble)
     hidden_weight: float = 0.0  # loss.hidden.weight; 0: no hidden-state term and no layers kept
     hidden_distance: str = "mse"  # mse | cosine
+    alignment: str = "span"  # teachers of another tokenizer: span (mapped KL + ULD fallback) | uld
 
 
 @dataclass
@@ -61,24 +76,6 @@ class HiddenTargets:
     distance: str
 
 
-def _base(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def output_head(model: nn.Module, vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The output projection's weight `(V, H)` and bias, cut to the shared vocabulary."""
-    head = _base(model).get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)
-    if vocab_size is not None:
-        weight = weight[:vocab_size]
-        bias = None if bias is None else bias[:vocab_size]
-    return weight, bias
-
-
-def softcap(model: nn.Module) -> float | None:
-    return getattr(_base(model).config, "final_logit_softcapping", None)
-
-
 class StudentHidden(nn.Module):
     """Wraps the student so its forward returns final hidden states, not logits.
 
@@ -93,16 +90,36 @@ class StudentHidden(nn.Module):
         self.model = model
         self.projections = nn.ModuleList(projections)
 
+    def tie_weights(self) -> None:
+        """Re-tie the student's output head to its embeddings (tied models such as SmolLM2).
+
+        accelerate re-ties only the module it prepares, which is this wrapper: FSDP's memory-saving
+        load would otherwise leave the head untied from the embeddings.
+        """
+        self.model.tie_weights()
+
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: HiddenTargets | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Final hidden states `(B, T, H)`; with `hidden`, also the hidden-state sums (see `_hidden_sums`)."""
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        hidden: HiddenTargets | None = None,
+        head_loss: Callable[[torch.Tensor, nn.Module], Any] | None = None,
+    ) -> Any:
+        """Final hidden states `(B, T, H)`, or `head_loss(states, model)` of them when given.
+
+        The loss on the output head runs here, inside the wrapped forward, because FSDP and ZeRO-3
+        gather a sharded module's weights only during its forward: read outside, the head would be
+        this process's shard. With `hidden`, returns `(result, hidden sums)` (see `_hidden_sums`).
+        """
         decoder = _base(self.model).get_decoder()
         if hidden is None:
-            return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            final = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return final if head_loss is None else head_loss(final, self.model)
         layers = sorted({s for p in self.projections for _, s in p.pairs})
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=layers)
-        return out.last_hidden_state, self._hidden_sums(out.hidden_states, hidden)
+        final = out.last_hidden_state
+        result = final if head_loss is None else head_loss(final, self.model)
+        return result, self._hidden_sums(out.hidden_states, hidden)
 
     def _hidden_sums(
         self, states: Sequence[torch.Tensor | None], hidden: HiddenTargets
@@ -120,127 +137,6 @@ class StudentHidden(nn.Module):
         return total, torch.stack(parts)
 
 
-def trained_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask `(B, T-1)` of positions whose next token trains, and those targets `(N,)`."""
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    return mask, targets[mask]
-
-
-@torch.inference_mode()
-def teacher_hidden(
-    teacher: nn.Module, batch: dict[str, torch.Tensor], mask: torch.Tensor, layers: Sequence[int] = ()
-) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """The teacher's final hidden states `(N, H)` at the trained rows and those of `layers`; no autograd.
-
-    `layers` are numbered as `output_hidden_states` numbers them (0 = embeddings). One forward pass
-    gives both: the decoder keeps only the listed layers (transformers leaves the others None; a
-    version that does not select keeps them all, and the listed ones are still read by index).
-    """
-    extra = {"output_hidden_states": sorted(set(layers))} if layers else {}
-    out = _base(teacher).get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra
-    )
-    states = {t: out.hidden_states[t][:, :-1][mask] for t in set(layers)}
-    return out.last_hidden_state[:, :-1][mask], states
-
-
-@dataclass
-class Teacher:
-    """One teacher: exactly one of `model` (run live) and `cache` (read from disk)."""
-
-    name: str
-    weight: float  # normalised over the run's teachers
-    model: nn.Module | None = None
-    cache: TeacherCache | None = None
-
-
-def teacher_signal(
-    teacher: nn.Module,
-    batch: dict[str, torch.Tensor],
-    mask: torch.Tensor,
-    vocab: int | None,
-) -> DenseHidden:
-    """A live teacher's hidden states at the trained rows, with its head; logits come later, by chunk."""
-    return live_teacher(teacher, batch, mask, vocab)[0]
-
-
-def live_teacher(
-    teacher: nn.Module,
-    batch: dict[str, torch.Tensor],
-    mask: torch.Tensor,
-    vocab: int | None,
-    layers: Sequence[int] = (),
-) -> tuple[DenseHidden, dict[int, torch.Tensor]]:
-    """`teacher_signal`, and the states `(N, H)` of the teacher's `layers` from the same forward pass."""
-    hidden, states = teacher_hidden(teacher, batch, mask, layers)
-    # Cloning outside inference mode turns the rows into ordinary tensors the loss may save for backward.
-    weight, bias = output_head(teacher, vocab)
-    signal = DenseHidden(hidden=hidden.clone(), head=weight, bias=bias, softcap=softcap(teacher))
-    return signal, {t: s.clone() for t, s in states.items()}
-
-
-def combined_signal(
-    teachers: list[Teacher],
-    batch: dict[str, torch.Tensor],
-    mask: torch.Tensor,
-    split: str,
-    vocab: int | None,
-    mode: str,
-) -> DenseHidden | Sparse | Ensemble:
-    """The teachers' signal for a batch's trained rows: one teacher's own, or an `Ensemble`."""
-    return teacher_outputs(teachers, batch, mask, split, vocab, mode)[0]
-
-
-def teacher_outputs(
-    teachers: list[Teacher],
-    batch: dict[str, torch.Tensor],
-    mask: torch.Tensor,
-    split: str,
-    vocab: int | None,
-    mode: str,
-    layers: Sequence[Sequence[int]] | None = None,
-) -> tuple[DenseHidden | Sparse | Ensemble, list[dict[int, torch.Tensor]]]:
-    """`combined_signal`, and per teacher the states `(N, H)` of its `layers[i]` (a cached one: none)."""
-    signals, states = [], []
-    for i, teacher in enumerate(teachers):
-        wanted = layers[i] if layers is not None else ()
-        if teacher.cache is not None:
-            if wanted:  # setup refuses this first; kept so that no caller gets a silent zero loss
-                require_live_teacher(True, str(teacher.cache.folder), teacher.name)
-            if "row" not in batch:
-                raise KdistillError("a cached teacher needs each batch's dataset row indices (batch['row'])")
-            signal = teacher.cache.signal(split, batch["row"].cpu())
-            signal = _to_device(signal, mask.device)
-            if signal.ids.shape[0] != int(mask.sum()):
-                raise KdistillError(
-                    f"teacher cache {teacher.cache.folder} holds {signal.ids.shape[0]} tokens for this "
-                    f"batch, the batch trains {int(mask.sum())}; rebuild it with `kdistill cache`"
-                )
-            layer_states = {}
-        else:
-            signal, layer_states = live_teacher(teacher.model, batch, mask, vocab, wanted)
-        signals.append(signal)
-        states.append(layer_states)
-    if len(signals) == 1:
-        return signals[0], states
-    return Ensemble(tuple(signals), tuple(t.weight for t in teachers), mode), states
-
-
-def _to_device(signal: Sparse, device: torch.device) -> Sparse:
-    if signal.ids.device == device:
-        return signal
-    tail = None if signal.tail is None else signal.tail.to(device)
-    return replace(signal, ids=signal.ids.to(device), logprobs=signal.logprobs.to(device), tail=tail)
-
-
-def as_teachers(teacher: nn.Module | list[Teacher] | None) -> list[Teacher]:
-    """A bare model (or None) as a one-teacher list, so callers with one live teacher stay simple."""
-    if teacher is None:
-        return []
-    return teacher if isinstance(teacher, list) else [Teacher("teacher", 1.0, model=teacher)]
-
-
 def batch_loss(
     student: nn.Module,
     teacher: nn.Module | list[Teacher] | None,
@@ -251,34 +147,92 @@ def batch_loss(
 ) -> tuple[LossSums, int]:
     """Loss sums over the batch's trained tokens, and how many tokens that is.
 
-    `signal` is the teachers' output for this batch when the caller already has it (evaluation
-    reuses it across passes); otherwise live teachers run and cached ones are read (rows of `split`).
+    `signal` is the same-tokenizer teachers' output for this batch when the caller already has it
+    (evaluation reuses it across passes); otherwise live teachers run and cached ones are read (rows
+    of `split`). Teachers of another tokenizer always run (or are read) here, at their aligned pairs.
     With `settings.hidden_weight > 0` the result is a `StepSums` whose `total` holds
     `hidden_weight * hidden` too; `student` is then a `StudentHidden` with one projection per teacher.
     """
     mask, targets = trained_rows(batch["labels"])
     wrapper = student.module if hasattr(student, "module") else student
     teachers = as_teachers(teacher)
+    same = [t for t in teachers if t.mapping is None]
     use_teacher = bool(teachers) and settings.alpha > 0
     use_hidden = settings.hidden_weight > 0
-    if use_hidden and (signal is not None or len(wrapper.projections) != len(teachers)):
-        raise ValueError("the hidden-state loss needs one projection per live teacher, and no given signal")
+    if use_hidden and (
+        signal is not None or len(wrapper.projections) != len(teachers) or len(same) < len(teachers)
+    ):
+        raise ValueError(
+            "the hidden-state loss needs one projection per live same-tokenizer teacher, no given signal"
+        )
     states: list[dict[int, torch.Tensor]] = []
-    if signal is None and (use_teacher or use_hidden):
+    if signal is None and same and (use_teacher or use_hidden):
         layers = [[t for t, _ in p.pairs] for p in wrapper.projections] if use_hidden else None
         vocab, mode = settings.vocab_size, settings.multi_teacher
-        signal, states = teacher_outputs(teachers, batch, mask, split, vocab, mode, layers)
+        signal, states = teacher_outputs(same, batch, mask, split, vocab, mode, layers)
         signal = signal if use_teacher else None  # alpha = 0: the teachers ran for their layers only
-    if use_hidden:
-        targets_h = HiddenTargets(mask, states, [t.weight for t in teachers], settings.hidden_distance)
-        final, (hidden, parts) = student(batch["input_ids"], batch["attention_mask"], targets_h)
-    else:
-        final = student(batch["input_ids"], batch["attention_mask"])
-    sums = _logit_sums(final[:, :-1][mask], wrapper.model, targets, signal, use_teacher, settings)
+    if signal is not None and len(same) < len(teachers) and not isinstance(signal, Ensemble):
+        signal = Ensemble((signal,), (same[0].weight,), "sum")  # its share among all the teachers
+    aligned = (
+        [aligned_teacher(t, batch, split) for t in teachers if t.mapping is not None] if use_teacher else []
+    )
+    head_loss = partial(
+        _head_sums, mask=mask, targets=targets, signal=signal, aligned=aligned, settings=settings
+    )
+    head_loss = partial(head_loss, use_teacher=use_teacher, order=[t.name for t in teachers])
     if not use_hidden:
-        return sums, int(targets.numel())
+        return student(batch["input_ids"], batch["attention_mask"], head_loss=head_loss), int(targets.numel())
+    targets_h = HiddenTargets(mask, states, [t.weight for t in teachers], settings.hidden_distance)
+    sums, (hidden, parts) = student(batch["input_ids"], batch["attention_mask"], targets_h, head_loss)
     total = sums.total + settings.hidden_weight * hidden
     return StepSums(total, sums.kd, sums.ce, sums.kd_parts, hidden.detach(), parts), int(targets.numel())
+
+
+def _head_sums(
+    final: torch.Tensor,
+    inner: nn.Module,
+    *,
+    mask: torch.Tensor,
+    targets: torch.Tensor,
+    signal: DenseHidden | Sparse | Ensemble | None,
+    aligned: list[Aligned],
+    settings: LossSettings,
+    use_teacher: bool,
+    order: list[str],
+) -> LossSums:
+    """KD and CE sums from the student's final states `(B, T, H)`: same-tokenizer teachers on the
+    trained rows, then each teacher of another tokenizer on its aligned pairs (weighted, summed)."""
+    sums = _logit_sums(final[:, :-1][mask], inner, targets, signal, use_teacher, settings)
+    if not aligned:
+        return sums
+    weight, bias = output_head(inner, settings.vocab_size)
+    kd_scale = settings.alpha * settings.temperature**2
+    total, kd = sums.total, sums.kd
+    parts = dict(zip([n for n in order if n not in {a.teacher.name for a in aligned}], _parts(sums)))
+    for a in aligned:
+        part = aligned_kd_sum(
+            final[a.example, a.student_pos],
+            weight,
+            a.signal,
+            a.one_to_one,
+            a.teacher.mapping,
+            method=settings.alignment,
+            temperature=settings.temperature,
+            divergence=settings.divergence,
+            student_bias=bias,
+            student_softcap=softcap(inner),
+        )
+        total = total + kd_scale * a.teacher.weight * part
+        kd = kd + a.teacher.weight * part.detach()
+        parts[a.teacher.name] = part.detach()
+    kd_parts = torch.stack([parts[n].reshape(()) for n in order]) if len(order) > 1 else None
+    return LossSums(total=total, kd=kd, ce=sums.ce, kd_parts=kd_parts)
+
+
+def _parts(sums: LossSums) -> list[torch.Tensor]:
+    if sums.kd_parts is not None:
+        return list(sums.kd_parts)
+    return [sums.kd]
 
 
 def _logit_sums(
@@ -296,7 +250,8 @@ def _logit_sums(
         weight,
         targets,
         signal,
-        kd_weight=settings.alpha * settings.temperature**2 if use_teacher else 0.0,
+        # Only teachers of another tokenizer (no same-vocabulary signal): their KD is added by the caller.
+        kd_weight=settings.alpha * settings.temperature**2 if use_teacher and signal is not None else 0.0,
         ce_weight=1.0 - settings.alpha if use_teacher else 1.0,
         temperature=settings.temperature,
         divergence=settings.divergence,

@@ -31,15 +31,17 @@ from kdistill.train.batches import length_grouped_batches as length_grouped_batc
 from kdistill.train.checkpoint import (
     check_resume_config,
     check_writable,
-    export_student,
     latest_checkpoint,
     load_checkpoint,
     remove_partial,
     save_checkpoint,
 )
+from kdistill.train.export import export_student
+from kdistill.train.flops import attention_pairs, model_shape
 from kdistill.train.forward import LossSettings, StepSums, StudentHidden, Teacher, batch_loss, trained_rows
 from kdistill.train.guards import OomBackoff, SkipNonFinite, build_health, oom_advice
 from kdistill.train.metrics import LogWindow, MetricsFile
+from kdistill.train.prepare import adamw, flat_hparams, mixed_precision, param_groups, whole_models
 from kdistill.train.setup import build_components, prepare_output_dir
 from kdistill.train.signals import Interrupted, StopSignals
 
@@ -69,16 +71,15 @@ def train(
     out = Path(cfg.output_dir)
     t = cfg.training
     accelerator = Accelerator(
-        mixed_precision=_mixed_precision(t.mixed_precision),
+        mixed_precision=mixed_precision(t.mixed_precision),
         log_with=t.report_to or None,
         project_dir=str(out / "logs"),
     )
     set_seed(t.seed)
     if accelerator.is_main_process:
         check_writable(out)  # before the models load: a read-only folder should not cost minutes
-    parts = build_components(
-        cfg, accelerator.device, config_path
-    )  # everything that can fail on bad input happens here
+    with whole_models(accelerator):  # everything that can fail on bad input happens here
+        parts = build_components(cfg, accelerator.device, config_path)
     prepare_output_dir(out, resume=resume, overwrite=overwrite, main=accelerator.is_main_process)
     if resume:
         check_resume_config(out / "kdistill_config.yaml", cfg.model_dump(mode="json"))
@@ -88,7 +89,7 @@ def train(
     if accelerator.is_main_process:
         save_config(cfg, out / "kdistill_config.yaml")
     if t.report_to:
-        accelerator.init_trackers("kdistill", config=_flat_hparams(cfg.model_dump(mode="json")))
+        accelerator.init_trackers("kdistill", config=flat_hparams(cfg.model_dump(mode="json")))
 
     settings = LossSettings(
         alpha=cfg.loss.alpha,
@@ -100,11 +101,12 @@ def train(
         multi_teacher=cfg.loss.multi_teacher,
         hidden_weight=cfg.loss.hidden.weight,
         hidden_distance=cfg.loss.hidden.distance,
+        alignment=cfg.loss.alignment,
     )
     # The hidden-state projections (none without loss.hidden) are part of the student module: prepared,
     # synced, clipped and stepped with it, after its own weights in the optimizer.
     student = StudentHidden(parts.student, parts.projections)
-    optimizer = torch.optim.AdamW(_param_groups(student, t.weight_decay), lr=t.learning_rate)
+    optimizer = adamw(param_groups(student, t.weight_decay), t.learning_rate)
     world = accelerator.num_processes
     batches_per_epoch = math.ceil(len(parts.data.train) / (t.batch_size * world))
     windows_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps)
@@ -114,7 +116,7 @@ def train(
     if accelerator.state.deepspeed_plugin is not None:  # it cannot infer this without a prepared loader
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.batch_size
     student, optimizer = accelerator.prepare(student, optimizer)
-    collator = Collator(parts.tokenizer.pad_token_id)
+    collator = Collator(parts.tokenizer.pad_token_id, teacher_pads=parts.teacher_pads)
     # Validation rows sorted by length: the padding of an evaluation pass is then close to none.
     validation = sorted(parts.data.validation, key=lambda x: len(x.input_ids))
     size = t.eval_batch_size or t.batch_size
@@ -148,6 +150,7 @@ def train(
             teacher_on_validation,
             reduce=reduce,
             counted=eval_counted,
+            alignment=cfg.loss.alignment,
         )
         metrics.write(step, {f"eval/{k}": v for k, v in result.items()})
         return result
@@ -157,9 +160,8 @@ def train(
     if resume and accelerator.is_main_process:
         remove_partial(out / "checkpoints")
     if checkpoint is not None:
-        unwrapped = accelerator.unwrap_model(student)
-        hidden = _named_projections(unwrapped, parts.teachers)
-        state = load_checkpoint(checkpoint, unwrapped.model, optimizer, scheduler, hidden)
+        hidden = _named_projections(accelerator.unwrap_model(student), parts.teachers)
+        state = load_checkpoint(checkpoint, accelerator, student, optimizer, scheduler, hidden)
         step, epoch, skip, before = state["step"], state["epoch"], state["window"], state["before"]
         if t.micro_batch_size is None:  # keep what out-of-memory back-off found, unless the config says
             backoff.micro = state.get("micro_batch_size", backoff.micro)
@@ -177,7 +179,10 @@ def train(
     bar = tqdm(
         total=total_steps, initial=step, desc="distill", unit="step", disable=not accelerator.is_main_process
     )
-    window_log = LogWindow()
+    # FLOP/s in the metrics (issue #7): the student's and the live teachers' shapes; a cache costs no FLOPs.
+    live = [model_shape(x.model) for x in parts.teachers if x.model is not None]
+    runs = cfg.loss.alpha > 0 or cfg.loss.hidden.weight > 0  # else batch_loss never calls the teachers
+    window_log = LogWindow(model_shape(parts.student), live if runs else [])
 
     def run_step(window: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         return _optimizer_step(
@@ -186,14 +191,10 @@ def train(
 
     def save(step: int, epoch: int, window: int) -> Path:
         state = {"epoch": epoch, "window": window, "before": before, "micro_batch_size": backoff.micro}
-        path = out / "checkpoints" / f"step-{step:07d}"
-        if accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(student)
-            hidden = _named_projections(unwrapped, parts.teachers)
-            model, keep = unwrapped.model, t.save_total_limit
-            path = save_checkpoint(path.parent, step, model, optimizer, scheduler, state, keep, hidden)
-        accelerator.wait_for_everyone()  # no process may exit before the checkpoint is complete
-        return path
+        hidden = _named_projections(accelerator.unwrap_model(student), parts.teachers)
+        # Every process takes part (FSDP and DeepSpeed hold shards); only the main one writes files.
+        folder, keep = out / "checkpoints", t.save_total_limit
+        return save_checkpoint(folder, step, accelerator, student, optimizer, scheduler, state, keep, hidden)
 
     # SIGINT/SIGTERM: finish the step, checkpoint, exit (see signals.py); the bar closes on any exit.
     with StopSignals() as stop, bar:
@@ -236,10 +237,9 @@ def train(
     after = evaluate(step)
     monitor.check_quality(before, after)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(student)
-        hidden = _named_projections(unwrapped, parts.teachers)  # written beside the student, not in it
-        export_student(unwrapped.model, parts.tokenizer, out, cfg.student.merge, hidden)
+    # Every process calls it: the student's weights are gathered from all of them, the main one writes.
+    hidden = _named_projections(accelerator.unwrap_model(student), parts.teachers)  # saved beside it
+    export_student(accelerator, student, parts.tokenizer, out, cfg.student.merge, hidden)
     summary = RunSummary(
         str(out),
         step,
@@ -273,7 +273,7 @@ def _optimizer_step(
     trained = accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum").item()
     # DDP averages gradients over processes, so scale by their number to get a sum over all tokens / trained.
     scale = accelerator.num_processes / max(trained, 1)
-    totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "trained": local, "tokens": 0}
+    totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "trained": local, "tokens": 0, "pairs": 0}
     for i, batch in enumerate(window):
         last = i == len(window) - 1
         sync = contextlib.nullcontext() if last else accelerator.no_sync(student)
@@ -294,6 +294,7 @@ def _optimizer_step(
             for teacher, part in zip(teachers, each):
                 totals[f"hidden/{teacher.name}"] = totals.get(f"hidden/{teacher.name}", 0.0) + part
         totals["tokens"] += int(batch["attention_mask"].sum())
+        totals["pairs"] += attention_pairs(batch["attention_mask"])  # for flops_per_s (train/flops.py)
     if max_grad_norm is not None:
         totals["grad_norm"] = float(accelerator.clip_grad_norm_(student.parameters(), max_grad_norm))
     optimizer.step()
@@ -304,32 +305,6 @@ def _optimizer_step(
 def _named_projections(student: StudentHidden, teachers: list[Teacher]) -> list[tuple[str, Any]]:
     """Each teacher's name with its hidden-state projections; empty without loss.hidden."""
     return list(zip([t.name for t in teachers], student.projections))
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    # Norm weights and biases are not decayed (the usual transformer recipe).
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _flat_hparams(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """`{"training.learning_rate": 5e-05, ...}`: trackers such as TensorBoard take flat scalars only."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat_hparams(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value if isinstance(value, int | float | str | bool) else str(value)
-    return flat
-
-
-def _mixed_precision(name: str) -> str:
-    if name != "auto":
-        return name
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def _divergence_kwargs(cfg: RunConfig) -> dict[str, float]:

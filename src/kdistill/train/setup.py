@@ -25,11 +25,11 @@ from kdistill.losses.hidden import (
     resolve_layer_pairs,
 )
 from kdistill.models.build import build_student, keep_indices, load_teacher, student_source, teacher_source
-from kdistill.models.loading import load_config_only, load_tokenizer
-from kdistill.models.vocab import known_mismatch, shared_vocab_size
+from kdistill.models.loading import hub_reachable, load_config_only
 from kdistill.teacher.cache_format import header_mismatch, load_manifest
 from kdistill.train.forward import Teacher
 from kdistill.train.teachers import build_teachers, cache_header, load_live_teachers
+from kdistill.train.vocabs import Vocabularies, check_cross_options, check_vocabularies, known_alignment
 
 log = logging.getLogger("kdistill")
 
@@ -42,6 +42,7 @@ class Components:
     data: DataSplits
     vocab_size: int
     projections: list[HiddenProjections] = field(default_factory=list)  # per teacher, with loss.hidden
+    teacher_pads: dict[str, int] = field(default_factory=dict)  # pad ids of teachers of another tokenizer
 
     @property
     def teacher(self) -> Any:
@@ -52,7 +53,8 @@ class Components:
 def build_components(cfg: RunConfig, device: torch.device, config_path: str = "CONFIG") -> Components:
     """Load tokenizers, check the vocabularies, then the models, the data and any teacher caches."""
     check_hidden_teachers(cfg)  # before anything loads: it needs no model to fail
-    tokenizer, vocab_size = check_models(cfg)
+    vocabs = check_vocabularies(cfg)
+    tokenizer, vocab_size = vocabs.tokenizer, vocabs.width
     live = load_live_teachers(cfg, device)
     first_name, first = cfg.teacher_list()[0]
     base = live.get(first_name)
@@ -65,14 +67,20 @@ def build_components(cfg: RunConfig, device: torch.device, config_path: str = "C
         base = load_teacher(first, device)  # only to copy its layers; the cache teaches
     student = build_student(cfg.student, base, device)
     del base
-    data = load_data(cfg, tokenizer, live.get(first_name))
-    teachers = build_teachers(cfg, live, tokenizer, data, vocab_size, config_path)
+    data = load_data(cfg, tokenizer, live.get(first_name), vocabs.cross)
+    teachers = build_teachers(cfg, live, vocabs, data, config_path)
     projections = build_projections(cfg, live, student, device)
-    return Components(teachers, student, tokenizer, data, vocab_size, projections)
+    pads = {name: tok.pad_token_id for name, tok in vocabs.cross.items()}
+    return Components(teachers, student, tokenizer, data, vocab_size, projections, pads)
 
 
-def load_data(cfg: RunConfig, tokenizer: Any, teacher: Any | None) -> DataSplits:
-    """The tokenized splits; with `data.responses: teacher` the (live) first teacher writes responses."""
+def load_data(
+    cfg: RunConfig, tokenizer: Any, teacher: Any | None, cross: dict[str, Any] | None = None
+) -> DataSplits:
+    """The tokenized splits; with `data.responses: teacher` the (live) first teacher writes responses.
+
+    `cross` names the teachers with another tokenizer (name -> tokenizer): rows get their views.
+    """
     respond = None
     if cfg.data.responses == "teacher":
         if teacher is None:
@@ -90,7 +98,7 @@ def load_data(cfg: RunConfig, tokenizer: Any, teacher: Any | None) -> DataSplits
                 batch_size=cfg.data.generation.batch_size,
             )
 
-    data = build_datasets(cfg.data, tokenizer, cfg.training.seed, respond)
+    data = build_datasets(cfg.data, tokenizer, cfg.training.seed, respond, cross)
     log.info(
         "data: %d training and %d validation rows (%s format), %d dropped for length",
         len(data.train),
@@ -102,44 +110,9 @@ def load_data(cfg: RunConfig, tokenizer: Any, teacher: Any | None) -> DataSplits
 
 
 def check_models(cfg: RunConfig) -> tuple[Any, int]:
-    """The student's tokenizer and the shared logit width; errors if a model cannot be found or differs.
-
-    Every teacher with a model is checked against the student; a cache-only teacher is checked
-    when its cache is opened (its manifest records the tokenizer).
-    """
-    named = [(name, t) for name, t in cfg.teacher_list() if t.model is not None]
-    if cfg.student.model is None and not named:
-        raise KdistillError("student.from_teacher needs the teacher's model; give teacher.model")
-    for _, teacher in named:  # known pairs fail here, before anything is downloaded
-        known = known_mismatch(teacher.model, cfg.student.model or named[0][1].model)
-        if known:
-            raise KdistillError(known)
-    if cfg.student.model is not None:
-        s_source = student_source(cfg.student)
-        s_tok, s_width = load_tokenizer(s_source), _logit_width(load_config_only(s_source))
-    else:  # from_teacher: the first teacher's tokenizer and head
-        s_source = teacher_source(named[0][1])
-        s_tok, s_width = load_tokenizer(s_source), _logit_width(load_config_only(s_source))
-    width = s_width
-    for name, teacher in named:
-        student_name = cfg.student.model or named[0][1].model
-        t_source = teacher_source(teacher)
-        t_tok, t_width = load_tokenizer(t_source), _logit_width(load_config_only(t_source))
-        try:
-            width = min(width, shared_vocab_size(teacher.model, t_tok, t_width, student_name, s_tok, s_width))
-        except KdistillError as err:
-            if len(cfg.teacher_list()) == 1:
-                raise
-            raise KdistillError(
-                f"teacher {name!r}: {err}. Several teachers must share the student's tokenizer until "
-                "cross-tokenizer distillation is supported"
-            ) from None
-    return s_tok, width
-
-
-def _logit_width(config: Any) -> int:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text.vocab_size)
+    """The student's tokenizer and the logit width shared with same-vocabulary teachers."""
+    vocabs = check_vocabularies(cfg)
+    return vocabs.tokenizer, vocabs.width
 
 
 def _shape(config: Any) -> tuple[int, int]:
@@ -210,10 +183,49 @@ def hidden_lines(cfg: RunConfig) -> list[str]:
 
 
 def validate_run(cfg: RunConfig) -> list[str]:
-    """What `kdistill validate` reports: checks that need no model weights and no training."""
+    """What `kdistill validate` reports: checks that need no model weights and no training.
+
+    Without access to the hub, a config naming hub models kdistill knows (such as the seed recipe's)
+    is still checked: its keys, and from kdistill's table of known models, whether and how the
+    vocabularies are aligned. The lines say what could not be loaded.
+    """
     check_hidden_teachers(cfg)
-    tokenizer, width = check_models(cfg)
-    data = build_datasets(cfg.data.model_copy(update={"responses": "dataset"}), tokenizer, cfg.training.seed)
+    try:
+        vocabs = check_vocabularies(cfg)
+    except KdistillError as err:
+        known = known_alignment(cfg)
+        if hub_reachable() or not known:
+            raise
+        check_cross_options(cfg, [name for name, line in known.items() if "loss.alignment" in line])
+        return [
+            *_config_lines(cfg, None),
+            *known.values(),
+            f"not checked here, as the hub cannot be reached: {err}",
+        ]
+    tokenizer = vocabs.tokenizer
+    data = build_datasets(
+        cfg.data.model_copy(update={"responses": "dataset"}), tokenizer, cfg.training.seed, None, vocabs.cross
+    )
+    lines = _config_lines(cfg, vocabs.width)
+    lines.append(
+        f"data: {len(data.train)} training and {len(data.validation)} validation rows, format {data.format}, "
+        f"{data.dropped} dropped for length"
+    )
+    lines += alignment_lines(cfg, vocabs, data)
+    if cfg.loss.hidden.weight > 0:
+        lines += hidden_lines(cfg)
+    if cfg.data.responses == "teacher":
+        lines.append("responses: generated by the teacher at the start of training (cached)")
+    lines += [
+        f"teacher {name}: {cache_status(cfg, t, vocabs, data, name)}"
+        for name, t in cfg.teacher_list()
+        if t.cache
+    ]
+    return lines
+
+
+def _config_lines(cfg: RunConfig, width: int | None) -> list[str]:
+    """The teachers, the student and the loss as the config states them (`width`: shared logits)."""
     hidden = cfg.loss.hidden
     lines = [
         f"teacher {name}: {t.model or 'cache only'}"
@@ -221,37 +233,52 @@ def validate_run(cfg: RunConfig) -> list[str]:
         + f", weight {t.weight:g}, quantization {t.quantization}"
         for name, t in cfg.teacher_list()
     ]
-    lines += [
-        f"logits: {width:,} shared tokens; several teachers combine by {cfg.loss.multi_teacher}"
-        if cfg.teachers and len(cfg.teachers) > 1
-        else f"logits: {width:,}",
+    if width is not None:
+        several = cfg.teachers and len(cfg.teachers) > 1
+        lines.append(
+            f"logits: {width:,} shared tokens; several teachers combine by {cfg.loss.multi_teacher}"
+            if several
+            else f"logits: {width:,}"
+        )
+    return lines + [
         f"student: {cfg.student.model or f'from_teacher, {cfg.student.from_teacher.num_layers} layers'} "
         f"({cfg.student.finetune})",
-        f"data: {len(data.train)} training and {len(data.validation)} validation rows, format {data.format}, "
-        f"{data.dropped} dropped for length",
         f"loss: {cfg.loss.alpha} * {cfg.loss.divergence} * T^2 + {1 - cfg.loss.alpha:g} * CE"
         + (f" + {hidden.weight:g} * hidden ({hidden.distance})" if hidden.weight > 0 else "")
         + f", T = {cfg.loss.temperature}",
     ]
-    if hidden.weight > 0:
-        lines += hidden_lines(cfg)
-    if cfg.data.responses == "teacher":
-        lines.append("responses: generated by the teacher at the start of training (cached)")
-    lines += [
-        f"teacher {name}: {cache_status(cfg, t, tokenizer, data, width)}"
-        for name, t in cfg.teacher_list()
-        if t.cache
-    ]
+
+
+def alignment_lines(cfg: RunConfig, vocabs: Vocabularies, data: DataSplits) -> list[str]:
+    """Per teacher of another tokenizer: the alignment used and how much of the data it covers."""
+    lines = []
+    for name, tok in vocabs.cross.items():
+        views = [row.views[name] for row in data.train if row.views]
+        pairs = sum(len(v.student_pos) for v in views)
+        single = sum(sum(v.one_to_one) for v in views)
+        trained = sum(sum(label != -100 for label in row.labels[1:]) for row in data.train)
+        mapping = vocabs.mapping(name)
+        how = (
+            "mapped KL on one-to-one segments, ULD elsewhere"
+            if cfg.loss.alignment == "span"
+            else "ULD everywhere"
+        )
+        lines.append(
+            f"teacher {name}: another tokenizer ({len(tok):,} tokens against the student's "
+            f"{len(vocabs.tokenizer):,}); loss.alignment {cfg.loss.alignment}: {how}; "
+            f"{len(mapping):,} teacher tokens map to student tokens; {pairs:,} aligned pairs for "
+            f"{trained:,} trained student tokens ({single / max(pairs, 1):.0%} one-to-one)"
+        )
     return lines
 
 
-def cache_status(cfg: RunConfig, teacher: Any, tokenizer: Any, data: DataSplits, width: int) -> str:
+def cache_status(cfg: RunConfig, teacher: Any, vocabs: Vocabularies, data: DataSplits, name: str) -> str:
     """One line on a teacher's cache: ready, not built, incomplete, or built for something else."""
     manifest = load_manifest(Path(teacher.cache))
     if manifest is None:
         return f"cache {teacher.cache} not built yet; run `kdistill cache` with this config"
     problem = header_mismatch(
-        Path(teacher.cache), manifest["header"], cache_header(cfg, teacher, tokenizer, data, width)
+        Path(teacher.cache), manifest["header"], cache_header(cfg, teacher, vocabs, data, name)
     )
     if problem:
         return f"{problem}; rebuild it with `kdistill cache`"

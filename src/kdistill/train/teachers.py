@@ -13,11 +13,13 @@ from torch import nn
 
 from kdistill.config import RunConfig, TeacherConfig
 from kdistill.data import Collator, DataSplits
+from kdistill.data.cross import TeacherView
 from kdistill.errors import KdistillError
 from kdistill.models.build import load_teacher, teacher_source
-from kdistill.teacher.cache import CacheSpec, TeacherCache, build_cache
+from kdistill.teacher.cache import CacheSpec, TeacherCache, build_cache, save_vocab_map
 from kdistill.teacher.cache_format import rows_fingerprint, tokenizer_fingerprint
 from kdistill.train.forward import Teacher, teacher_signal
+from kdistill.train.vocabs import Vocabularies, check_cross_options, check_vocabularies
 
 
 def cache_command(config_path: str) -> str:
@@ -25,10 +27,19 @@ def cache_command(config_path: str) -> str:
 
 
 def cache_header(
-    cfg: RunConfig, teacher: TeacherConfig | None, tokenizer: Any, data: DataSplits, vocab_size: int
+    cfg: RunConfig,
+    teacher: TeacherConfig | None,
+    vocabs: Vocabularies,
+    data: DataSplits,
+    name: str | None = None,
 ) -> dict[str, Any]:
-    """What a cache records about how it was built, and what training checks it against."""
+    """What a cache records about how it was built, and what training checks it against.
+
+    A teacher of another tokenizer also records that tokenizer (`teacher_tokenizer`) and its own
+    logit width; the fingerprints stay those of the student's rows, which its stored alignment indexes.
+    """
     d = cfg.data
+    tokenizer, cross = vocabs.tokenizer, name in vocabs.cross
     settings = ("source", "split", "format", "validation_source", "validation_size", "max_rows", "responses")
     return {
         "teacher": None if teacher is None or teacher.model is None else teacher_source(teacher).identity,
@@ -43,7 +54,8 @@ def cache_header(
             "train": rows_fingerprint(data.train),
             "validation": rows_fingerprint(data.validation),
         },
-        "vocab_size": vocab_size,
+        "vocab_size": vocabs.cross_width[name] if cross else vocabs.width,
+        "teacher_tokenizer": tokenizer_fingerprint(vocabs.cross[name]) if cross else None,
     }
 
 
@@ -67,54 +79,94 @@ def load_live_teachers(cfg: RunConfig, device: torch.device) -> dict[str, nn.Mod
 def build_teachers(
     cfg: RunConfig,
     live: dict[str, nn.Module],
-    tokenizer: Any,
+    vocabs: Vocabularies,
     data: DataSplits,
-    vocab_size: int,
     config_path: str,
 ) -> list[Teacher]:
-    """The run's teachers with normalised weights; caches are opened and checked against the config."""
+    """The run's teachers with normalised weights; caches are opened and checked against the config.
+
+    A teacher of another tokenizer gets its vocabulary map: built from both tokenizers for a live
+    one, read from its cache (where `kdistill cache` stored it) for a cache-only one.
+    """
     named = cfg.teacher_list()
     total = sum(t.weight for _, t in named)
     teachers = []
     for name, t in named:
-        cache = None
+        cache, mapping = None, None
         if t.cache is not None:
-            wanted = cache_header(cfg, t, tokenizer, data, vocab_size)
+            wanted = cache_header(cfg, t, vocabs, data, name)
             cache = TeacherCache.open(t.cache, wanted, cache_command(config_path))
-        teachers.append(Teacher(name, t.weight / total, live.get(name), cache))
+            if cache.aligned:
+                mapping = cache.vocab_map()
+        if name in vocabs.cross:
+            mapping = vocabs.mapping(name)
+        if cache is not None and (mapping is not None) != cache.aligned:
+            built, now = ("another", "the same") if cache.aligned else ("the same", "another")
+            raise KdistillError(
+                f"teacher cache {t.cache} was built for a teacher with {built} tokenizer as the student's, "
+                f"but teacher {name!r} now has {now} one; rebuild it with `{cache_command(config_path)}`"
+            )
+        teachers.append(Teacher(name, t.weight / total, live.get(name), cache, mapping))
+    check_cross_options(cfg, [t.name for t in teachers if t.mapping is not None])
     return teachers
 
 
 def cache_teachers(cfg: RunConfig, device: torch.device) -> list[tuple[str, dict[str, Any]]]:
     """`kdistill cache`: run every teacher that has both a model and a cache folder over the data."""
-    from kdistill.train.setup import check_models, load_data  # setup imports this module
+    from kdistill.train.setup import load_data  # setup imports this module
 
     todo = [(name, t) for name, t in cfg.teacher_list() if t.cache is not None and t.model is not None]
     if not todo:
         raise KdistillError(
             "no teacher has both `model` and `cache`: set teacher.cache to the folder the cache is written to"
         )
-    tokenizer, vocab_size = check_models(cfg)
+    vocabs = check_vocabularies(cfg)
     spec = cache_spec(cfg)
-    if spec.tail_samples and spec.top_k >= vocab_size:
-        raise KdistillError(
-            f"cache.top_k={spec.top_k} keeps the whole {vocab_size}-token vocabulary; "
-            "set cache.tail_samples=0"
-        )
-    collate = Collator(tokenizer.pad_token_id)
     data, written = None, []
     for name, t in todo:
+        width = vocabs.cross_width.get(name, vocabs.width)
+        if spec.tail_samples and spec.top_k >= width:
+            raise KdistillError(
+                f"cache.top_k={spec.top_k} keeps the whole {width}-token vocabulary; set cache.tail_samples=0"
+            )
         model = load_teacher(t, device)
-        data = data or load_data(cfg, tokenizer, model)
-        header = cache_header(cfg, t, tokenizer, data, vocab_size)
+        data = data or load_data(cfg, vocabs.tokenizer, model, vocabs.cross)
+        header = cache_header(cfg, t, vocabs, data, name)
 
-        def forward(batch: dict[str, torch.Tensor], mask: torch.Tensor, model=model) -> torch.Tensor:
+        def forward(
+            batch: dict[str, torch.Tensor], mask: torch.Tensor, model=model, width=width
+        ) -> torch.Tensor:
             batch = {k: v.to(device) for k, v in batch.items()}
-            signal = teacher_signal(model, batch, mask.to(device), vocab_size)
+            signal = teacher_signal(model, batch, mask.to(device), width)
             return signal.rows(0, signal.hidden.shape[0])
 
-        splits = {"train": data.train, "validation": data.validation}
-        manifest = build_cache(Path(t.cache), forward, splits, header, spec, collate, vocab_size)
+        folder = Path(t.cache)
+        if name in vocabs.cross:  # the teacher reads its own tokens; the alignment is stored with it
+            splits = {
+                "train": [r.views[name] for r in data.train],
+                "validation": [r.views[name] for r in data.validation],
+            }
+            collate = _view_collator(vocabs.cross[name].pad_token_id)
+            folder.mkdir(parents=True, exist_ok=True)
+            save_vocab_map(folder, vocabs.mapping(name))
+            extras = _alignment_of
+        else:
+            splits = {"train": data.train, "validation": data.validation}
+            collate, extras = Collator(vocabs.tokenizer.pad_token_id), None
+        manifest = build_cache(folder, forward, splits, header, spec, collate, width, extras)
         written.append((name, manifest))
         del model
     return written
+
+
+def _view_collator(pad_token_id: int) -> Any:
+    collator = Collator(pad_token_id)
+    return lambda views: collator.pad([v.as_row(-1) for v in views], pad_token_id)
+
+
+def _alignment_of(view: TeacherView) -> dict[str, torch.Tensor]:
+    """What a cache stores per compared pair besides the teacher's outputs: the student's side."""
+    return {
+        "student_pos": torch.tensor(view.student_pos, dtype=torch.int32),
+        "one_to_one": torch.tensor(view.one_to_one, dtype=torch.uint8),
+    }

@@ -1,0 +1,122 @@
+"""Which teachers share the student's vocabulary, and how the others are aligned to it.
+
+A teacher whose tokenizer maps every token to the same id as the student's is compared logit by
+logit over the shared width. Any other teacher is distilled across tokenizers (`loss.alignment`):
+both tokenizers read the same text, positions are aligned through character offsets
+(`data.cross`), and distributions are compared through a map between the vocabularies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kdistill.config import RunConfig
+from kdistill.errors import KdistillError
+from kdistill.losses.vocab_map import VocabMap, build_vocab_map
+from kdistill.models.build import student_source, teacher_source
+from kdistill.models.loading import load_config_only, load_tokenizer
+from kdistill.models.vocab import KNOWN_VOCABULARIES, shared_vocab_size
+
+
+@dataclass
+class Vocabularies:
+    """The student's tokenizer, the logit width it shares with same-vocabulary teachers, and the rest.
+
+    Attributes:
+        tokenizer: the student's tokenizer.
+        width: logits compared token by token (the student's own width without such a teacher).
+        cross: teacher name -> tokenizer, for each live-model teacher with another vocabulary.
+        cross_width: teacher name -> that teacher's logit width.
+    """
+
+    tokenizer: Any
+    width: int
+    cross: dict[str, Any] = field(default_factory=dict)
+    cross_width: dict[str, int] = field(default_factory=dict)
+
+    def mapping(self, name: str) -> VocabMap:
+        """The vocabulary map of teacher `name` to the student (built on first use: it takes seconds)."""
+        if name not in self._maps:
+            self._maps[name] = build_vocab_map(self.cross[name], self.tokenizer)
+        return self._maps[name]
+
+    def __post_init__(self) -> None:
+        self._maps: dict[str, VocabMap] = {}
+
+
+def check_vocabularies(cfg: RunConfig) -> Vocabularies:
+    """Load the tokenizers and model configs, sort teachers into same- and cross-vocabulary ones.
+
+    A cache-only teacher is sorted when its cache is opened (its manifest records its tokenizer).
+    """
+    named = [(name, t) for name, t in cfg.teacher_list() if t.model is not None]
+    if cfg.student.model is None and not named:
+        raise KdistillError("student.from_teacher needs the teacher's model; give teacher.model")
+    s_source = student_source(cfg.student) if cfg.student.model is not None else teacher_source(named[0][1])
+    s_tok, s_width = load_tokenizer(s_source), _logit_width(load_config_only(s_source))
+    student_name = cfg.student.model or named[0][1].model
+    vocabs = Vocabularies(s_tok, s_width)
+    for name, teacher in named:
+        source = teacher_source(teacher)
+        t_tok, t_width = load_tokenizer(source), _logit_width(load_config_only(source))
+        if t_tok.get_vocab() == s_tok.get_vocab():
+            vocabs.width = min(
+                vocabs.width, shared_vocab_size(teacher.model, t_tok, t_width, student_name, s_tok, s_width)
+            )
+            continue
+        for role, tok in (("teacher " + repr(name), t_tok), ("student", s_tok)):
+            if not getattr(tok, "is_fast", False):
+                raise KdistillError(
+                    f"teacher {name!r} uses another tokenizer than the student, and the {role} tokenizer "
+                    f"({type(tok).__name__}) is not a fast one: aligning tokenizers needs character offsets, "
+                    "which only fast tokenizers (tokenizer.json) give"
+                )
+        vocabs.cross[name], vocabs.cross_width[name] = t_tok, t_width
+    check_cross_options(cfg, list(vocabs.cross))
+    return vocabs
+
+
+def check_cross_options(cfg: RunConfig, cross: list[str]) -> None:
+    """Options that cannot work with a teacher of another tokenizer, refused with the reason."""
+    if not cross:
+        return
+    if cfg.loss.multi_teacher == "mixture" and len(cfg.teacher_list()) > 1:
+        raise KdistillError(
+            f"loss.multi_teacher: mixture averages the teachers' distributions over one vocabulary, but "
+            f"teacher {cross[0]!r} uses another tokenizer than the student; use loss.multi_teacher: sum"
+        )
+    if cfg.loss.hidden.weight > 0:
+        raise KdistillError(
+            f"loss.hidden pairs the teacher's and the student's states position by position, but teacher "
+            f"{cross[0]!r} uses another tokenizer than the student (its positions differ); set "
+            "loss.hidden.weight: 0 or use a teacher of the student's tokenizer"
+        )
+    if cfg.data.responses == "teacher":
+        raise KdistillError(
+            "data.responses: teacher is not supported with a teacher of another tokenizer; use the dataset's "
+            "responses (data.responses: dataset)"
+        )
+
+
+def known_alignment(cfg: RunConfig) -> dict[str, str]:
+    """Well-known hub models: teacher name -> its alignment line, from kdistill's table (loads nothing)."""
+    student = cfg.student.model or cfg.teacher_list()[0][1].model
+    lines = {}
+    for name, teacher in cfg.teacher_list():
+        if teacher.model in KNOWN_VOCABULARIES and student in KNOWN_VOCABULARIES:
+            (t_size, t_family), (s_size, s_family) = (
+                KNOWN_VOCABULARIES[teacher.model],
+                KNOWN_VOCABULARIES[student],
+            )
+            how = "same tokenizer"
+            if t_family != s_family:
+                sizes = f"{t_family}, {t_size:,} tokens -> {s_family}, {s_size:,}"
+                how = f"loss.alignment {cfg.loss.alignment}: {sizes}"
+            lines[name] = f"teacher {name}: {how} (from kdistill's table of known models)"
+    return lines
+
+
+def _logit_width(config: Any) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.vocab_size)
