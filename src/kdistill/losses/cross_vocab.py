@@ -19,7 +19,7 @@ from torch import Tensor
 from kdistill.errors import KdistillError
 from kdistill.losses.divergences import DIVERGENCES
 from kdistill.losses.vocab_map import VocabMap
-from kdistill.teacher.signal import Sparse
+from kdistill.teacher.signal import Sparse, _log1mexp
 
 
 def _other_mass(log_probs: Tensor, exclude: Tensor) -> Tensor:
@@ -47,15 +47,27 @@ def _group_logsumexp(log_probs: Tensor, column: Tensor, width: int) -> Tensor:
 
 
 def _project_dense(student: Tensor, teacher: Tensor, mapping: VocabMap) -> tuple[Tensor, Tensor]:
-    """Both sides over the mapped student ids (the map's image, ``M'``) plus one "other" bucket."""
-    table = mapping.lookup(teacher.shape[-1], teacher.device)
-    t_ids = torch.nonzero(table >= 0).squeeze(-1)
-    image, column = torch.unique(table[t_ids], return_inverse=True)
+    """Both sides over the mapped student ids (the map's image, ``M'``) plus one "other" bucket.
+
+    Each "other" is ``log(1 - mapped mass)``, from the mapped columns only: with a 262k-token teacher
+    a gather of the unmapped columns would cost more than the rest of the loss.
+    """
+    t_ids, image, column = mapping.dense_plan(teacher.shape[-1], teacher.device)
     n = teacher.shape[0]
-    t_img = _group_logsumexp(teacher[:, t_ids], column.expand(n, -1), image.numel())
-    t_other = torch.logsumexp(teacher[:, table < 0], dim=-1, keepdim=True)
-    s_other = _other_mass(student, image.expand(n, -1))
-    return torch.cat([student[:, image], s_other], -1), torch.cat([t_img, t_other], -1)
+    t_mapped = teacher.index_select(1, t_ids)
+    t_img = _group_logsumexp(t_mapped, column.expand(n, -1), image.numel())
+    s_img = student.index_select(1, image)
+    return torch.cat([s_img, _rest(s_img)], -1), torch.cat([t_img, _rest(t_mapped)], -1)
+
+
+def _rest(log_probs: Tensor) -> Tensor:
+    """``(N, 1)`` log of the mass outside the ``(N, M)`` log-probs' columns, ``log(1 - sum p)``.
+
+    Stable through ``log1mexp``; rounding can put the kept mass a hair above 1, which is clamped to
+    leave the most negative float (nothing outside) rather than NaN.
+    """
+    kept = torch.logsumexp(log_probs, dim=-1, keepdim=True).clamp(max=-1e-7)
+    return _log1mexp(kept).clamp(min=torch.finfo(log_probs.dtype).min)
 
 
 def _project_sparse(
@@ -103,10 +115,12 @@ def mapped_log_probs(
         ``(student, teacher)`` log-probs, ``(N, M' + 1)`` for a dense teacher (``M'`` distinct mapped
         student ids), ``(N, k + 1)`` for a sparse one; empty outcomes hold the most negative float.
     """
-    student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    scaled = student_logits.float() if temperature == 1.0 else student_logits.float() / temperature
+    student = torch.log_softmax(scaled, dim=-1)
     if isinstance(teacher, Sparse):
         return _project_sparse(student, teacher, mapping, temperature)
-    return _project_dense(student, torch.log_softmax(teacher.float() / temperature, dim=-1), mapping)
+    scaled = teacher.float() if temperature == 1.0 else teacher.float() / temperature
+    return _project_dense(student, torch.log_softmax(scaled, dim=-1), mapping)
 
 
 def mapped_divergence(

@@ -23,7 +23,7 @@ import itertools
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -61,9 +61,25 @@ class VocabMap:
     student_ids: Tensor
     teacher_size: int
     student_size: int
+    _plans: dict = field(default_factory=dict, compare=False, repr=False)  # dense_plan's memo
 
     def __len__(self) -> int:
         return int(self.teacher_ids.numel())
+
+    def dense_plan(self, width: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """``(teacher_ids, image, column)`` for projecting ``(N, width)`` teacher rows, memoised.
+
+        ``teacher_ids`` ``(M,)`` are the mapped teacher ids below ``width``, ``image`` ``(M',)`` the
+        distinct student ids they map to (sorted) and ``column`` ``(M,)`` each one's index in
+        ``image``. Computed once per width and device: a loss calls it for every chunk.
+        """
+        key = (width, str(device))
+        if key not in self._plans:
+            table = self.lookup(width, device)
+            t_ids = torch.nonzero(table >= 0).squeeze(-1)
+            image, column = torch.unique(table[t_ids], return_inverse=True)
+            self._plans[key] = (t_ids, image, column)
+        return self._plans[key]
 
     def lookup(self, width: int | None = None, device: torch.device | str | None = None) -> Tensor:
         """``(width,)`` int64 student id of each teacher id, -1 where unmapped (width defaults to ``Vt``)."""
