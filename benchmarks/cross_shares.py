@@ -35,7 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=100, help="Dolly validation rows (default 100)")
     parser.add_argument("--top-k", type=int, default=48)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -43,7 +45,7 @@ def main() -> None:
     started = time.perf_counter()
     cfg = load_config(ROOT / "configs" / "cross-tokenizer.yaml", [f"data.max_rows={args.rows}"])
     vocabs = check_vocabularies(cfg)
-    (name, tokenizer), = vocabs.cross.items()
+    ((name, tokenizer),) = vocabs.cross.items()
     data = load_data(cfg, vocabs.tokenizer, None, vocabs.cross)
     rows = data.validation[: args.rows]
     teacher = load_live_teachers(cfg, torch.device("cpu"))[name]

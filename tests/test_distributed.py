@@ -17,6 +17,7 @@ torch's FSDP2 itself runs on gloo, so the FSDP test starts `kdistill` through a 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -49,12 +50,21 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _launch(args: list[str], *target: str) -> subprocess.CompletedProcess:
-    """`accelerate launch` two CPU processes (gloo) with the given launch `args` on `target`."""
+def _launch(args: list[str], *target: str, deepspeed: bool = False) -> subprocess.CompletedProcess:
+    """`accelerate launch` two CPU processes (gloo) with the given launch `args` on `target`.
+
+    `deepspeed` leaves out ACCELERATE_USE_CPU, with which accelerate never selects DeepSpeed, and
+    puts DeepSpeed on its CPU accelerator.
+    """
     launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     if launcher is None:
         pytest.skip("the `accelerate` command is not installed next to this Python")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if deepspeed:
+        env.pop("ACCELERATE_USE_CPU", None)
+        env["DS_ACCELERATOR"] = "cpu"
+    else:
+        env["ACCELERATE_USE_CPU"] = "true"
     command = [launcher, "launch", *args, "--num_processes", "2", "--num_machines", "1"]
     command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
     done = subprocess.run([*command, *target], env=env, capture_output=True, text=True, timeout=300)
@@ -200,6 +210,71 @@ def test_fsdp_lora_student_with_hidden_projections_exports_whole(tmp_path: Path,
     assert not any("lora" in name for name in merged.state_dict())
     fsdp_weights = tmp_path / "pair" / "checkpoints" / "step-0000004" / "pytorch_model_fsdp.bin"
     assert fsdp_weights.is_file()  # FSDP ran, not DDP
+
+
+_GLOO_DEEPSPEED = """
+import sys
+from accelerate import PartialState
+
+PartialState(backend="gloo")  # before kdistill's Accelerator, which then shares this state
+from kdistill.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+LORA = {
+    "student": {"finetune": "lora", "merge": True, "lora": {"lora_dropout": 0.0}},
+    "loss": {"hidden": {"weight": 0.5}},
+}
+
+
+@pytest.mark.slow  # two runs, one of them two fresh processes starting DeepSpeed: about 40 s on 2 busy cores
+@pytest.mark.parametrize(
+    ("name", "sections"),
+    [("deepspeed-zero2", {}), ("deepspeed-zero3", {}), ("deepspeed-zero3", LORA)],
+    ids=["zero2", "zero3", "zero3-lora"],
+)
+def test_deepspeed_matches_one_process(tmp_path: Path, tiny: dict, name: str, sections: dict) -> None:
+    """DeepSpeed ZeRO-2/3 on two CPU processes (gloo): the same losses, a whole exported student.
+
+    DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu) talks over gloo when oneCCL is not installed.
+    accelerate picks no backend for GPU-less processes unless told (and with ACCELERATE_USE_CPU it
+    never selects DeepSpeed), so a few lines (`_GLOO_DEEPSPEED`) set up its state on gloo first.
+    """
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (`DS_BUILD_OPS=0 pip install deepspeed` is enough on CPU)")
+    pair = write_config(
+        tmp_path / "pair.yaml", tiny_config(tiny, tmp_path / "pair", training=TRAINING, **sections)
+    )
+    single = tiny_config(
+        tiny, tmp_path / "single", training={**TRAINING, "gradient_accumulation_steps": 2}, **sections
+    )
+    assert main(["train", str(write_config(tmp_path / "single.yaml", single))]) == 0
+    script = tmp_path / "deepspeed_on_gloo.py"
+    script.write_text(_GLOO_DEEPSPEED)
+    done = _launch(
+        ["--config_file", str(CONFIGS / f"{name}.yaml")], str(script), "train", str(pair), deepspeed=True
+    )
+
+    _assert_same_losses(tmp_path / "single", tmp_path / "pair")
+    assert done.stderr.count("data: 40 training and 8 validation rows") == 1
+    # DeepSpeed ran on both processes: its checkpoint holds one optimizer shard per process.
+    shards = tmp_path / "pair" / "checkpoints" / "step-0000004" / "pytorch_model"
+    assert sorted(p.name for p in shards.glob("zero_pp_rank_*_optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
+    lora = bool(sections)
+    whole = Path("merged") if lora else Path()
+    names = ["adapter_model.safetensors", "hidden_projections.safetensors"] if lora else []
+    for file in [*names, str(whole / "model.safetensors")]:
+        _assert_same_weights(tmp_path / "single" / file, tmp_path / "pair" / file)
+    # The exported student is whole (ZeRO-3 gathered it, not rank 0's partition): it loads, head tied.
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pair" / whole)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert not any("lora" in key for key in loaded.state_dict())
+    for key, value in load_file(tmp_path / "single" / whole / "model.safetensors").items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=1e-4, msg=key)
 
 
 @pytest.mark.parametrize(

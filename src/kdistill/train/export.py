@@ -13,6 +13,7 @@ from torch import nn
 
 from kdistill.losses.hidden import HiddenProjections
 from kdistill.train.checkpoint import copy_projections, is_sharded, save_hidden, under
+from kdistill.train.prepare import whole_models
 
 
 def export_student(
@@ -35,9 +36,12 @@ def export_student(
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(student).model
         copies = [(n, copy_projections(p, full, f"projections.{i}.")) for i, (n, p) in enumerate(projections)]
-        _write_student(
-            model, under(full, "model."), tokenizer, output_dir, merge, copies, is_sharded(accelerator)
-        )
+        # Outside ZeRO-3's load-time partitioning: a merged LoRA student is built anew from the
+        # gathered weights here, on this process alone; under `deepspeed.zero.Init` that model would
+        # be partitioned with collectives the other processes never join, and the run would hang.
+        with whole_models(accelerator):
+            sharded = is_sharded(accelerator)
+            _write_student(model, under(full, "model."), tokenizer, output_dir, merge, copies, sharded)
     accelerator.wait_for_everyone()
 
 

@@ -255,6 +255,7 @@ def train(
         from kdistill.eval.report import report_after_training
 
         report_after_training(out)  # report.md / report.html: config, loss curves, tables
+    accelerator.wait_for_everyone()  # no process may tear down the process group while the main one writes
     accelerator.end_training()
     return summary
 

@@ -51,7 +51,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # No empty group (a LoRA student has no trainable norm or bias): DeepSpeed drops empty groups from
+    # the optimizer, and the scheduler, built before, would then step one group too many and fail.
+    return [group for group in groups if group["params"]]
 
 
 def flat_hparams(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
