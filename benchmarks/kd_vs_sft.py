@@ -15,13 +15,19 @@ first `--bench-limit` items of ARC-Easy, PIQA and HellaSwag through lm-evaluatio
 `kept` is the student's mean benchmark accuracy (acc_norm) as a share of the teacher's; `kept above
 chance` measures both from the chance level (25 %, 50 %, 25 %), so a student at chance keeps 0.
 
-Time on 2 idle cores with the defaults, from the measured speeds of ../shared/data/README.md
-(teacher forward about 220 tokens/s, a 10-layer student trains at about 115 tokens/s; the
-benchmarks are about 187k scored tokens per model): training about 12 min (60 steps of 8 rows,
-KD about 1.8 times the SFT time), held-out metrics and generations about 5 min, benchmarks about
-25-34 min (teacher about a third of that): 40-50 min in all. `--reuse OLD.json` takes the teacher's
-and the untrained student's rows from an earlier run with the same evaluation settings, which
-saves about 15 min for each further lever tried.
+Time on 2 idle cores with the defaults: training about 12 min (60 steps of 8 rows, KD about 1.8
+times the SFT time; from ../shared/data/README.md's 115 tokens/s), held-out metrics and generations
+about 5 min, benchmarks about 11-19 min: 30-36 min in all. The benchmarks are 5,000 lm-eval
+requests a model, 177k padded input tokens of which 59k are scored. Measured with one thread on
+this machine (a matmul at about 88 GFLOP/s): the teacher scores about 410 padded tokens/s, the
+10-layer student about 950, plus about 12 % for lm-eval's own work, so about 8 min for the teacher
+and 3.5 min for each student; two threads on idle cores take that down by up to 1.6 times.
+`--reuse OLD.json` takes the teacher's and the untrained student's rows from an earlier run with the
+same evaluation settings, which saves about 10 min for each further lever tried.
+
+Run it on an idle machine: torch starts a thread per core, and while another process keeps the
+cores busy, its forward passes run about 6 times slower (measured: 351 against 60 tokens/s), so
+the script warns when the load average says the cores are taken.
 """
 
 from __future__ import annotations
@@ -272,9 +278,19 @@ def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def warn_if_busy() -> None:
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 0.5 * cores:
+        log(
+            f"warning: load average {load:.1f} on {cores} cores; torch's threads ({torch.get_num_threads()}) "
+            "compete with that load, so the timings will not be those of an idle machine"
+        )
+
+
 def main() -> None:
     args = arguments()
     check_inputs()
+    warn_if_busy()
     info = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{platform.platform()}",

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kdistill.eval.harness import run_benchmarks
+from kdistill.eval.harness import continuation_lm, run_benchmarks
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'kdistill[eval]')")
 
@@ -81,3 +81,37 @@ def test_accuracies_match_a_log_likelihood_reference(tiny: dict, tmp_path: Path)
 
     limited = run_benchmarks(model, tokenizer, ["arc_easy"], tmp_path, limit=3)
     assert limited["arc_easy"]["n"] == 3 and limited["arc_easy"]["acc"] == 1.0
+
+
+def test_scoring_only_the_continuation_gives_lm_evals_own_loglikelihoods(
+    tiny: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lm_eval.models.huggingface import HFLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny["teacher"])
+    model = AutoModelForCausalLM.from_pretrained(tiny["teacher"]).eval()
+    # max_length 24 cuts the long context from the left; batches of 3 mix lengths and padding.
+    common = {"pretrained": model, "tokenizer": tokenizer, "batch_size": 3, "max_length": 24}
+    plain, fast = HFLM(**common), continuation_lm(HFLM)(**common)
+    pairs = [(q + "\nAnswer:", " " + c) for q, choices in QUESTIONS for c in choices]
+    pairs += [(c, " " + k) for contexts, k in WINO for c in contexts]
+    pairs += [("the cat", " a"), ("the cat", " the"), (" ".join(["the dog and the cat"] * 8), " sat.")]
+    requests = [((c, k), *plain._encode_pair(c, k)) for c, k in pairs]
+    # Token 0 is also the padding lm-eval appends: a continuation ending in it, and one whose input
+    # is another request's input plus a 0, must still be scored where lm-eval reads them.
+    pad = tokenizer.pad_token_id
+    assert pad == 0
+    requests += [(("", ""), [5, 6], [7]), (("", ""), [5, 6], [pad, 8]), (("", ""), [9, 5], [6, pad, pad])]
+    widths = []
+    call = fast._model_call
+
+    def spy(inps: torch.Tensor, *args: object) -> torch.Tensor:
+        logits = call(inps, *args)
+        widths.append((inps.shape[1], logits.shape[1]))
+        return logits
+
+    monkeypatch.setattr(fast, "_model_call", spy)
+    expected = plain._loglikelihood_tokens(requests, disable_tqdm=True)
+    got = fast._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert got == expected  # bit for bit: the same body, the same head rows
+    assert any(width < length for length, width in widths)  # the narrow path was taken
