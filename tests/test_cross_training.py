@@ -193,3 +193,24 @@ def test_aligned_loss_gradient_matches_unchunked(tiny: dict, sp_teacher: Path) -
     (grad_whole,) = torch.autograd.grad(whole, rows)
     assert float(chunked.detach()) == pytest.approx(float(whole.detach()), rel=1e-5)
     assert torch.allclose(grad, grad_whole, atol=1e-6)
+
+
+def test_eval_of_a_cross_tokenizer_run_uses_the_aligned_kl(
+    tiny: dict, sp_teacher: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'kdistill[eval]')")
+    training = {"max_steps": 4, "batch_size": 4}
+    config = _config(tiny, sp_teacher, tmp_path / "run", training=training)
+    assert main(["train", str(write_config(tmp_path / "run.yaml", config))]) == 0
+    run = tmp_path / "run"
+    args = ["--tasks", "none", "--rouge-rows", "2", "--max-new-tokens", "4", "--batch-size", "4"]
+    assert main(["eval", str(run), *args]) == 0
+    result = json.loads((run / "eval.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    held = result["held_out"]
+    # The same held-out rows and the same aligned loss as the training run's last evaluation.
+    assert held["student"]["kl"] == pytest.approx(summary["after"]["kl"], rel=1e-4)
+    assert held["student"]["ppl"] == pytest.approx(summary["after"]["ppl"], rel=1e-4)
+    assert "top1" not in held["student"] and held["teacher"]["ppl"] > 1  # the teacher on its own tokens
+    assert "ppl" not in result["kept"] and "rouge_l" in result["kept"]
+    assert held["tokenizers"].startswith("different")

@@ -22,6 +22,8 @@ __all__ = [
     "Tokenized",
     "build_datasets",
     "load_examples",
+    "tokenize_examples",
+    "tokenize_with_views",
 ]
 
 
@@ -62,8 +64,8 @@ def build_datasets(
     if respond is not None:
         train = respond(train)
     views = teacher_tokenizers or {}
-    train_tok, dropped_train = _tokenize(train, tokenizer, cfg.max_length, views)
-    val_tok, dropped_val = _tokenize(validation, tokenizer, cfg.max_length, views)
+    train_tok, dropped_train = tokenize_with_views(train, tokenizer, cfg.max_length, views)
+    val_tok, dropped_val = tokenize_with_views(validation, tokenizer, cfg.max_length, views)
     if not train_tok:
         raise KdistillError(
             f"{cfg.source}: no training row has a response token left within "
@@ -75,7 +77,7 @@ def build_datasets(
     return DataSplits(train_tok, val_tok, dropped_train + dropped_val, fmt)
 
 
-def _tokenize(
+def tokenize_with_views(
     examples: list[Example], tokenizer: Any, max_length: int, teachers: dict[str, Any]
 ) -> tuple[list[Tokenized], int]:
     """`tokenize_examples`, plus each row's view for every teacher of another tokenizer."""

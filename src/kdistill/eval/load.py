@@ -21,6 +21,7 @@ from kdistill.config import RunConfig, TeacherConfig, load_config
 from kdistill.data import Example, _split, load_examples
 from kdistill.errors import KdistillError
 from kdistill.losses import DEFAULT_CHUNK_SIZE
+from kdistill.losses.vocab_map import VocabMap, build_vocab_map
 from kdistill.models.build import build_student, load_teacher, pick_dtype
 from kdistill.models.loading import ModelSource, load_config_only, load_model, load_tokenizer, resolve
 from kdistill.models.vocab import shared_vocab_size
@@ -45,6 +46,9 @@ class EvalModels:
     validation_source: str | None = None
     max_length: int = 512
     chunk_size: int | None = DEFAULT_CHUNK_SIZE
+    teacher_tokenizer: Any | None = None  # the teacher's own; the student's when they share a vocabulary
+    mapping: VocabMap | None = None  # teacher -> student vocabulary map when they do not (loss.alignment)
+    alignment: str = "span"
 
 
 def run_folder(target: str | Path) -> Path | None:
@@ -80,9 +84,21 @@ def load_eval_models(
     _for_inference(student)
     # A run folder holds the student's tokenizer even when it holds only an adapter (no config.json).
     tokenizer = load_tokenizer(ModelSource(str(run_dir), str(run_dir)) if run_dir else resolve(target))
-    vocab = None
+    vocab, t_tok, mapping = None, None, None
     if teacher_model is not None:
-        vocab = _shared_width(teacher_cfg, student, tokenizer, str(target))
+        t_source = resolve(teacher_cfg.model, teacher_cfg.gguf_file, teacher_cfg.revision)
+        t_tok = load_tokenizer(t_source)
+        if t_tok.get_vocab() == tokenizer.get_vocab():
+            vocab = shared_vocab_size(
+                teacher_cfg.model,
+                t_tok,
+                _logit_width(load_config_only(t_source)),
+                str(target),
+                tokenizer,
+                _logit_width(student.config),
+            )
+        else:  # another tokenizer: compared through the alignment, as in training
+            mapping = build_vocab_map(t_tok, tokenizer)
     examples, source = _validation_examples(cfg, validation)
     return EvalModels(
         student=student,
@@ -96,6 +112,9 @@ def load_eval_models(
         validation_source=source,
         max_length=cfg.data.max_length if cfg else 512,
         chunk_size=cfg.loss.chunk_size if cfg else DEFAULT_CHUNK_SIZE,
+        teacher_tokenizer=t_tok,
+        mapping=mapping,
+        alignment=cfg.loss.alignment if cfg else "span",
     )
 
 
@@ -127,14 +146,6 @@ def _for_inference(model: Any) -> None:
     model.requires_grad_(False)
     # Training turns the KV cache off; generation needs it back.
     model.config.use_cache = True
-
-
-def _shared_width(teacher_cfg: TeacherConfig, student: Any, tokenizer: Any, student_name: str) -> int:
-    t_source = resolve(teacher_cfg.model, teacher_cfg.gguf_file, teacher_cfg.revision)
-    t_tok = load_tokenizer(t_source)
-    t_width = _logit_width(load_config_only(t_source))
-    s_width = _logit_width(student.config)
-    return shared_vocab_size(teacher_cfg.model, t_tok, t_width, student_name, tokenizer, s_width)
 
 
 def _logit_width(config: Any) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,8 +21,9 @@ from kdistill.data import Collator, Example, Tokenized
 from kdistill.data.responses import generate
 from kdistill.eval.quality import held_out_quality
 from kdistill.losses import DEFAULT_CHUNK_SIZE
+from kdistill.losses.vocab_map import VocabMap
 from kdistill.teacher.signal import Dense, DenseHidden
-from kdistill.train.forward import StudentHidden, output_head, trained_rows
+from kdistill.train.forward import StudentHidden, Teacher, output_head, trained_rows
 
 # Whether a larger value of a metric is better; `kept` turns each into "share of the teacher's".
 HIGHER_IS_BETTER = {"ppl": False, "ce": False, "kl": False, "top1": True, "rouge_l": True, "acc": True}
@@ -119,26 +121,36 @@ def held_out_metrics(
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     vocab_size: int | None = None,
     teacher_cache: dict[int, object] | None = None,
+    cross: CrossTeacher | None = None,
 ) -> dict[str, float]:
     """`{"ce", "ppl", "tokens"}` on the response tokens of `rows`, plus `"kl"` and `"top1"` with a teacher.
 
     `teacher_cache` keeps the teacher's outputs per batch, so several students evaluated on the same
     rows run the teacher once. Batches go through `held_out_quality` one at a time, so that top-1
     agreement reads each batch's hidden states and teacher outputs before the next batch replaces them.
+    With `cross` (a teacher of another tokenizer; `rows` then carry its views as "teacher"), `"kl"` is
+    the aligned KL of training and top-1 agreement, which needs one vocabulary, is not reported.
     """
     wrapped = _KeepHidden(student)
-    cache = {} if teacher_cache is None else teacher_cache
+    cache = {} if teacher_cache is None or cross is not None else teacher_cache
     head, bias = output_head(student, vocab_size)
+    if cross is not None and teacher is not None:
+        teacher = [Teacher("teacher", 1.0, model=teacher, mapping=cross.mapping)]
+    pads = {"teacher": cross.pad_id} if cross is not None else {}
     totals = {"ce": 0.0, "kl": 0.0, "top1": 0.0, "tokens": 0.0}
-    for index, batch in enumerate(_batches(rows, pad_id, batch_size)):
+    for index, batch in enumerate(_batches(rows, pad_id, batch_size, pads)):
         one = {0: cache[index]} if index in cache else {}  # held_out_quality's cache of one batch
-        result = held_out_quality(wrapped, teacher, [batch], chunk_size, vocab_size, one if teacher else None)
+        use_cache = one if teacher is not None and cross is None else None
+        alignment = cross.alignment if cross is not None else "span"
+        result = held_out_quality(
+            wrapped, teacher, [batch], chunk_size, vocab_size, use_cache, alignment=alignment
+        )
         if not result:
             continue
         for key in ("ce", "kl"):
             totals[key] += result.get(key, 0.0) * result["tokens"]  # per-token means back to sums
         totals["tokens"] += result["tokens"]
-        if teacher is not None:
+        if teacher is not None and cross is None:
             cache[index] = one[0]
             mask, _ = trained_rows(batch["labels"])
             totals["top1"] += top1_matches(wrapped.last[:, :-1][mask], head, bias, one[0], chunk_size)
@@ -147,14 +159,27 @@ def held_out_metrics(
     mean = {k: v / totals["tokens"] for k, v in totals.items() if k != "tokens"}
     # Perplexity capped at e^50 as held_out_quality caps it: an untrained student can overflow exp.
     metrics = {"ce": mean["ce"], "ppl": math.exp(min(mean["ce"], 50.0)), "tokens": totals["tokens"]}
-    return metrics | ({"kl": mean["kl"], "top1": mean["top1"]} if teacher is not None else {})
+    if teacher is None:
+        return metrics
+    return metrics | ({"kl": mean["kl"]} if cross is not None else {"kl": mean["kl"], "top1": mean["top1"]})
 
 
-def _batches(rows: list[Tokenized], pad_id: int, batch_size: int) -> list[dict[str, Tensor]]:
+@dataclass(frozen=True)
+class CrossTeacher:
+    """A teacher of another tokenizer in evaluation: its vocabulary map, pad id and `loss.alignment`."""
+
+    mapping: VocabMap
+    pad_id: int
+    alignment: str = "span"
+
+
+def _batches(
+    rows: list[Tokenized], pad_id: int, batch_size: int, teacher_pads: dict[str, int] | None = None
+) -> list[dict[str, Tensor]]:
     # Sorted by length, so each batch carries almost no padding; the order never changes between calls,
     # which is what lets `teacher_cache` match batches by index.
     ordered = sorted(rows, key=lambda row: len(row.input_ids))
-    collate = Collator(pad_id)
+    collate = Collator(pad_id, teacher_pads=teacher_pads or {})
     return [collate(ordered[i : i + batch_size]) for i in range(0, len(ordered), batch_size)]
 
 

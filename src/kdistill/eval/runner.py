@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdistill.data import tokenize_examples
+from kdistill.data import tokenize_examples, tokenize_with_views
 from kdistill.eval.harness import run_benchmarks
 from kdistill.eval.load import EvalModels
-from kdistill.eval.metrics import greedy_responses, held_out_metrics, kept, mean_rouge_l
+from kdistill.eval.metrics import CrossTeacher, greedy_responses, held_out_metrics, kept, mean_rouge_l
 from kdistill.files import write_atomic
 
 log = logging.getLogger("kdistill")
@@ -62,24 +62,34 @@ def evaluate(models: EvalModels, settings: EvalSettings) -> dict[str, Any]:
 
 def held_out_section(models: EvalModels, s: EvalSettings) -> tuple[dict[str, Any], list[dict[str, str]]]:
     examples = models.validation[: s.rows] if s.rows else models.validation
-    rows, dropped = tokenize_examples(examples, models.tokenizer, models.max_length)
+    t_tok = models.teacher_tokenizer or models.tokenizer
+    cross = None
+    if models.mapping is not None:  # another tokenizer: rows carry the teacher's aligned view, as in training
+        cross = CrossTeacher(models.mapping, t_tok.pad_token_id, models.alignment)
+    views = {"teacher": t_tok} if cross is not None else {}
+    rows, dropped = tokenize_with_views(examples, models.tokenizer, models.max_length, views)
     pad = models.tokenizer.pad_token_id
     common = {"batch_size": s.batch_size, "chunk_size": models.chunk_size, "vocab_size": models.vocab_size}
     log.info(
         "held-out: %d rows (%d dropped for length) from %s", len(rows), dropped, models.validation_source
     )
     section: dict[str, Any] = {"source": models.validation_source, "rows": len(rows)}
-    section["student"] = held_out_metrics(models.student, models.teacher, rows, pad, **common)
+    section["student"] = held_out_metrics(models.student, models.teacher, rows, pad, **common, cross=cross)
     if models.teacher is not None:
-        section["teacher"] = held_out_metrics(models.teacher, None, rows, pad, **common)
+        # The teacher on its own tokens (its own template): its perplexity is per teacher token.
+        own = rows if cross is None else tokenize_examples(examples, t_tok, models.max_length)[0]
+        section["teacher"] = held_out_metrics(models.teacher, None, own, t_tok.pad_token_id, **common)
     generated = models.validation[: s.rouge_rows]
     references = [e.response for e in generated]
     outputs = {"student": greedy_responses(models.student, models.tokenizer, generated, s.max_new_tokens)}
     if models.teacher is not None:
-        outputs["teacher"] = greedy_responses(models.teacher, models.tokenizer, generated, s.max_new_tokens)
+        outputs["teacher"] = greedy_responses(models.teacher, t_tok, generated, s.max_new_tokens)
     for who, texts in outputs.items():
         section[who]["rouge_l"] = mean_rouge_l(texts, references)
     section["rouge_rows"] = len(generated)
+    section["tokenizers"] = (
+        "shared" if cross is None else "different (KL aligned; perplexities per own token)"
+    )
     shown = [
         {"prompt": e.prompt[-1]["content"] if e.prompt else "", "reference": e.response}
         | {who: texts[i] for who, texts in outputs.items()}
@@ -93,7 +103,8 @@ def benchmark_section(models: EvalModels, s: EvalSettings) -> dict[str, Any]:
     run = {"limit": s.limit, "batch_size": s.batch_size, "num_fewshot": s.num_fewshot}
     per_model = {"student": run_benchmarks(models.student, models.tokenizer, tasks, s.data_dir, **run)}
     if models.teacher is not None:
-        per_model["teacher"] = run_benchmarks(models.teacher, models.tokenizer, tasks, s.data_dir, **run)
+        t_tok = models.teacher_tokenizer or models.tokenizer  # each model scores through its own tokenizer
+        per_model["teacher"] = run_benchmarks(models.teacher, t_tok, tasks, s.data_dir, **run)
     return {
         "data_dir": str(s.data_dir),
         "limit": s.limit,
@@ -107,7 +118,9 @@ def kept_shares(result: dict[str, Any]) -> dict[str, float | None]:
     shares: dict[str, float | None] = {}
     held = result.get("held_out", {})
     if "teacher" in held:
-        for metric in ("ppl", "top1", "rouge_l"):
+        # Perplexities over different tokenizers count different tokens: no share of one in the other.
+        shared = held.get("tokenizers", "shared") == "shared"
+        for metric in ("ppl", "top1", "rouge_l") if shared else ("rouge_l",):
             if metric in held["student"]:
                 teacher_value = held["teacher"].get(metric, 1.0)  # top-1: the teacher agrees with itself
                 shares[metric] = kept(metric, held["student"][metric], teacher_value)
