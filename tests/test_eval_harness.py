@@ -113,5 +113,8 @@ def test_scoring_only_the_continuation_gives_lm_evals_own_loglikelihoods(
     monkeypatch.setattr(fast, "_model_call", spy)
     expected = plain._loglikelihood_tokens(requests, disable_tqdm=True)
     got = fast._loglikelihood_tokens(requests, disable_tqdm=True)
-    assert got == expected  # bit for bit: the same body, the same head rows
+    # The same body and the same head rows; a head over fewer rows may take another BLAS blocking with
+    # several threads, so equal to float32 rounding rather than bit for bit.
+    assert [greedy for _, greedy in got] == [greedy for _, greedy in expected]
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], rel=1e-6, abs=1e-5)
     assert any(width < length for length, width in widths)  # the narrow path was taken
