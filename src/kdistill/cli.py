@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     start.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
     with_config(
-        "validate", "Check CONFIG, its data, and that teacher and student share a vocabulary; no training."
+        "validate", "Check CONFIG, its data, the models and how their vocabularies are matched; no training."
     )
     with_config(
         "cache",

@@ -9,7 +9,7 @@ vocabulary at each, although it reads only the continuation's positions (about a
 on ARC-Easy, PIQA and HellaSwag). The head is 28M of SmolLM2-135M's 135M parameters, and most of
 a 10-layer student's, so `continuation_lm` has lm-eval's own `_loglikelihood_tokens` compute
 logits at the scored positions only. The body's computation is unchanged, and the
-log-likelihoods are those `HFLM` gives (tested to be equal).
+log-likelihoods are those `HFLM` gives (tested, to float32 rounding).
 """
 
 from __future__ import annotations
