@@ -25,6 +25,7 @@ from kdistill.losses.vocab_map import VocabMap, build_vocab_map
 from kdistill.models.build import build_student, load_teacher, pick_dtype
 from kdistill.models.loading import ModelSource, load_config_only, load_model, load_tokenizer, resolve
 from kdistill.models.vocab import shared_vocab_size
+from kdistill.train.vocabs import logit_width
 
 log = logging.getLogger("kdistill")
 
@@ -92,10 +93,10 @@ def load_eval_models(
             vocab = shared_vocab_size(
                 teacher_cfg.model,
                 t_tok,
-                _logit_width(load_config_only(t_source)),
+                logit_width(load_config_only(t_source)),
                 str(target),
                 tokenizer,
-                _logit_width(student.config),
+                logit_width(student.config),
             )
         else:  # another tokenizer: compared through the alignment, as in training
             mapping = build_vocab_map(t_tok, tokenizer)
@@ -146,11 +147,6 @@ def _for_inference(model: Any) -> None:
     model.requires_grad_(False)
     # Training turns the KV cache off; generation needs it back.
     model.config.use_cache = True
-
-
-def _logit_width(config: Any) -> int:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text.vocab_size)
 
 
 def _validation_examples(cfg: RunConfig | None, validation: str | None) -> tuple[list[Example], str | None]:

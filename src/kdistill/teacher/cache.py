@@ -245,15 +245,20 @@ class TeacherCache:
         data = self.splits[split]
         if "student_pos" not in data:
             raise KdistillError(f"teacher cache {self.folder} holds no alignment (same-tokenizer cache)")
-        pieces = [torch.arange(data["offsets"][r], data["offsets"][r + 1]) for r in rows.tolist()]
+        pieces = self._entries(split, rows)
         index = torch.cat(pieces)
         example = torch.cat([torch.full((len(p),), j, dtype=torch.long) for j, p in enumerate(pieces)])
         return example, data["student_pos"][index].long(), data["one_to_one"][index].bool()
 
+    def _entries(self, split: str, rows: Tensor) -> list[Tensor]:
+        """Per dataset row, the indices of its stored entries (one per trained token or aligned pair)."""
+        offsets = self.splits[split]["offsets"]
+        return [torch.arange(offsets[r], offsets[r + 1]) for r in rows.tolist()]
+
     def signal(self, split: str, rows: Tensor) -> Sparse:
         """The teacher's ``Sparse`` signal for these dataset rows' trained tokens, in the loss's order."""
         data = self.splits[split]
-        index = torch.cat([torch.arange(data["offsets"][r], data["offsets"][r + 1]) for r in rows.tolist()])
+        index = torch.cat(self._entries(split, rows))
         logprobs = fmt.decode_logprobs(data["q"][index], data["top1"][index], data["step"][index])
         return Sparse(
             ids=data["ids"][index].long(),

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from kdistill.config import RunConfig
-from kdistill.data import DataSplits, build_datasets
+from kdistill.data import IGNORE_INDEX, DataSplits, build_datasets
 from kdistill.data.responses import with_teacher_responses
 from kdistill.errors import KdistillError
 from kdistill.losses.hidden import (
@@ -256,7 +256,7 @@ def alignment_lines(cfg: RunConfig, vocabs: Vocabularies, data: DataSplits) -> l
         views = [row.views[name] for row in data.train if row.views]
         pairs = sum(len(v.student_pos) for v in views)
         single = sum(sum(v.one_to_one) for v in views)
-        trained = sum(sum(label != -100 for label in row.labels[1:]) for row in data.train)
+        trained = sum(sum(label != IGNORE_INDEX for label in row.labels[1:]) for row in data.train)
         mapping = vocabs.mapping(name)
         how = (
             "mapped KL on one-to-one segments, ULD elsewhere"

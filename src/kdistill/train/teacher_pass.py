@@ -106,7 +106,7 @@ def aligned_teacher(teacher: Teacher, batch: dict[str, Any], split: str) -> Alig
             raise KdistillError(
                 f"teacher {teacher.name!r} has another tokenizer but the batch holds no view of it"
             )
-        signal = live_teacher(teacher.model, view, view["labels"][:, 1:] != IGNORE_INDEX, None)[0]
+        signal = live_teacher(teacher.model, view, trained_rows(view["labels"])[0], None)[0]
         padded = batch[f"align/{teacher.name}/student_pos"]
         valid = padded >= 0  # row-major, as the teacher's marked positions come out of its mask
         example = valid.nonzero()[:, 0]

@@ -92,20 +92,22 @@ def build_teachers(
     total = sum(t.weight for _, t in named)
     teachers = []
     for name, t in named:
-        cache, mapping = None, None
+        cache, cross = None, name in vocabs.cross  # a cache-only teacher's tokenizer is known from its cache
         if t.cache is not None:
             wanted = cache_header(cfg, t, vocabs, data, name)
             cache = TeacherCache.open(t.cache, wanted, cache_command(config_path))
-            if cache.aligned:
-                mapping = cache.vocab_map()
-        if name in vocabs.cross:
+            if t.model is not None and cross != cache.aligned:
+                built, now = ("another", "the same") if cache.aligned else ("the same", "another")
+                raise KdistillError(
+                    f"teacher cache {t.cache} was built for a teacher with {built} tokenizer as the "
+                    f"student's, but teacher {name!r} now has {now} one; rebuild it with "
+                    f"`{cache_command(config_path)}`"
+                )
+        mapping = None
+        if cache is not None and cache.aligned:
+            mapping = cache.vocab_map()  # stored by `kdistill cache`: no need to build it again
+        elif cross:
             mapping = vocabs.mapping(name)
-        if cache is not None and (mapping is not None) != cache.aligned:
-            built, now = ("another", "the same") if cache.aligned else ("the same", "another")
-            raise KdistillError(
-                f"teacher cache {t.cache} was built for a teacher with {built} tokenizer as the student's, "
-                f"but teacher {name!r} now has {now} one; rebuild it with `{cache_command(config_path)}`"
-            )
         teachers.append(Teacher(name, t.weight / total, live.get(name), cache, mapping))
     check_cross_options(cfg, [t.name for t in teachers if t.mapping is not None])
     return teachers

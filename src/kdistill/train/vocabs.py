@@ -54,12 +54,12 @@ def check_vocabularies(cfg: RunConfig) -> Vocabularies:
     if cfg.student.model is None and not named:
         raise KdistillError("student.from_teacher needs the teacher's model; give teacher.model")
     s_source = student_source(cfg.student) if cfg.student.model is not None else teacher_source(named[0][1])
-    s_tok, s_width = load_tokenizer(s_source), _logit_width(load_config_only(s_source))
+    s_tok, s_width = load_tokenizer(s_source), logit_width(load_config_only(s_source))
     student_name = cfg.student.model or named[0][1].model
     vocabs = Vocabularies(s_tok, s_width)
     for name, teacher in named:
         source = teacher_source(teacher)
-        t_tok, t_width = load_tokenizer(source), _logit_width(load_config_only(source))
+        t_tok, t_width = load_tokenizer(source), logit_width(load_config_only(source))
         if t_tok.get_vocab() == s_tok.get_vocab():
             vocabs.width = min(
                 vocabs.width, shared_vocab_size(teacher.model, t_tok, t_width, student_name, s_tok, s_width)
@@ -117,6 +117,7 @@ def known_alignment(cfg: RunConfig) -> dict[str, str]:
     return lines
 
 
-def _logit_width(config: Any) -> int:
+def logit_width(config: Any) -> int:
+    """A model config's output width (its text config's, for a multimodal one)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text.vocab_size)
