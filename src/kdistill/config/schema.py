@@ -43,6 +43,11 @@ class TeacherConfig(_Strict):
         description="Load the frozen teacher through bitsandbytes (4bit = NF4 with double quantization).",
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repository.")
+    compact: bool = Field(
+        True,
+        description="Keep frozen fp32 linear weights that are exactly 4-bit GGUF blocks or bf16 values in "
+        "that form and expand them as each layer runs: the same numbers in about 1/6 or 1/2 of the memory.",
+    )
 
     @model_validator(mode="after")
     def _model_or_cache(self) -> TeacherConfig:

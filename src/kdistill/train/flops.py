@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kdistill.models.compact import CompactLinear
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -51,7 +53,9 @@ def model_shape(model: nn.Module) -> ModelShape:
     head = base.get_output_embeddings()
     body = trained = 0
     for module in base.modules():
-        if isinstance(module, nn.Linear) and module is not head:
+        if isinstance(module, CompactLinear):  # a frozen teacher's compactly stored weight
+            body += module.weight_numel() + (0 if module.bias is None else module.bias.numel())
+        elif isinstance(module, nn.Linear) and module is not head:
             for param in module.parameters(recurse=False):
                 body += param.numel()
                 trained += param.numel() if param.requires_grad else 0

@@ -28,7 +28,7 @@ from kdistill.models.build import build_student, keep_indices, load_teacher, stu
 from kdistill.models.loading import hub_reachable, load_config_only
 from kdistill.teacher.cache_format import header_mismatch, load_manifest
 from kdistill.train.forward import Teacher
-from kdistill.train.teachers import build_teachers, cache_header, load_live_teachers
+from kdistill.train.teachers import build_teachers, cache_header, compact_teachers, load_live_teachers
 from kdistill.train.vocabs import Vocabularies, check_cross_options, check_vocabularies, known_alignment
 
 log = logging.getLogger("kdistill")
@@ -67,6 +67,7 @@ def build_components(cfg: RunConfig, device: torch.device, config_path: str = "C
         base = load_teacher(first, device)  # only to copy its layers; the cache teaches
     student = build_student(cfg.student, base, device)
     del base
+    compact_teachers(cfg, live)  # after the student has copied any teacher layers
     data = load_data(cfg, tokenizer, live.get(first_name), vocabs.cross)
     teachers = build_teachers(cfg, live, vocabs, data, config_path)
     projections = build_projections(cfg, live, student, device)

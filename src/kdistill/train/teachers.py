@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,13 @@ from kdistill.data import Collator, DataSplits
 from kdistill.data.cross import TeacherView
 from kdistill.errors import KdistillError
 from kdistill.models.build import load_teacher, teacher_source
+from kdistill.models.compact import compact_frozen
 from kdistill.teacher.cache import CacheSpec, TeacherCache, build_cache, save_vocab_map
 from kdistill.teacher.cache_format import rows_fingerprint, tokenizer_fingerprint
 from kdistill.train.forward import Teacher, teacher_signal
 from kdistill.train.vocabs import Vocabularies, check_cross_options, check_vocabularies
+
+log = logging.getLogger("kdistill")
 
 
 def cache_command(config_path: str) -> str:
@@ -74,6 +78,18 @@ def cache_spec(cfg: RunConfig) -> CacheSpec:
 def load_live_teachers(cfg: RunConfig, device: torch.device) -> dict[str, nn.Module]:
     """Every teacher without a cache, loaded; cached teachers load no model at all."""
     return {name: load_teacher(t, device) for name, t in cfg.teacher_list() if t.cache is None}
+
+
+def compact_teachers(cfg: RunConfig, live: dict[str, nn.Module]) -> None:
+    """`teacher.compact`: each live teacher's exactly-compactable weights stored compactly, in place.
+
+    Call it once nothing copies the teachers' weights any more (`student.from_teacher` does).
+    """
+    for name, t in cfg.teacher_list():
+        if name in live and t.compact:
+            report = compact_frozen(live[name])
+            if report.q4_blocks or report.bf16:
+                log.info("teacher %s: %s", name, report.describe())
 
 
 def build_teachers(
@@ -132,6 +148,7 @@ def cache_teachers(cfg: RunConfig, device: torch.device) -> list[tuple[str, dict
                 f"cache.top_k={spec.top_k} keeps the whole {width}-token vocabulary; set cache.tail_samples=0"
             )
         model = load_teacher(t, device)
+        compact_teachers(cfg, {name: model})
         data = data or load_data(cfg, vocabs.tokenizer, model, vocabs.cross)
         header = cache_header(cfg, t, vocabs, data, name)
 
