@@ -194,6 +194,19 @@ def test_blocks_inside_a_chunk(name, signal, monkeypatch):
         check_against_reference(name, signal, 10, torch.bfloat16, 2.0, 5.0, rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.parametrize("signal", ["dense", "hidden"])
+def test_chunks_are_capped_on_cpu(signal, monkeypatch):
+    # On CPU no chunk's logits exceed _CPU_CHUNK_BYTES, whatever chunk_size says: 4-row chunks here.
+    monkeypatch.setattr(chunked, "_CPU_CHUNK_BYTES", 4 * V * 4)
+    calls = []
+    real = chunked._chunk_loss_
+    monkeypatch.setattr(
+        chunked, "_chunk_loss_", lambda logits, *a: calls.append(len(logits)) or real(logits, *a)
+    )
+    check_against_reference("forward_kl", signal, 512, torch.float32, 2.0, None, rtol=1e-5, atol=1e-5)
+    assert max(calls) == 4 and len(calls) > 1
+
+
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
 @pytest.mark.parametrize("name", sorted(DIVERGENCES))
 def test_dense_equals_sparse_at_full_k(name, temperature):

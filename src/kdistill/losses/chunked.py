@@ -14,6 +14,7 @@ extra matmuls: the head product runs once in forward and twice for the gradients
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +32,8 @@ from kdistill.teacher.signal import Dense, DenseHidden, Ensemble, Sparse, softca
 # naive path's memory at N = 2048, and 512 rows keep the matmuls efficient; 256-1024 measured the
 # same speed on CPU. See benchmarks/loss_memory.py.
 DEFAULT_CHUNK_SIZE = 512
-_CPU_BLOCK_BYTES = 24 * 2**20  # see _block_rows
+_CPU_BLOCK_BYTES = 4 * 2**20  # see _block_rows
+_CPU_CHUNK_BYTES = 24 * 2**20  # see distill_loss_sums
 
 
 @dataclass
@@ -98,7 +100,9 @@ def _block_rows(logits: Tensor) -> int:
 
     On CPU, glibc hands allocations above 32 MB straight back to the kernel, so every fresh (n, V)
     temporary costs page faults, about a third of the CPU time measured here. Blocks whose fp32
-    temporaries stay under 24 MB are recycled from the heap instead. On GPU the caching allocator
+    temporaries stay small are recycled from the heap instead. The formula keeps about eight of them
+    alive at once, so their size is also the loss's share of the step's peak memory: on SmolLM2,
+    24 MB blocks cost 190 MB of it, and 4 MB blocks run as fast (issue #7). On GPU the caching allocator
     already reuses memory, and larger kernels are better, so a block is the whole chunk.
     """
     if logits.is_cuda:
@@ -132,8 +136,11 @@ def _chunk_loss_(logits: Tensor, labels: Tensor, target, spec: _Spec, want_grad:
     return sums
 
 
-def _accumulate(grad_logits: Tensor, h: Tensor, w: Tensor, start: int, grad_h, grad_w, grad_b) -> None:
-    """Back-propagate one chunk's fp32 logit gradient ``(n, V)`` through the head into the buffers."""
+def _accumulate(
+    grad_logits: Tensor, h: Tensor, w: Tensor, start: int, grad_h, grad_w, grad_b, w_scale: float = 1.0
+) -> None:
+    """Back-propagate one chunk's fp32 logit gradient ``(n, V)`` through the head into the buffers
+    (the head's times ``w_scale``)."""
     if grad_b is not None:
         grad_b += grad_logits.sum(0)
     grad_logits = grad_logits.to(w.dtype)  # the matmul precision autograd would use
@@ -142,7 +149,7 @@ def _accumulate(grad_logits: Tensor, h: Tensor, w: Tensor, start: int, grad_h, g
     if grad_w is None:
         return
     if w.dtype == grad_w.dtype:
-        grad_w.addmm_(grad_logits.t(), h)  # in place: no (V, H) temporary per chunk
+        grad_w.addmm_(grad_logits.t(), h, alpha=w_scale)  # in place: no (V, H) temporary per chunk
     else:
         grad_w += grad_logits.t() @ h
 
@@ -151,13 +158,20 @@ class _ChunkedLoss(torch.autograd.Function):
     """Loss sums whose gradients are computed chunk by chunk during forward; backward only scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, head, bias, spec, chunk_size, needs):  # noqa: D102 - see class docstring
+    def forward(ctx, hidden, head, bias, spec, chunk_size, needs, head_scale):  # noqa: D102 - see class docstring
         need_h, need_w, need_b = needs
         n, w, b = hidden.shape[0], head.detach(), None if bias is None else bias.detach()
         # Contiguous, whatever hidden's strides, so each chunk's rows can be written in place.
         grad_h = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
-        # The head gradient sums over chunks, so it accumulates in fp32 even for bf16 weights.
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        # The head gradient sums over chunks, so it accumulates in fp32 even for bf16 weights; with
+        # `head_scale` it goes straight into the parameter's own gradient, already scaled.
+        ctx.head_scale = head_scale if need_w else None
+        if ctx.head_scale is not None:
+            if head.grad is None:
+                head.grad = torch.zeros_like(head)
+            grad_w = ctx.direct_grad = head.grad
+        else:
+            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
         sums = torch.zeros(3 + _num_parts(spec), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_size):
@@ -168,12 +182,12 @@ class _ChunkedLoss(torch.autograd.Function):
             target = _teacher_rows(spec, start, end)  # (n, V) teacher logits made once per chunk
             sums += _chunk_loss_(logits, spec.labels[start:end], target, spec, any(needs))
             del target
-            if any(needs):
-                _accumulate(logits, h, w, start, grad_h, grad_w, grad_b)  # logits now hold their gradient
+            if any(needs):  # the logits now hold their gradient
+                _accumulate(logits, h, w, start, grad_h, grad_w, grad_b, head_scale or 1.0)
             del logits  # free the chunk before the next one is made
         ctx.grads = (
             grad_h,
-            None if grad_w is None else grad_w.to(head.dtype),
+            None if grad_w is None or ctx.head_scale is not None else grad_w.to(head.dtype),
             None if grad_b is None else grad_b.to(bias.dtype),
         )
         total, kd, ce = (s.clone() for s in sums[:3].unbind())  # separate tensors, not views of one buffer
@@ -190,9 +204,24 @@ class _ChunkedLoss(torch.autograd.Function):
                 "distill_loss_sums: backward can run only once (retain_graph is not supported)"
             )
         del ctx.grads
+        if ctx.head_scale is not None:
+            _check_head_scale(float(grad_total), ctx.head_scale, ctx.direct_grad)
+            del ctx.direct_grad
         # In place: the buffers are ours alone, and a copy of grad_head would double the peak.
         scaled = tuple(None if g is None else g.mul_(grad_total.to(g.dtype)) for g in grads)
-        return (*scaled, None, None, None)
+        return (*scaled, None, None, None, None)
+
+
+def _check_head_scale(factor: float, expected: float, grad: Tensor) -> None:
+    """Backward's factor must be the one the head's gradient was already scaled by.
+
+    A NaN or infinite factor (a poisoned loss) poisons that gradient too, as autograd would have, so
+    that the non-finite-gradient guard sees it; any other mismatch is a caller's mistake.
+    """
+    if not math.isfinite(factor):
+        grad.fill_(factor)
+    elif not math.isclose(factor, expected, rel_tol=1e-6):
+        raise RuntimeError(f"distill_loss_sums: head_grad_scale={expected} but backward got {factor}")
 
 
 def _check_divergence(name: str, kwargs: dict) -> None:
@@ -232,6 +261,7 @@ def distill_loss_sums(
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     student_bias: Tensor | None = None,
     student_softcap: float | None = None,
+    head_grad_scale: float | None = None,
 ) -> LossSums:
     """``kd_weight * divergence + ce_weight * cross_entropy``, each summed over the N trained rows.
 
@@ -249,6 +279,11 @@ def distill_loss_sums(
         chunk_size: rows per chunk; ``None`` runs the naive unchunked reference path.
         student_bias: optional ``(V,)`` ``lm_head`` bias (Phi-2 has one).
         student_softcap: optional Gemma-2 final logit soft-cap ``cap * tanh(z / cap)``.
+        head_grad_scale: the factor the caller will back-propagate ``total`` with. Given, and the head
+            a trained fp32 parameter, the head's gradient is added to ``student_head.grad`` during this
+            call, already times the factor, instead of through backward: no second ``(V, H)`` buffer
+            beside the accumulated gradient. Only for a single process (no DDP/FSDP gradient hooks);
+            backward checks that it got that factor.
 
     Returns:
         ``LossSums``: ``total`` is differentiable, ``kd`` and ``ce`` are detached. All are fp32 scalars;
@@ -270,12 +305,23 @@ def distill_loss_sums(
         return _naive(student_hidden, student_head, student_bias, spec)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of rows or None, got {chunk_size}")
+    if student_hidden.device.type == "cpu":
+        # No chunk's fp32 logits above 24 MB: then neither its logits nor the teacher's take a fresh
+        # mapping of their own (see _block_rows), and a chunk holds two such buffers, not 2 x (512, V).
+        chunk_size = min(chunk_size, max(1, _CPU_CHUNK_BYTES // (4 * student_head.shape[0])))
     grad_on = torch.is_grad_enabled()
     needs = tuple(
         grad_on and t is not None and t.requires_grad for t in (student_hidden, student_head, student_bias)
     )
+    direct = head_grad_scale is not None and student_head.is_leaf and student_head.dtype == torch.float32
     total, kd, ce, parts = _ChunkedLoss.apply(
-        student_hidden, student_head, student_bias, spec, chunk_size, needs
+        student_hidden,
+        student_head,
+        student_bias,
+        spec,
+        chunk_size,
+        needs,
+        head_grad_scale if direct else None,
     )
     return LossSums(total=total, kd=kd, ce=ce, kd_parts=parts if _num_parts(spec) else None)
 

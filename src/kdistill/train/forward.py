@@ -144,6 +144,7 @@ def batch_loss(
     settings: LossSettings,
     signal: DenseHidden | Sparse | Ensemble | None = None,
     split: str = "train",
+    head_grad_scale: float | None = None,
 ) -> tuple[LossSums, int]:
     """Loss sums over the batch's trained tokens, and how many tokens that is.
 
@@ -152,6 +153,8 @@ def batch_loss(
     of `split`). Teachers of another tokenizer always run (or are read) here, at their aligned pairs.
     With `settings.hidden_weight > 0` the result is a `StepSums` whose `total` holds
     `hidden_weight * hidden` too; `student` is then a `StudentHidden` with one projection per teacher.
+    `head_grad_scale`: the factor the caller back-propagates the total with, in a single process (the
+    head's gradient then goes straight into its `.grad`; see `distill_loss_sums`).
     """
     mask, targets = trained_rows(batch["labels"])
     wrapper = student.module if hasattr(student, "module") else student
@@ -179,7 +182,9 @@ def batch_loss(
     head_loss = partial(
         _head_sums, mask=mask, targets=targets, signal=signal, aligned=aligned, settings=settings
     )
-    head_loss = partial(head_loss, use_teacher=use_teacher, order=[t.name for t in teachers])
+    head_loss = partial(
+        head_loss, use_teacher=use_teacher, order=[t.name for t in teachers], head_grad_scale=head_grad_scale
+    )
     if not use_hidden:
         return student(batch["input_ids"], batch["attention_mask"], head_loss=head_loss), int(targets.numel())
     targets_h = HiddenTargets(mask, states, [t.weight for t in teachers], settings.hidden_distance)
@@ -199,10 +204,12 @@ def _head_sums(
     settings: LossSettings,
     use_teacher: bool,
     order: list[str],
+    head_grad_scale: float | None = None,
 ) -> LossSums:
     """KD and CE sums from the student's final states `(B, T, H)`: same-tokenizer teachers on the
     trained rows, then each teacher of another tokenizer on its aligned pairs (weighted, summed)."""
-    sums = _logit_sums(final[:, :-1][mask], inner, targets, signal, use_teacher, settings)
+    rows = final[:, :-1][mask]
+    sums = _logit_sums(rows, inner, targets, signal, use_teacher, settings, head_grad_scale)
     if not aligned:
         return sums
     weight, bias = output_head(inner, settings.vocab_size)
@@ -242,6 +249,7 @@ def _logit_sums(
     signal: DenseHidden | Sparse | Ensemble | None,
     use_teacher: bool,
     settings: LossSettings,
+    head_grad_scale: float | None = None,
 ) -> LossSums:
     """KD and CE sums from the student's final hidden states at the trained rows `(N, H)`."""
     weight, bias = output_head(inner, settings.vocab_size)
@@ -259,4 +267,5 @@ def _logit_sums(
         chunk_size=settings.chunk_size,
         student_bias=bias,
         student_softcap=softcap(inner),
+        head_grad_scale=head_grad_scale,
     )

@@ -153,7 +153,11 @@ class SkipNonFinite:
             return True  # DeepSpeed keeps the gradients itself and handles overflow
         # FSDP2 keeps gradients as DTensors: each process checks its own shard, and `reduce` agrees.
         local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-        bad = torch.stack([~torch.isfinite(g).all() for g in local]).sum().float()
+        # A NaN or inf anywhere makes that gradient's norm NaN or inf. The norms need no temporary the
+        # size of a gradient, where isfinite(g) made three (a full-size |g| among them: 190 MB of a
+        # SmolLM2 step's peak memory, issue #7). Only a finite gradient above ~1e19 would also count.
+        norms = torch._foreach_norm(local)
+        bad = (~torch.isfinite(torch.stack([n.float() for n in norms]))).sum().float()
         if self.reduce is not None:  # sharded gradients (FSDP): every process must decide alike
             bad = self.reduce(bad)
         return float(bad) == 0.0

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -41,7 +41,14 @@ from kdistill.train.flops import attention_pairs, model_shape
 from kdistill.train.forward import LossSettings, StepSums, StudentHidden, Teacher, batch_loss, trained_rows
 from kdistill.train.guards import OomBackoff, SkipNonFinite, build_health, oom_advice
 from kdistill.train.metrics import LogWindow, MetricsFile
-from kdistill.train.prepare import adamw, flat_hparams, mixed_precision, param_groups, whole_models
+from kdistill.train.prepare import (
+    adamw,
+    flat_hparams,
+    lean_student,
+    mixed_precision,
+    param_groups,
+    whole_models,
+)
 from kdistill.train.setup import build_components, prepare_output_dir
 from kdistill.train.signals import Interrupted, StopSignals
 
@@ -106,6 +113,7 @@ def train(
     # The hidden-state projections (none without loss.hidden) are part of the student module: prepared,
     # synced, clipped and stepped with it, after its own weights in the optimizer.
     student = StudentHidden(parts.student, parts.projections)
+    lean_student(parts.student, accelerator)  # one process: leaner gradients and activations
     optimizer = adamw(param_groups(student, t.weight_decay), t.learning_rate)
     world = accelerator.num_processes
     batches_per_epoch = math.ceil(len(parts.data.train) / (t.batch_size * world))
@@ -274,14 +282,19 @@ def _optimizer_step(
     trained = accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum").item()
     # DDP averages gradients over processes, so scale by their number to get a sum over all tokens / trained.
     scale = accelerator.num_processes / max(trained, 1)
+    # One process: the head's gradient goes straight into its .grad (no second (V, H) buffer beside it).
+    direct = scale if accelerator.distributed_type == DistributedType.NO else None
     totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "trained": local, "tokens": 0, "pairs": 0}
+    # The longest micro-batch first: its activations then peak before any gradient exists; later ones
+    # hold the gradients beside smaller activations (the same sums, added in another order).
+    window = sorted(window, key=lambda b: -b["input_ids"].numel())
     for i, batch in enumerate(window):
         last = i == len(window) - 1
         sync = contextlib.nullcontext() if last else accelerator.no_sync(student)
         # DeepSpeed steps its optimizer inside backward when this flag is set: only on the last one.
         accelerator.sync_gradients = last
         with sync, accelerator.autocast():
-            sums, _ = batch_loss(student, teachers, batch, settings)
+            sums, _ = batch_loss(student, teachers, batch, settings, head_grad_scale=direct)
             accelerator.backward(sums.total * scale)
         totals["loss"] += float(sums.total.detach())
         totals["kd"] += float(sums.kd)

@@ -30,7 +30,7 @@ def output_head(model: nn.Module, vocab_size: int | None = None) -> tuple[torch.
     """The output projection's weight `(V, H)` and bias, cut to the shared vocabulary."""
     head = _base(model).get_output_embeddings()
     weight, bias = head.weight, getattr(head, "bias", None)
-    if vocab_size is not None:
+    if vocab_size is not None and vocab_size < weight.shape[0]:  # else the parameter itself, not a view
         weight = weight[:vocab_size]
         bias = None if bias is None else bias[:vocab_size]
     return weight, bias
