@@ -16,6 +16,12 @@ evaluates before and after and writes a report: its process wall carries that ex
 `kdistill.train.flops.step_flops` of the same rows for both; utilisation divides FLOP/s by this
 machine's matmul peak measured in this run.
 
+Both get the same teacher folder. kdistill, as it does by default (`teacher.compact`), finds that the
+SmolLM2 teacher's fp32 weights are exactly the 4-bit blocks of its GGUF source and keeps them in that
+form, expanding each layer as it runs: the loss on the same batch is checked to stay bit for bit the
+same. Its single-process memory savings (train/prepare.lean_student, the head gradient written into
+its .grad) are on too, as in any one-process `kdistill train`.
+
 TRL lives in the benchmark's own environment, never as a kdistill dependency:
 
     python -m venv /tmp/peers && /tmp/peers/bin/pip install torch==2.13.0   # CPU build first
@@ -279,6 +285,7 @@ def fairness(spec: dict) -> dict:
 
     from kdistill.data import Collator
     from kdistill.data.tokenize import Tokenized
+    from kdistill.models.compact import compact_frozen
     from kdistill.train.flops import model_shape, step_flops
     from kdistill.train.forward import LossSettings, StudentHidden, batch_loss
 
@@ -286,7 +293,11 @@ def fairness(spec: dict) -> dict:
     rows = json.loads((work / "tokens.json").read_text())[: spec["batch"]]
     tokenizer = AutoTokenizer.from_pretrained(work / "teacher")
     student = AutoModelForCausalLM.from_pretrained(work / "student", dtype=torch.float32).eval()
-    teacher = AutoModelForCausalLM.from_pretrained(work / "teacher", dtype=torch.float32).eval()
+    teacher = (
+        AutoModelForCausalLM.from_pretrained(work / "teacher", dtype=torch.float32)
+        .eval()
+        .requires_grad_(False)
+    )
     with torch.no_grad():
         ours = Collator(tokenizer.pad_token_id)([Tokenized(r["input_ids"], r["labels"]) for r in rows])
         settings = LossSettings(alpha=1.0, temperature=1.0, divergence="forward_kl")
@@ -300,9 +311,14 @@ def fairness(spec: dict) -> dict:
         trl = GKDTrainer.generalized_jsd_loss(
             logits[0][:, :-1], logits[1][:, :-1], theirs["labels"][:, 1:], beta=0.0, temperature=1.0
         )
+        # kdistill keeps the teacher's Q4_1-exact weights compact (models/compact.py): the same loss?
+        report = compact_frozen(teacher)
+        compact_sums, _ = batch_loss(StudentHidden(student), teacher, ours, settings)
     seen = counts(spec)
     flops = step_flops(model_shape(student.requires_grad_(True)), [model_shape(teacher)], **seen)
     return {
+        "kdistill_loss_compact_teacher": float(compact_sums.kd) / trained,
+        "compacted": report.describe(),
         "kdistill_loss": float(sums.kd) / trained,
         "trl_loss": float(trl),
         "flops": flops,
@@ -326,13 +342,16 @@ def profile(spec: dict) -> dict:
     The step is what the loop does per window (`batch_loss`, backward, clipping, AdamW), written out
     here so each part gets its own label; the teacher's share is its own forward, timed apart.
     """
+    from accelerate import Accelerator
     from torch.profiler import ProfilerActivity, record_function
     from torch.profiler import profile as torch_profile
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kdistill.data import Collator
     from kdistill.data.tokenize import Tokenized
+    from kdistill.models.compact import compact_frozen
     from kdistill.train.forward import LossSettings, StudentHidden, batch_loss
+    from kdistill.train.prepare import lean_student
 
     work = Path(spec["work"])
     rows = json.loads((work / "tokens.json").read_text())
@@ -348,18 +367,24 @@ def profile(spec: dict) -> dict:
         .eval()
         .requires_grad_(False)
     )
-    optimizer = torch.optim.AdamW(student.parameters(), lr=spec["lr"], fused=True)  # as the loop builds it
+    # As `kdistill train` sets them up in one process: compact teacher, lean student, fused AdamW.
+    compact_frozen(teacher)
+    lean_student(student.model, Accelerator(cpu=True))
+    optimizer = torch.optim.AdamW(student.parameters(), lr=spec["lr"], fused=True)
     settings = LossSettings(alpha=1.0, temperature=1.0, divergence="forward_kl")
+    scale = 1.0 / sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
 
     def step() -> None:
-        for batch in batches:
+        for batch in sorted(batches, key=lambda b: -b["input_ids"].numel()):  # the loop's order
             with record_function("kd: teacher forward (inference_mode, timed apart)"), torch.inference_mode():
                 teacher.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             with record_function("kd: batch_loss (teacher + student forward + loss)"):
-                sums, _ = batch_loss(student, teacher, batch, settings)
+                sums, _ = batch_loss(student, teacher, batch, settings, head_grad_scale=scale)
             with record_function("kd: backward"):
-                sums.total.backward()
-        with record_function("kd: clip + AdamW"):
+                (sums.total * scale).backward()
+        with record_function("kd: clip + finite check + AdamW"):
+            norms = torch._foreach_norm([p.grad for p in student.parameters()])  # the loop's NaN guard
+            torch.isfinite(torch.stack(norms)).all()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -419,6 +444,8 @@ def summarise(runs: list[dict], check: dict, peak: float) -> dict:
         "loss_kdistill": check["kdistill_loss"],
         "loss_trl": check["trl_loss"],
         "loss_relative_difference": abs(check["kdistill_loss"] - check["trl_loss"]) / abs(check["trl_loss"]),
+        "loss_kdistill_compact_teacher": check["kdistill_loss_compact_teacher"],
+        "teacher_compacted": check["compacted"],
         "flops_per_run": check["flops"],
         "tokens_per_run": check["tokens"],
         "trained_tokens_per_run": check["trained"],
@@ -449,7 +476,8 @@ def print_table(runs: list[dict], summary: dict, settings: dict) -> None:
     )
     print(
         f"same batch, same weights: kdistill loss {s['loss_kdistill']:.6f}, TRL loss {s['loss_trl']:.6f} "
-        f"(relative difference {s['loss_relative_difference']:.1e})"
+        f"(relative difference {s['loss_relative_difference']:.1e}); kdistill with its compact teacher "
+        f"{s['loss_kdistill_compact_teacher']:.6f} ({s['teacher_compacted']})"
     )
 
 
