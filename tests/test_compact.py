@@ -81,6 +81,20 @@ def test_compact_layers_compute_exactly_what_the_originals_did() -> None:
     assert report.bytes_before == (48 * 64 + 32 * 48) * 4 and report.bytes_after < report.bytes_before / 2
 
 
+def test_inference_mode_and_no_grad_passes_can_alternate() -> None:
+    # Training runs the teacher under inference mode, evaluation and the cache under no_grad: the
+    # shared expansion buffers must serve both, in any order.
+    model = nn.Sequential(nn.Linear(64, 48)).requires_grad_(False)
+    with torch.no_grad():
+        model[0].weight.copy_(q4_weight(48, 64, seed=3))
+    x = torch.randn(3, 64)
+    expected = model(x)
+    compact_frozen(model)
+    for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode, torch.enable_grad):
+        with mode():
+            assert torch.equal(model(x), expected)
+
+
 def test_a_gguf_like_teacher_gives_the_same_logits_and_flops(tiny: dict) -> None:
     from transformers import AutoModelForCausalLM
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 BLOCK = 32  # weights per block of a 4-bit GGUF format, along the input dimension
-_SCRATCH: dict[tuple, torch.Tensor] = {}  # (out, in, device) -> fp32 buffer the layers of that shape share
+_SCRATCH: dict[tuple, torch.Tensor] = {}  # (out, in, device, inference) -> a buffer shared by layers
 _PROBE_BLOCKS = 256  # blocks checked first, so that an ordinary fp32 weight is rejected quickly
 
 
@@ -69,14 +69,12 @@ class CompactLinear(nn.Module):
             return F.linear(x, self.expand(), self.bias)
         # Without autograd the weight is dead once the product is made, so the layers of one shape
         # share one buffer: no fresh allocation (and no page faults) per layer and pass.
-        key = (
-            self.out_features,
-            self.in_features,
-            self.codes.device if self.form != "bf16" else self.bf16.device,
-        )
+        # Inference mode gets buffers of its own: an inference tensor cannot be written outside it.
+        device = self.codes.device if self.form != "bf16" else self.bf16.device
+        key = (self.out_features, self.in_features, device, torch.is_inference_mode_enabled())
         scratch = _SCRATCH.get(key)
         if scratch is None:
-            scratch = _SCRATCH[key] = torch.empty(key[:2], device=key[2])
+            scratch = _SCRATCH[key] = torch.empty(key[:2], device=device)
         return F.linear(x, self.expand(scratch), self.bias)
 
     def extra_repr(self) -> str:
