@@ -351,6 +351,7 @@ def profile(spec: dict) -> dict:
     from kdistill.data.tokenize import Tokenized
     from kdistill.models.compact import compact_frozen
     from kdistill.train.forward import LossSettings, StudentHidden, batch_loss
+    from kdistill.train.guards import SkipNonFinite
     from kdistill.train.prepare import lean_student
 
     work = Path(spec["work"])
@@ -370,7 +371,7 @@ def profile(spec: dict) -> dict:
     # As `kdistill train` sets them up in one process: compact teacher, lean student, fused AdamW.
     compact_frozen(teacher)
     lean_student(student.model, Accelerator(cpu=True))
-    optimizer = torch.optim.AdamW(student.parameters(), lr=spec["lr"], fused=True)
+    optimizer = SkipNonFinite(torch.optim.AdamW(student.parameters(), lr=spec["lr"], fused=True))
     settings = LossSettings(alpha=1.0, temperature=1.0, divergence="forward_kl")
     scale = 1.0 / sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
 
@@ -383,10 +384,8 @@ def profile(spec: dict) -> dict:
             with record_function("kd: backward"):
                 (sums.total * scale).backward()
         with record_function("kd: clip + finite check + AdamW"):
-            norms = torch._foreach_norm([p.grad for p in student.parameters()])  # the loop's NaN guard
-            torch.isfinite(torch.stack(norms)).all()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            optimizer.step()
+            optimizer.step()  # through the loop's NaN guard
             optimizer.zero_grad(set_to_none=True)
 
     step()  # warm-up

@@ -60,7 +60,7 @@ def test_direct_head_gradient_and_sparse_embedding_give_the_same_gradients() -> 
     torch.manual_seed(1)
     window = _window()
     reference = _grads(student, teacher, window, direct=False)
-    assert sparse_tied_embedding(student, Accelerator(cpu=True))
+    assert sparse_tied_embedding(student)
     assert student.get_input_embeddings().sparse
     saved = _grads(student, teacher, window, direct=True)
     assert saved.keys() == reference.keys()
@@ -72,7 +72,7 @@ def test_direct_head_gradient_and_sparse_embedding_give_the_same_gradients() -> 
 def test_an_untied_or_frozen_embedding_stays_dense() -> None:
     student, _ = _models()
     student.get_input_embeddings().requires_grad_(False)
-    assert not sparse_tied_embedding(student, Accelerator(cpu=True))
+    assert not sparse_tied_embedding(student)
     assert not student.get_input_embeddings().sparse
 
 
@@ -125,3 +125,12 @@ def test_lean_gated_mlps_give_the_same_gradients_with_fewer_saved_tensors() -> N
     assert saved["plain"] - saved["lean"] >= 2 * 2 * 32 * 64
     with torch.no_grad():  # without autograd the module's own forward runs
         torch.testing.assert_close(lean(input_ids=ids).logits, student(input_ids=ids).logits)
+
+
+def test_lean_student_applies_both_savings_in_one_process() -> None:
+    from kdistill.train.prepare import lean_student
+
+    student, _ = _models()
+    lean_student(student, Accelerator(cpu=True))
+    assert student.get_input_embeddings().sparse
+    assert all(layer.mlp.forward.__func__.__name__ == "_forward" for layer in student.model.layers)

@@ -23,9 +23,9 @@ from kdistill.errors import KdistillError
 from kdistill.losses import DEFAULT_CHUNK_SIZE
 from kdistill.losses.vocab_map import VocabMap, build_vocab_map
 from kdistill.models.build import build_student, load_teacher, pick_dtype
-from kdistill.models.compact import compact_frozen
 from kdistill.models.loading import ModelSource, load_config_only, load_model, load_tokenizer, resolve
 from kdistill.models.vocab import shared_vocab_size
+from kdistill.train.teachers import compact_teacher
 from kdistill.train.vocabs import logit_width
 
 log = logging.getLogger("kdistill")
@@ -83,8 +83,8 @@ def load_eval_models(
         student = load_run_student(run_dir, cfg, teacher_model, device)
     else:
         student = load_model(resolve(target), pick_dtype("auto", device), device)
-    if teacher_model is not None and teacher_cfg.compact:  # once the student has copied its layers
-        compact_frozen(teacher_model)
+    if teacher_model is not None:  # once the student has copied its layers
+        compact_teacher(teacher_cfg.model, teacher_cfg, teacher_model)
     _for_inference(student)
     # A run folder holds the student's tokenizer even when it holds only an adapter (no config.json).
     tokenizer = load_tokenizer(ModelSource(str(run_dir), str(run_dir)) if run_dir else resolve(target))

@@ -70,7 +70,7 @@ class CompactLinear(nn.Module):
         # Without autograd the weight is dead once the product is made, so the layers of one shape
         # share one buffer: no fresh allocation (and no page faults) per layer and pass.
         # Inference mode gets buffers of its own: an inference tensor cannot be written outside it.
-        device = self.codes.device if self.form != "bf16" else self.bf16.device
+        device = next(self.buffers()).device
         key = (self.out_features, self.in_features, device, torch.is_inference_mode_enabled())
         scratch = _SCRATCH.get(key)
         if scratch is None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -47,6 +47,7 @@ from kdistill.train.prepare import (
     lean_student,
     mixed_precision,
     param_groups,
+    single_process,
     whole_models,
 )
 from kdistill.train.setup import build_components, prepare_output_dir
@@ -283,7 +284,7 @@ def _optimizer_step(
     # DDP averages gradients over processes, so scale by their number to get a sum over all tokens / trained.
     scale = accelerator.num_processes / max(trained, 1)
     # One process: the head's gradient goes straight into its .grad (no second (V, H) buffer beside it).
-    direct = scale if accelerator.distributed_type == DistributedType.NO else None
+    direct = scale if single_process(accelerator) else None
     totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "trained": local, "tokens": 0, "pairs": 0}
     # The longest micro-batch first: its activations then peak before any gradient exists; later ones
     # hold the gradients beside smaller activations (the same sums, added in another order).

@@ -77,20 +77,24 @@ def mixed_precision(name: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def sparse_tied_embedding(model: torch.nn.Module, accelerator: Accelerator) -> bool:
+def single_process(accelerator: Accelerator) -> bool:
+    """No DDP, FSDP or DeepSpeed: nothing hooks the gradients or gathers weights per called module."""
+    return accelerator.distributed_type == DistributedType.NO
+
+
+def sparse_tied_embedding(model: torch.nn.Module) -> bool:
     """Give a trained input embedding that is tied to the output head a sparse gradient; True if done.
 
     Dense, its backward fills a `(V, H)` zero tensor, writes the few rows of the batch's tokens and
     adds the whole tensor to the head's gradient: on SmolLM2 a 113 MB buffer and two passes over it
     per micro-batch. Sparse, autograd adds those rows into the head's dense gradient in place, so
-    the parameter's gradient stays dense and exactly the same. Single process only: the gradient
-    hooks of DDP, FSDP and DeepSpeed expect dense contributions.
+    the parameter's gradient stays dense and exactly the same. Single process only (`lean_student`):
+    the gradient hooks of DDP, FSDP and DeepSpeed expect dense contributions.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     embedding, head = base.get_input_embeddings(), base.get_output_embeddings()
     tied = head is not None and isinstance(embedding, torch.nn.Embedding) and head.weight is embedding.weight
-    single = accelerator.distributed_type == DistributedType.NO
-    if not single or not tied or not embedding.weight.requires_grad:
+    if not tied or not embedding.weight.requires_grad:
         return False
     embedding.sparse = True
     return True
@@ -102,6 +106,8 @@ def lean_student(model: torch.nn.Module, accelerator: Accelerator) -> None:
     A tied embedding's gradient is sparse (`sparse_tied_embedding`) and plain gated MLPs keep half
     their activations (`swiglu.lean_gated_mlps`, fp32 only: without autocast in the way).
     """
-    sparse_tied_embedding(model, accelerator)
-    if accelerator.distributed_type == DistributedType.NO and accelerator.mixed_precision == "no":
+    if not single_process(accelerator):
+        return
+    sparse_tied_embedding(model)
+    if accelerator.mixed_precision == "no":
         lean_gated_mlps(model)

@@ -80,16 +80,22 @@ def load_live_teachers(cfg: RunConfig, device: torch.device) -> dict[str, nn.Mod
     return {name: load_teacher(t, device) for name, t in cfg.teacher_list() if t.cache is None}
 
 
-def compact_teachers(cfg: RunConfig, live: dict[str, nn.Module]) -> None:
-    """`teacher.compact`: each live teacher's exactly-compactable weights stored compactly, in place.
+def compact_teacher(name: str, teacher: TeacherConfig, model: nn.Module) -> None:
+    """`teacher.compact`: the model's exactly-compactable weights stored compactly, in place.
 
-    Call it once nothing copies the teachers' weights any more (`student.from_teacher` does).
+    Call it once nothing copies the teacher's weights any more (`student.from_teacher` does).
     """
+    if teacher.compact:
+        report = compact_frozen(model)
+        if report.q4_blocks or report.bf16:
+            log.info("teacher %s: %s", name, report.describe())
+
+
+def compact_teachers(cfg: RunConfig, live: dict[str, nn.Module]) -> None:
+    """`compact_teacher` for every live teacher of the run."""
     for name, t in cfg.teacher_list():
-        if name in live and t.compact:
-            report = compact_frozen(live[name])
-            if report.q4_blocks or report.bf16:
-                log.info("teacher %s: %s", name, report.describe())
+        if name in live:
+            compact_teacher(name, t, live[name])
 
 
 def build_teachers(
@@ -148,7 +154,7 @@ def cache_teachers(cfg: RunConfig, device: torch.device) -> list[tuple[str, dict
                 f"cache.top_k={spec.top_k} keeps the whole {width}-token vocabulary; set cache.tail_samples=0"
             )
         model = load_teacher(t, device)
-        compact_teachers(cfg, {name: model})
+        compact_teacher(name, t, model)
         data = data or load_data(cfg, vocabs.tokenizer, model, vocabs.cross)
         header = cache_header(cfg, t, vocabs, data, name)
 
