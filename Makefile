@@ -18,6 +18,7 @@ test: $(VENV)/.setup-dev
 
 lint: $(VENV)/.setup-dev
 	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/lint-imports
 
 setup: $(VENV)/.setup
 setup-dev: $(VENV)/.setup-dev

@@ -47,12 +47,11 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from kdistill.config import load_config
-    from kdistill.data import Collator
+    from kdistill.data import Collator, trained_rows
     from kdistill.losses.divergences import forward_kl
     from kdistill.models.build import build_student, load_teacher
     from kdistill.teacher.cache import TeacherCache
-    from kdistill.train.forward import trained_rows
-    from kdistill.train.teachers import cache_teachers
+    from kdistill.teacher.precompute import cache_teachers
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=40)
@@ -75,9 +74,10 @@ def main() -> None:
     students = {"from_teacher (untrained)": build_student(cfg.student, teacher, cpu)}
     if args.student:
         students[f"trained ({args.student})"] = AutoModelForCausalLM.from_pretrained(args.student).float()
-    from kdistill.train.setup import check_models, load_data
+    from kdistill.teacher.responses import load_data
+    from kdistill.teacher.vocabularies import load_vocabularies
 
-    tokenizer, _ = check_models(cfg)
+    tokenizer = load_vocabularies(cfg).tokenizer
     data = load_data(cfg, tokenizer, teacher)
     collate = Collator(tokenizer.pad_token_id)
     errors = {(name, key): [] for name in students for key in SETTINGS}

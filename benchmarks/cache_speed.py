@@ -61,13 +61,16 @@ def evaluate(online_cfg: Path, students: dict[str, Path]) -> dict[str, dict[str,
 
     from kdistill.config import load_config
     from kdistill.data import Collator
-    from kdistill.eval.quality import held_out_quality
     from kdistill.models.build import load_teacher
-    from kdistill.train.forward import StudentHidden
-    from kdistill.train.setup import check_models, load_data
+    from kdistill.objective.batch import StudentLoss
+    from kdistill.objective.quality import held_out_quality
+    from kdistill.teacher.responses import load_data
+    from kdistill.teacher.roster import Teacher
+    from kdistill.teacher.vocabularies import load_vocabularies
 
     cfg = load_config(online_cfg)
-    tokenizer, vocab = check_models(cfg)
+    vocabs = load_vocabularies(cfg)
+    tokenizer, vocab = vocabs.tokenizer, vocabs.width
     teacher = load_teacher(cfg.teacher, torch.device("cpu"))
     data = load_data(cfg, tokenizer, teacher)
     rows = sorted(data.validation, key=lambda x: len(x.input_ids))
@@ -76,8 +79,10 @@ def evaluate(online_cfg: Path, students: dict[str, Path]) -> dict[str, dict[str,
     memo: dict[int, object] = {}
     results = {}
     for name, folder in students.items():
-        student = StudentHidden(AutoModelForCausalLM.from_pretrained(folder).float())
-        results[name] = held_out_quality(student, teacher, batches, 512, vocab, memo)
+        student = StudentLoss(AutoModelForCausalLM.from_pretrained(folder).float())
+        results[name] = held_out_quality(
+            student, [Teacher("teacher", 1.0, model=teacher)], batches, 512, vocab, memo
+        )
     return results
 
 

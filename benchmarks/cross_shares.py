@@ -24,12 +24,12 @@ import torch
 
 from kdistill.config import load_config
 from kdistill.data import Collator
+from kdistill.losses import Sparse
 from kdistill.losses.vocab_map import mapped_mass_share
-from kdistill.teacher.signal import Sparse
-from kdistill.train.forward import live_teacher
-from kdistill.train.setup import load_data
-from kdistill.train.teachers import load_live_teachers
-from kdistill.train.vocabs import check_vocabularies
+from kdistill.teacher.forward import live_teacher
+from kdistill.teacher.responses import load_data
+from kdistill.teacher.roster import load_live_teachers
+from kdistill.teacher.vocabularies import load_vocabularies
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     cfg = load_config(ROOT / "configs" / "cross-tokenizer.yaml", [f"data.max_rows={args.rows}"])
-    vocabs = check_vocabularies(cfg)
+    vocabs = load_vocabularies(cfg)
     ((name, tokenizer),) = vocabs.cross.items()
     data = load_data(cfg, vocabs.tokenizer, None, vocabs.cross)
     rows = data.validation[: args.rows]

@@ -101,8 +101,7 @@ def reset_peak_rss() -> int:
 
 def run_case(case: dict, method: str, chunk_size: int) -> dict:
     """Measure one forward + backward in this process; return peak MB above baseline and ms."""
-    from kdistill.losses import distill_loss_sums
-    from kdistill.teacher.signal import DenseHidden
+    from kdistill.losses import DenseHidden, distill_loss_sums
 
     cuda = torch.cuda.is_available()
     dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)

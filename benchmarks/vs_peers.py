@@ -13,13 +13,13 @@ resident memory is that process's (`ru_maxrss` from `wait4`). Tokens are non-pad
 the same way for both; train time is the training loop only (kdistill's logged window, TRL's
 on_train_begin..on_train_end), and process wall is everything from start to exit (kdistill also
 evaluates before and after and writes a report: its process wall carries that extra work). FLOPs are
-`kdistill.train.flops.step_flops` of the same rows for both; utilisation divides FLOP/s by this
+`kdistill.run.flops.step_flops` of the same rows for both; utilisation divides FLOP/s by this
 machine's matmul peak measured in this run.
 
 Both get the same teacher folder. kdistill, as it does by default (`teacher.compact`), finds that the
 SmolLM2 teacher's fp32 weights are exactly the 4-bit blocks of its GGUF source and keeps them in that
 form, expanding each layer as it runs: the loss on the same batch is checked to stay bit for bit the
-same. Its single-process memory savings (train/prepare.lean_student, the head gradient written into
+same. Its single-process memory savings (run/lean.lean_student, the head gradient written into
 its .grad) are on too, as in any one-process `kdistill train`.
 
 TRL lives in the benchmark's own environment, never as a kdistill dependency:
@@ -286,8 +286,8 @@ def fairness(spec: dict) -> dict:
     from kdistill.data import Collator
     from kdistill.data.tokenize import Tokenized
     from kdistill.models.compact import compact_frozen
-    from kdistill.train.flops import model_shape, step_flops
-    from kdistill.train.forward import LossSettings, StudentHidden, batch_loss
+    from kdistill.objective.batch import LossSettings, StudentLoss
+    from kdistill.run.flops import model_shape, step_flops
 
     work = Path(spec["work"])
     rows = json.loads((work / "tokens.json").read_text())[: spec["batch"]]
@@ -301,7 +301,7 @@ def fairness(spec: dict) -> dict:
     with torch.no_grad():
         ours = Collator(tokenizer.pad_token_id)([Tokenized(r["input_ids"], r["labels"]) for r in rows])
         settings = LossSettings(alpha=1.0, temperature=1.0, divergence="forward_kl")
-        sums, trained = batch_loss(StudentHidden(student), teacher, ours, settings)
+        sums, trained = _kd_loss(StudentLoss(student), teacher, ours, settings)
         collate = DataCollatorForChatML(tokenizer=tokenizer, max_length=spec["max_length"])
         theirs = collate([trl_row(r) for r in rows])  # left-padded, as TRL trains
         logits = [
@@ -313,7 +313,7 @@ def fairness(spec: dict) -> dict:
         )
         # kdistill keeps the teacher's Q4_1-exact weights compact (models/compact.py): the same loss?
         report = compact_frozen(teacher)
-        compact_sums, _ = batch_loss(StudentHidden(student), teacher, ours, settings)
+        compact_sums, _ = _kd_loss(StudentLoss(student), teacher, ours, settings)
     seen = counts(spec)
     flops = step_flops(model_shape(student.requires_grad_(True)), [model_shape(teacher)], **seen)
     return {
@@ -336,11 +336,24 @@ def trl_row(row: dict) -> dict:
     }
 
 
+def _kd_loss(student, teacher, batch: dict, settings, head_grad_scale: float | None = None) -> tuple:
+    """One micro-batch as the training step computes it: the teacher's outputs, then the student's loss
+    sums; and the batch's trained tokens."""
+    from kdistill.data import trained_rows
+    from kdistill.teacher.forward import teacher_outputs
+    from kdistill.teacher.roster import Teacher
+
+    outputs = teacher_outputs([Teacher("teacher", 1.0, model=teacher)], batch, "train", settings.vocab_size)
+    sums = student(batch, outputs, settings, head_grad_scale=head_grad_scale)
+    return sums, int(trained_rows(batch["labels"])[1].numel())
+
+
 def profile(spec: dict) -> dict:
     """Where one kdistill training step's time goes: torch.profiler over a step after a warm-up step.
 
-    The step is what the loop does per window (`batch_loss`, backward, clipping, AdamW), written out
-    here so each part gets its own label; the teacher's share is its own forward, timed apart.
+    The step is what the loop does per window (teacher outputs, the student's loss, backward,
+    clipping, AdamW), written out here so each part gets its own label; the teacher's share is its
+    own forward, timed apart.
     """
     from accelerate import Accelerator
     from torch.profiler import ProfilerActivity, record_function
@@ -350,9 +363,9 @@ def profile(spec: dict) -> dict:
     from kdistill.data import Collator
     from kdistill.data.tokenize import Tokenized
     from kdistill.models.compact import compact_frozen
-    from kdistill.train.forward import LossSettings, StudentHidden, batch_loss
-    from kdistill.train.guards import SkipNonFinite
-    from kdistill.train.prepare import lean_student
+    from kdistill.objective.batch import LossSettings, StudentLoss
+    from kdistill.run.guards import SkipNonFinite
+    from kdistill.run.lean import lean_student
 
     work = Path(spec["work"])
     rows = json.loads((work / "tokens.json").read_text())
@@ -362,7 +375,7 @@ def profile(spec: dict) -> dict:
         Collator(pad)([Tokenized(r["input_ids"], r["labels"]) for r in rows[i : i + size]])
         for i in range(0, size * spec["accum"], size)
     ]
-    student = StudentHidden(AutoModelForCausalLM.from_pretrained(work / "student", dtype=torch.float32))
+    student = StudentLoss(AutoModelForCausalLM.from_pretrained(work / "student", dtype=torch.float32))
     teacher = (
         AutoModelForCausalLM.from_pretrained(work / "teacher", dtype=torch.float32)
         .eval()
@@ -379,8 +392,8 @@ def profile(spec: dict) -> dict:
         for batch in sorted(batches, key=lambda b: -b["input_ids"].numel()):  # the loop's order
             with record_function("kd: teacher forward (inference_mode, timed apart)"), torch.inference_mode():
                 teacher.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            with record_function("kd: batch_loss (teacher + student forward + loss)"):
-                sums, _ = batch_loss(student, teacher, batch, settings, head_grad_scale=scale)
+            with record_function("kd: batch loss (teacher + student forward + loss)"):
+                sums, _ = _kd_loss(student, teacher, batch, settings, head_grad_scale=scale)
             with record_function("kd: backward"):
                 (sums.total * scale).backward()
         with record_function("kd: clip + finite check + AdamW"):
@@ -519,7 +532,7 @@ def main() -> None:
     )
     work = args.work or Path(tempfile.mkdtemp(prefix="kdistill-vs-peers-"))
     work.mkdir(parents=True, exist_ok=True)
-    from kdistill.train.flops import matmul_peak
+    from kdistill.run.flops import matmul_peak
 
     spec_path = work / "spec.json"
     old = json.loads(spec_path.read_text()) if spec_path.is_file() else {}

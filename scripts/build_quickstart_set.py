@@ -13,9 +13,9 @@ import json
 import torch
 
 from kdistill.data.formats import _user_turn
-from kdistill.data.responses import generate
 from kdistill.data.sources import BUILTIN_DIR, read_jsonl
 from kdistill.models.loading import load_model, load_tokenizer, resolve
+from kdistill.teacher.responses import generate
 
 MAX_NEW_TOKENS = 160
 

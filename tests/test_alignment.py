@@ -15,11 +15,11 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from helpers import AlignedText, align_offsets, align_text, mapped_share_of_ids, stack_positions
 from kdistill.errors import KdistillError
-from kdistill.losses.alignment import AlignedText, align_offsets, align_text, stack_positions
+from kdistill.losses import Sparse
 from kdistill.losses.cross_vocab import mapped_divergence, uld_distance
-from kdistill.losses.vocab_map import build_vocab_map, mapped_share_of_ids, token_surfaces
-from kdistill.teacher.signal import Sparse
+from kdistill.losses.vocab_map import build_vocab_map, token_surfaces
 
 TEXT = "the  cat é😀 dog日本"
 

@@ -12,12 +12,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import _build_model, tiny_config, write_config
 from kdistill.cli import main
 from kdistill.config import load_config
-from kdistill.data import Collator
+from kdistill.data import Collator, trained_rows
 from kdistill.losses.divergences import forward_kl
+from kdistill.run.components import build_components
 from kdistill.teacher import cache as cache_module
-from kdistill.teacher.cache_format import bytes_per_token, decode_logprobs, encode
-from kdistill.train.forward import trained_rows
-from kdistill.train.setup import build_components
+from kdistill.teacher.packing import bytes_per_token, decode_logprobs, encode
 
 
 def _config(tmp_path: Path, tiny: dict, name: str = "run.yaml", **sections: dict) -> Path:
@@ -52,7 +51,8 @@ def test_cached_signal_matches_the_live_teacher(tmp_path: Path, tiny: dict) -> N
     assert manifest["complete"] and manifest["header"]["top_k"] == vocab
     cfg = load_config(config)
     parts = build_components(cfg, torch.device("cpu"))
-    assert parts.teacher is None  # training from a cache loads no teacher model
+    # training from a cache loads no teacher model
+    assert next((t.model for t in parts.teachers if t.model is not None), None) is None
     teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"])
     batch = Collator(parts.tokenizer.pad_token_id)(parts.data.train[:4])
     mask, _ = trained_rows(batch["labels"])
@@ -97,8 +97,8 @@ def test_train_from_cache_without_loading_a_teacher(tmp_path: Path, tiny: dict, 
     def no_teacher(*args, **kwargs):
         raise AssertionError("a teacher model was loaded")
 
-    monkeypatch.setattr("kdistill.train.setup.load_teacher", no_teacher)
-    monkeypatch.setattr("kdistill.train.teachers.load_teacher", no_teacher)
+    monkeypatch.setattr("kdistill.run.components.load_teacher", no_teacher)
+    monkeypatch.setattr("kdistill.teacher.roster.load_teacher", no_teacher)
     assert main(["train", str(config)]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["after"]["kl"] < summary["before"]["kl"]

@@ -13,7 +13,7 @@ from torch import nn
 from conftest import tiny_config, write_config
 from kdistill.cli import main
 from kdistill.models.compact import CompactLinear, compact_frozen, expand_q4, q4_parts
-from kdistill.train.flops import model_shape
+from kdistill.run.flops import model_shape
 
 
 def q4_weight(out: int, inp: int, seed: int = 0) -> torch.Tensor:

@@ -17,8 +17,8 @@ from conftest import WORDS, _build_model, tiny_config, write_config
 from kdistill.cli import main
 from kdistill.config import load_config
 from kdistill.data import IGNORE_INDEX, Collator
-from kdistill.train.setup import load_data
-from kdistill.train.vocabs import check_vocabularies
+from kdistill.teacher.responses import load_data
+from kdistill.teacher.vocabularies import load_vocabularies
 
 
 def _build_sp_tokenizer(folder: Path) -> None:
@@ -60,7 +60,7 @@ def test_views_pair_positions_that_predict_the_same_text(
     data = {"max_length": 160}  # room for the teacher's longer tokenization: nothing is cut here
     config = _config(tiny, sp_teacher, tmp_path / "out", data=data)
     cfg = load_config(write_config(tmp_path / "run.yaml", config))
-    vocabs = check_vocabularies(cfg)
+    vocabs = load_vocabularies(cfg)
     assert list(vocabs.cross) == ["teacher"]
     data = load_data(cfg, vocabs.tokenizer, None, vocabs.cross)
     t_tok, s_tok = vocabs.cross["teacher"], vocabs.tokenizer
@@ -138,7 +138,7 @@ def test_cached_cross_teacher_matches_live_and_loads_no_model(
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["header"]["teacher_tokenizer"] is not None
 
-    import kdistill.train.teachers as teachers_module
+    import kdistill.teacher.roster as teachers_module
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("a cached teacher must not be loaded")
@@ -176,9 +176,9 @@ def test_same_and_cross_tokenizer_teachers_together(tiny: dict, sp_teacher: Path
 
 
 def test_aligned_loss_gradient_matches_unchunked(tiny: dict, sp_teacher: Path) -> None:
-    from kdistill.losses.aligned import aligned_kd_sum
+    from kdistill.losses import DenseHidden
+    from kdistill.losses.cross_vocab import aligned_kd_sum
     from kdistill.losses.vocab_map import VocabMap
-    from kdistill.teacher.signal import DenseHidden
 
     torch.manual_seed(0)
     n, hs, ht, vs, vt = 37, 8, 6, 30, 25

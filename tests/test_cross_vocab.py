@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kdistill.losses import Sparse
 from kdistill.losses.cross_vocab import mapped_divergence, uld_distance
 from kdistill.losses.divergences import DIVERGENCES
 from kdistill.losses.vocab_map import VocabMap, mapped_mass_share
-from kdistill.teacher.signal import Sparse
 
 VT, VS, N = 13, 11, 6
 # Teacher 0 and 2 both decode to student 4; teacher 4, 7, 10, 11 and student 5, 6, 8 have no counterpart.

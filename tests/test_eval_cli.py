@@ -125,11 +125,30 @@ def test_eval_skips_benchmarks_without_data(
     tmp_path: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     run = trained_run(tmp_path, tiny, steps=1)
-    monkeypatch.chdir(tmp_path)  # the default ../shared/data/eval is not there
+    monkeypatch.delenv("KDISTILL_EVAL_DATA", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: lm-eval's own tasks cannot be read either
     assert _eval(run, "--rows", "4") == 0
-    assert "no benchmark files at ../shared/data/eval; give --data-dir" in caplog.text
+    assert (
+        "no benchmark data: give --data-dir FOLDER or set KDISTILL_EVAL_DATA=FOLDER (files in the formats of "
+        "docs/eval.md), or run online to use lm-eval's own tasks; benchmarks skipped" in caplog.text
+    )
     result = json.loads((run / "eval.json").read_text())
     assert "benchmarks" not in result and result["held_out"]["rows"] == 4
+    # Asked for by name, benchmarks without data are an error that says how to get it.
+    assert _eval(run, "--rows", "4", "--tasks", "arc_easy") == 2
+
+
+def test_eval_reads_benchmark_files_from_the_environment(
+    tmp_path: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = benchmark_dir(tmp_path / "bench")
+    monkeypatch.setenv("KDISTILL_EVAL_DATA", str(data))
+    out = tmp_path / "eval.json"
+    args = ["--teacher", str(tiny["teacher"]), "--tasks", "arc_easy", "--limit", "2", "--output", str(out)]
+    assert _eval(tiny["student"], *args) == 0
+    result = json.loads(out.read_text())
+    assert result["benchmarks"]["data_dir"] == str(data)
+    assert result["benchmarks"]["tasks"]["arc_easy"]["student"]["n"] == 2
 
 
 def test_eval_errors(tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixture) -> None:

@@ -16,8 +16,8 @@ from kdistill.data import tokenize_examples
 from kdistill.data.formats import to_examples
 from kdistill.eval.metrics import held_out_metrics, kept, mean_rouge_l, rouge_l, top1_matches
 from kdistill.eval.runner import kept_shares, mean_kept, write_json
+from kdistill.losses import Dense, DenseHidden
 from kdistill.models.build import shrink
-from kdistill.teacher.signal import Dense, DenseHidden
 
 pytest.importorskip("rouge_score", reason="rouge-score is not installed (pip install 'kdistill[eval]')")
 

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import tiny_config, write_config
 from kdistill.cli import main
-from kdistill.train.flops import (
+from kdistill.run.flops import (
     ModelShape,
     attention_pairs,
     matmul_peak,
@@ -100,8 +100,8 @@ def test_training_logs_flops_per_second(tmp_path: Path, tiny: dict) -> None:
 
 def test_fused_adamw_keeps_the_losses() -> None:
     # The loop's fused AdamW (a speed-up of issue #7) must train exactly as the plain one does.
-    from kdistill.train.prepare import adamw as _adamw
-    from kdistill.train.prepare import param_groups as _param_groups
+    from kdistill.run.optimizer import adamw as _adamw
+    from kdistill.run.optimizer import param_groups as _param_groups
 
     torch.manual_seed(0)
     batch = torch.randint(0, 10, (2, 6))

@@ -12,9 +12,10 @@ import torch
 
 from conftest import tiny_config, write_config
 from kdistill.cli import main
-from kdistill.eval.quality import shard_batches
-from kdistill.train.guards import HealthMonitor, SkipNonFinite, is_out_of_memory, split_window
-from kdistill.train.signals import StopSignals
+from kdistill.objective.quality import shard_batches
+from kdistill.run.guards import SkipNonFinite, is_out_of_memory, split_window
+from kdistill.run.health import HealthMonitor
+from kdistill.run.stop_signals import StopSignals
 
 
 @pytest.mark.parametrize(
@@ -43,7 +44,7 @@ def test_split_window_keeps_every_row_in_order() -> None:
 
 
 def test_oom_backoff_under_several_processes_says_what_to_resume_with() -> None:
-    from kdistill.train.guards import GuardStop, OomBackoff
+    from kdistill.run.guards import GuardStop, OomBackoff
 
     resets = []
     backoff = OomBackoff(4, processes=2, advice="ADVICE", reset=lambda: resets.append(1))

@@ -18,12 +18,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import _build_model, tiny_config, write_config
+from helpers import batch_loss
 from kdistill.cli import main
 from kdistill.config import DataConfig, validate_config
-from kdistill.data import Collator, build_datasets
+from kdistill.data import Collator, build_datasets, trained_rows
 from kdistill.errors import KdistillError
 from kdistill.losses.hidden import HiddenProjections, hidden_loss_sums, load_projections
-from kdistill.train.forward import LossSettings, StepSums, StudentHidden, Teacher, batch_loss, trained_rows
+from kdistill.objective.batch import LossSettings, StepSums, StudentLoss
+from kdistill.teacher.roster import Teacher
 
 NARROW = 32  # the tiny teacher is 64 wide: every layer pair of this student needs a projection
 
@@ -68,9 +70,9 @@ def test_batch_loss_adds_the_weighted_hidden_term(tiny: dict, narrow: Path, dist
     settings = LossSettings(
         alpha=0.5, temperature=2.0, chunk_size=16, hidden_weight=0.7, hidden_distance=distance
     )
-    sums, count = batch_loss(StudentHidden(student, [projections]), teacher, batch, settings)
+    sums, count = batch_loss(StudentLoss(student, [projections]), teacher, batch, settings)
     plain, _ = batch_loss(
-        StudentHidden(student), teacher, batch, dataclasses.replace(settings, hidden_weight=0)
+        StudentLoss(student), teacher, batch, dataclasses.replace(settings, hidden_weight=0)
     )
 
     # Reference: every layer of both models from a plain forward, compared at the trained rows.
@@ -100,12 +102,12 @@ def test_each_teacher_weighs_its_own_hidden_term(tiny: dict, narrow: Path, tmp_p
         HiddenProjections([(2, 1), (4, 2)], NARROW, 64),
         HiddenProjections([(2, 1), (3, 2)], NARROW, 64),
     ]
-    student = StudentHidden(AutoModelForCausalLM.from_pretrained(narrow), projections)
+    student = StudentLoss(AutoModelForCausalLM.from_pretrained(narrow), projections)
     batch = _batch(tiny)
     settings = LossSettings(alpha=0.5, temperature=2.0, hidden_weight=1.0)
     sums, _ = batch_loss(student, teachers, batch, settings)
     alone = [
-        batch_loss(StudentHidden(student.model, [p]), [Teacher(t.name, 1.0, model=t.model)], batch, settings)
+        batch_loss(StudentLoss(student.model, [p]), [Teacher(t.name, 1.0, model=t.model)], batch, settings)
         for p, t in zip(projections, teachers)
     ]
     alone = [sums_alone for sums_alone, _ in alone]
@@ -160,13 +162,13 @@ def test_hidden_loss_falls_and_projections_are_saved_beside_the_student(
     batch = _batch(tiny, rows=16)
     settings = LossSettings(alpha=0.5, temperature=2.0, hidden_weight=1.0, hidden_distance="cosine")
     with torch.no_grad():
-        trained = float(batch_loss(StudentHidden(student, [saved]), teacher, batch, settings)[0].hidden)
+        trained = float(batch_loss(StudentLoss(student, [saved]), teacher, batch, settings)[0].hidden)
         fresh = []
         for seed in range(3):
             torch.manual_seed(seed)
             projections = HiddenProjections(saved.pairs, NARROW, 64)
             fresh.append(
-                float(batch_loss(StudentHidden(student, [projections]), teacher, batch, settings)[0].hidden)
+                float(batch_loss(StudentLoss(student, [projections]), teacher, batch, settings)[0].hidden)
             )
     assert trained < 0.9 * min(fresh), (trained, fresh)
 
@@ -183,9 +185,9 @@ def test_resume_with_hidden_continues_exactly(
     code, straight = _run(tmp_path / "a", tiny, **sections)
     assert code == 0
 
-    import kdistill.train.loop as loop
+    import kdistill.run.loop as loop
 
-    real_step, calls = loop._optimizer_step, {"n": 0}
+    real_step, calls = loop.optimizer_step, {"n": 0}
 
     def dies_at_7(*args, **kwargs):
         calls["n"] += 1
@@ -193,13 +195,13 @@ def test_resume_with_hidden_continues_exactly(
             raise KeyboardInterrupt  # as if the process were stopped mid-run
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "_optimizer_step", dies_at_7)
+    monkeypatch.setattr(loop, "optimizer_step", dies_at_7)
     (tmp_path / "b").mkdir()
     assert _run(tmp_path / "b", tiny, **sections)[0] == 130
     checkpoints = tmp_path / "b" / "out" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000003", "step-0000006"]
     assert (checkpoints / "step-0000006" / "hidden_projections.safetensors").is_file()
-    monkeypatch.setattr(loop, "_optimizer_step", real_step)
+    monkeypatch.setattr(loop, "optimizer_step", real_step)
     code, resumed = _run(tmp_path / "b", tiny, "--resume", **sections)
     assert code == 0
     for name in ("model.safetensors", "hidden_projections.safetensors"):

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from kdistill.errors import KdistillError
-from kdistill.losses import DIVERGENCES, chunked, distill_loss_sums
-from kdistill.teacher.signal import Dense, DenseHidden, Sparse
+from kdistill.losses import DIVERGENCES, Dense, DenseHidden, Sparse, chunked, distill_loss_sums
 
 N, H, V, K = 29, 16, 97, 7
 PARAMS = {"jsd": {"beta": 0.3}, "skew_kl": {"skew": 0.2}, "skew_reverse_kl": {"skew": 0.2}}
@@ -199,10 +198,8 @@ def test_chunks_are_capped_on_cpu(signal, monkeypatch):
     # On CPU no chunk's logits exceed _CPU_CHUNK_BYTES, whatever chunk_size says: 4-row chunks here.
     monkeypatch.setattr(chunked, "_CPU_CHUNK_BYTES", 4 * V * 4)
     calls = []
-    real = chunked._chunk_loss_
-    monkeypatch.setattr(
-        chunked, "_chunk_loss_", lambda logits, *a: calls.append(len(logits)) or real(logits, *a)
-    )
+    real = chunked._block_rows  # called once per chunk, with the chunk's logits
+    monkeypatch.setattr(chunked, "_block_rows", lambda logits: calls.append(len(logits)) or real(logits))
     check_against_reference("forward_kl", signal, 512, torch.float32, 2.0, None, rtol=1e-5, atol=1e-5)
     assert max(calls) == 4 and len(calls) > 1
 

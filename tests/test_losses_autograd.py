@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdistill.losses import distill_loss_sums
-from kdistill.teacher.signal import Dense, DenseHidden, Sparse
+from kdistill.losses import Dense, DenseHidden, Sparse, distill_loss_sums
 
 N, H, V = 24, 16, 64
 KW = dict(kd_weight=1.5, ce_weight=0.5, temperature=2.0)

@@ -13,7 +13,7 @@ from kdistill.config import StudentConfig, TeacherConfig
 from kdistill.errors import KdistillError
 from kdistill.models.build import build_student, keep_indices, load_teacher, shrink
 from kdistill.models.loading import resolve
-from kdistill.models.vocab import shared_vocab_size
+from kdistill.teacher.vocabularies import shared_vocab_size
 
 CPU = torch.device("cpu")
 

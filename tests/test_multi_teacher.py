@@ -11,13 +11,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import _build_model, tiny_config, write_config
 from kdistill.cli import main
-from kdistill.data import Collator
-from kdistill.losses import distill_loss_sums
+from kdistill.data import Collator, trained_rows
+from kdistill.losses import Dense, Ensemble, Sparse, distill_loss_sums
 from kdistill.losses.divergences import DIVERGENCES
 from kdistill.losses.ensemble import ensemble_divergence
-from kdistill.teacher.signal import Dense, Ensemble, Sparse
-from kdistill.train.forward import trained_rows
-from kdistill.train.setup import build_components
+from kdistill.run.components import build_components
 
 
 def _logits(n: int = 12, v: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

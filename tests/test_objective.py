@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from helpers import batch_loss
 from kdistill.data import IGNORE_INDEX, Collator, Tokenized
 from kdistill.data.formats import Example
 from kdistill.data.tokenize import tokenize_examples
-from kdistill.train.forward import LossSettings, StudentHidden, batch_loss
+from kdistill.objective.batch import LossSettings, StudentLoss
 
 
 def _batch(tiny: dict[str, Path]) -> dict[str, torch.Tensor]:
@@ -52,7 +53,7 @@ def test_batch_loss_matches_full_logit_reference(tiny: dict[str, Path]) -> None:
     want = {k: p.grad.clone() for k, p in student.named_parameters()}
     student.zero_grad()
     sums, count = batch_loss(
-        StudentHidden(student), teacher, batch, LossSettings(alpha=0.3, temperature=2.5, chunk_size=7)
+        StudentLoss(student), teacher, batch, LossSettings(alpha=0.3, temperature=2.5, chunk_size=7)
     )
     (sums.total / count).backward()
     assert count == n == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -64,7 +65,7 @@ def test_batch_loss_matches_full_logit_reference(tiny: dict[str, Path]) -> None:
 def test_plain_fine_tuning_is_cross_entropy(tiny: dict[str, Path]) -> None:
     student = AutoModelForCausalLM.from_pretrained(tiny["student"])
     batch = _batch(tiny)
-    sums, n = batch_loss(StudentHidden(student), None, batch, LossSettings(alpha=0.0, temperature=1.0))
+    sums, n = batch_loss(StudentLoss(student), None, batch, LossSettings(alpha=0.0, temperature=1.0))
     hf = student(**batch).loss  # transformers' own mean CE over the same labels
     torch.testing.assert_close(sums.total / n, hf.detach(), rtol=1e-5, atol=1e-6)
 
@@ -77,8 +78,8 @@ def test_padding_does_not_change_the_loss(tiny: dict[str, Path]) -> None:
     row = {k: v[1:] for k, v in batch.items()}
     n1 = int(row["attention_mask"].sum())
     trimmed = {k: v[:, :n1] for k, v in row.items()}
-    padded, _ = batch_loss(StudentHidden(student), teacher, row, settings)
-    alone, _ = batch_loss(StudentHidden(student), teacher, trimmed, settings)
+    padded, _ = batch_loss(StudentLoss(student), teacher, row, settings)
+    alone, _ = batch_loss(StudentLoss(student), teacher, trimmed, settings)
     torch.testing.assert_close(padded.total, alone.total, rtol=1e-5, atol=1e-5)
 
 
@@ -88,19 +89,20 @@ def test_tokenized_rows_have_no_label_at_position_zero_that_counts() -> None:
 
 
 def test_held_out_quality_reuses_the_teacher_output(tiny: dict[str, Path]) -> None:
-    from kdistill.eval.quality import held_out_quality
+    from helpers import as_teachers
+    from kdistill.objective.quality import held_out_quality
 
     teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"]).eval()
-    student = StudentHidden(AutoModelForCausalLM.from_pretrained(tiny["student"]))
+    student = StudentLoss(AutoModelForCausalLM.from_pretrained(tiny["student"]))
     batches = [_batch(tiny), _batch(tiny)]
     cache: dict = {}
     calls = {"n": 0}
     hook = teacher.model.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
-    first = held_out_quality(student, teacher, batches, chunk_size=5, teacher_cache=cache)
+    first = held_out_quality(student, as_teachers(teacher), batches, chunk_size=5, memo=cache)
     assert sorted(cache) == [0, 1] and calls["n"] == 2
     calls["n"] = 0
-    second = held_out_quality(student, teacher, batches, chunk_size=5, teacher_cache=cache)
+    second = held_out_quality(student, as_teachers(teacher), batches, chunk_size=5, memo=cache)
     hook.remove()
     assert calls["n"] == 0 and second == first
-    plain = held_out_quality(student, teacher, batches, chunk_size=None)
+    plain = held_out_quality(student, as_teachers(teacher), batches, chunk_size=None)
     assert abs(plain["kl"] - first["kl"]) < 1e-5 and abs(plain["ppl"] - first["ppl"]) < 1e-3 * first["ppl"]

@@ -14,8 +14,8 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from conftest import SHARED_DATA
-from kdistill.losses.alignment import align_text, aligned_share
-from kdistill.losses.vocab_map import build_vocab_map, mapped_share_of_ids
+from helpers import align_text, aligned_share, mapped_share_of_ids
+from kdistill.losses.vocab_map import build_vocab_map
 
 TOKENIZERS = SHARED_DATA / "tokenizers"
 DOLLY = SHARED_DATA / "instruct" / "dolly-validation.jsonl"

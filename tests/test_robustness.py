@@ -18,10 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import kdistill.train.loop as loop
+import kdistill.run.loop as loop
 from conftest import tiny_config, write_config
 from kdistill.cli import main
-from kdistill.train.checkpoint import latest_checkpoint
+from kdistill.objective.batch import StudentLoss
+from kdistill.run.checkpoint import latest_checkpoint
 
 # 10 steps an epoch: the run crosses two epoch boundaries, so a resume must also get the epoch order right.
 TRAINING = {"max_steps": 36, "save_steps": 4, "save_total_limit": 2}
@@ -125,7 +126,7 @@ def test_sigterm_checkpoints_the_current_step_and_says_how_to_resume(
 def test_sigint_finishes_the_step_then_checkpoints(
     tmp_path: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    real_step, calls = loop._optimizer_step, {"n": 0}
+    real_step, calls = loop.optimizer_step, {"n": 0}
 
     def ctrl_c_during_step_5(*args, **kwargs):
         calls["n"] += 1
@@ -133,7 +134,7 @@ def test_sigint_finishes_the_step_then_checkpoints(
             signal.raise_signal(signal.SIGINT)  # as Ctrl-C would, in the middle of the step
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "_optimizer_step", ctrl_c_during_step_5)
+    monkeypatch.setattr(loop, "optimizer_step", ctrl_c_during_step_5)
     config, out = _config(tmp_path, tiny)
     # Whatever was installed before (a shell ignores SIGINT in background jobs), it comes back after.
     before = signal.getsignal(signal.SIGINT)
@@ -150,7 +151,7 @@ def test_sigint_finishes_the_step_then_checkpoints(
 def test_partial_checkpoints_are_never_resumed_from(
     tmp_path: Path, tiny: dict, straight: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_step, calls = loop._optimizer_step, {"n": 0}
+    real_step, calls = loop.optimizer_step, {"n": 0}
 
     def dies_at_10(*args, **kwargs):
         calls["n"] += 1
@@ -158,10 +159,10 @@ def test_partial_checkpoints_are_never_resumed_from(
             raise KeyboardInterrupt  # a crash without a checkpoint: the newest one is step 8
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "_optimizer_step", dies_at_10)
+    monkeypatch.setattr(loop, "optimizer_step", dies_at_10)
     config, out = _config(tmp_path, tiny)
     assert main(["train", str(config)]) == 130
-    monkeypatch.setattr(loop, "_optimizer_step", real_step)
+    monkeypatch.setattr(loop, "optimizer_step", real_step)
     folder = out / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["step-0000004", "step-0000008"]
     # A run killed while writing step 9 leaves step-0000009.tmp, complete but for the rename.
@@ -183,17 +184,19 @@ def test_resume_without_a_checkpoint_starts_over_cleanly(tmp_path: Path, tiny: d
 
 
 def _oom_after(calls: int, rows_over: int, error: Exception, monkeypatch: pytest.MonkeyPatch) -> dict:
-    """Make `batch_loss` fail on micro-batches of more than `rows_over` rows from call `calls` on."""
-    real, seen = loop.batch_loss, {"n": 0, "failed": 0}
+    """Make the training step's batch loss fail on micro-batches of more than `rows_over` rows from
+    call `calls` on (held-out passes, which run without gradients, are not counted)."""
+    real, seen = StudentLoss.forward, {"n": 0, "failed": 0}
 
-    def batch_loss(student, teacher, batch, settings, **kwargs):
-        seen["n"] += 1
-        if seen["n"] >= calls and len(batch["input_ids"]) > rows_over:
-            seen["failed"] += 1
-            raise error
-        return real(student, teacher, batch, settings, **kwargs)
+    def batch_loss(self, batch, teachers, settings, **kwargs):
+        if torch.is_grad_enabled():
+            seen["n"] += 1
+            if seen["n"] >= calls and len(batch["input_ids"]) > rows_over:
+                seen["failed"] += 1
+                raise error
+        return real(self, batch, teachers, settings, **kwargs)
 
-    monkeypatch.setattr(loop, "batch_loss", batch_loss)
+    monkeypatch.setattr(StudentLoss, "forward", batch_loss)
     return seen
 
 
@@ -208,7 +211,7 @@ def test_out_of_memory_halves_the_micro_batch_and_retries_the_step(
     config, full = _config(tmp_path, tiny, "full", training=OOM_TRAINING)
     assert main(["train", str(config)]) == 0
 
-    real_batch_loss = loop.batch_loss
+    real_batch_loss = StudentLoss.forward
     # Step 3's second micro-batch fails after the first one's backward: its gradient must not count twice.
     error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     seen = _oom_after(6, 2, error, monkeypatch)
@@ -227,11 +230,12 @@ def test_out_of_memory_halves_the_micro_batch_and_retries_the_step(
     # Resumed from step 5, the run keeps the micro-batch it backed off to (no OOM is injected now).
     rows = []
 
-    def counting(student, teacher, batch, settings, **kwargs):
-        rows.append(len(batch["input_ids"]))
-        return real_batch_loss(student, teacher, batch, settings, **kwargs)
+    def counting(self, batch, teachers, settings, **kwargs):
+        if torch.is_grad_enabled():
+            rows.append(len(batch["input_ids"]))
+        return real_batch_loss(self, batch, teachers, settings, **kwargs)
 
-    monkeypatch.setattr(loop, "batch_loss", counting)
+    monkeypatch.setattr(StudentLoss, "forward", counting)
     assert main(["train", str(config), "--resume"]) == 0
     assert rows and max(rows) == 2
     _assert_same_run(full, backed_off)
@@ -265,13 +269,13 @@ def test_other_errors_are_not_mistaken_for_out_of_memory(
 
 def _nan_loss_on_steps(steps: set[int], monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     """NaN losses on the given steps (one micro-batch a step); returns what each step saw."""
-    real_loss, real_step, seen = loop.batch_loss, loop._optimizer_step, []
+    real_loss, real_step, seen = StudentLoss.forward, loop.optimizer_step, []
 
     def batch_loss(*args, **kwargs):
-        sums, n = real_loss(*args, **kwargs)
-        if len(seen) in steps:
+        sums = real_loss(*args, **kwargs)
+        if torch.is_grad_enabled() and len(seen) in steps:
             sums.total, sums.kd = sums.total * float("nan"), sums.kd * float("nan")
-        return sums, n
+        return sums
 
     def optimizer_step(accelerator, student, teacher, window, settings, optimizer, max_grad_norm):
         seen.append({"before": [p.detach().clone() for p in student.parameters()]})
@@ -281,8 +285,8 @@ def _nan_loss_on_steps(steps: set[int], monkeypatch: pytest.MonkeyPatch) -> list
         seen[-1]["grads"] = [p.grad for p in student.parameters()]
         return stats
 
-    monkeypatch.setattr(loop, "batch_loss", batch_loss)
-    monkeypatch.setattr(loop, "_optimizer_step", optimizer_step)
+    monkeypatch.setattr(StudentLoss, "forward", batch_loss)
+    monkeypatch.setattr(loop, "optimizer_step", optimizer_step)
     return seen
 
 

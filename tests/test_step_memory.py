@@ -11,10 +11,10 @@ import torch
 from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kdistill.losses import distill_loss_sums
-from kdistill.teacher.signal import Dense
-from kdistill.train.forward import LossSettings, StudentHidden, batch_loss
-from kdistill.train.prepare import sparse_tied_embedding
+from helpers import batch_loss
+from kdistill.losses import Dense, distill_loss_sums
+from kdistill.objective.batch import LossSettings, StudentLoss
+from kdistill.run.lean import sparse_tied_embedding
 
 V = 96
 
@@ -49,7 +49,7 @@ def _grads(student, teacher, window, direct: bool) -> dict[str, torch.Tensor]:
     scale = 1.0 / sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
     for batch in window:
         sums, _ = batch_loss(
-            StudentHidden(student), teacher, batch, settings, head_grad_scale=scale if direct else None
+            StudentLoss(student), teacher, batch, settings, head_grad_scale=scale if direct else None
         )
         (sums.total * scale).backward()
     return {name: p.grad.clone() for name, p in student.named_parameters()}
@@ -104,7 +104,7 @@ def test_backward_must_use_the_promised_factor() -> None:
 def test_lean_gated_mlps_give_the_same_gradients_with_fewer_saved_tensors() -> None:
     import copy
 
-    from kdistill.train.swiglu import lean_gated_mlps
+    from kdistill.run.lean import lean_gated_mlps
 
     student, _ = _models()
     lean = copy.deepcopy(student)
@@ -128,7 +128,7 @@ def test_lean_gated_mlps_give_the_same_gradients_with_fewer_saved_tensors() -> N
 
 
 def test_lean_student_applies_both_savings_in_one_process() -> None:
-    from kdistill.train.prepare import lean_student
+    from kdistill.run.lean import lean_student
 
     student, _ = _models()
     lean_student(student, Accelerator(cpu=True))

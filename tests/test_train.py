@@ -15,7 +15,7 @@ from conftest import tiny_config, write_config
 from kdistill.cli import main
 from kdistill.config import load_config
 from kdistill.data.formats import Example
-from kdistill.data.responses import with_teacher_responses
+from kdistill.teacher.responses import with_teacher_responses
 
 
 def _run(tmp_path: Path, tiny: dict, *args: str, **sections: dict) -> tuple[int, Path]:
@@ -85,9 +85,9 @@ def test_resume_continues_exactly(tmp_path: Path, tiny: dict, monkeypatch: pytes
     code, straight = _run(tmp_path / "a", tiny, training=training)
     assert code == 0
 
-    import kdistill.train.loop as loop
+    import kdistill.run.loop as loop
 
-    real_step, calls = loop._optimizer_step, {"n": 0}
+    real_step, calls = loop.optimizer_step, {"n": 0}
 
     def dies_at_13(*args, **kwargs):
         calls["n"] += 1
@@ -95,12 +95,12 @@ def test_resume_continues_exactly(tmp_path: Path, tiny: dict, monkeypatch: pytes
             raise KeyboardInterrupt  # as if the process were stopped mid-run
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "_optimizer_step", dies_at_13)
+    monkeypatch.setattr(loop, "optimizer_step", dies_at_13)
     (tmp_path / "b").mkdir()
     assert _run(tmp_path / "b", tiny, training=training)[0] == 130
     interrupted = tmp_path / "b" / "out"
     assert sorted(p.name for p in (interrupted / "checkpoints").iterdir()) == ["step-0000006", "step-0000012"]
-    monkeypatch.setattr(loop, "_optimizer_step", real_step)
+    monkeypatch.setattr(loop, "optimizer_step", real_step)
     code, resumed = _run(tmp_path / "b", tiny, "--resume", training=training)
     assert code == 0
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
@@ -138,7 +138,7 @@ def test_lora_student_exports_adapter_and_merged_model(tmp_path: Path, tiny: dic
 def test_teacher_responses_are_generated_once(tiny: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoTokenizer
 
-    import kdistill.data.responses as responses
+    import kdistill.teacher.responses as responses
 
     teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"]).eval()
     tok = AutoTokenizer.from_pretrained(tiny["teacher"])
@@ -213,7 +213,7 @@ def test_help_texts_list_the_commands(capsys: pytest.CaptureFixture) -> None:
 def test_length_grouped_batches_cover_every_row_once_with_less_padding() -> None:
     import random
 
-    from kdistill.train.loop import length_grouped_batches
+    from kdistill.run.batches import length_grouped_batches
 
     lengths = [random.Random(i).randint(5, 300) for i in range(203)]
     batches = length_grouped_batches(lengths, batch_size=4, seed=3)

@@ -7,8 +7,10 @@ import logging
 import os
 import shlex
 import sys
+from pathlib import Path
 
 from kdistill.errors import KdistillError
+from kdistill.files import RunFiles
 
 EPILOG = (
     "Configs: see configs/quickstart.yaml and the README. Any key can be overridden with --set a.b=value."
@@ -61,7 +63,11 @@ def _eval_commands(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("target", help=target_help)
     ev.add_argument("--teacher", help="teacher model (default: the run's teacher)")
     ev.add_argument("--validation", help="held-out data file (default: the run's held-out rows)")
-    ev.add_argument("--data-dir", help=f"benchmark files (default {DEFAULT_EVAL_DATA}, skipped if absent)")
+    ev.add_argument(
+        "--data-dir",
+        help="folder of benchmark files (default: $KDISTILL_EVAL_DATA, else lm-eval's own tasks when online; "
+        "without either the benchmarks are skipped, saying how to get the data)",
+    )
     ev.add_argument("--tasks", default="all", help="comma-separated benchmark tasks, 'all' or 'none'")
     ev.add_argument("--limit", type=_limit, default=200, help="items per task, or 'all' (default 200)")
     ev.add_argument("--num-fewshot", type=int, help="few-shot examples per benchmark prompt (default 0)")
@@ -112,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from kdistill.config import load_config
-    from kdistill.train.loop import train
-    from kdistill.train.signals import Interrupted
+    from kdistill.eval.report import report_after_training
+    from kdistill.run.loop import train
+    from kdistill.run.stop_signals import Interrupted
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -124,21 +131,20 @@ def _train(args: argparse.Namespace) -> int:
         return 128 + stop.signum  # the shell's code for a process ended by that signal
     if _rank() > 0:
         return 0
+    report_after_training(Path(summary.output_dir))  # report.md / report.html: config, loss curves, tables
     print(f"\nstudent written to {summary.output_dir} after {summary.steps} steps in {summary.seconds:.0f} s")
     print(_quality_table(summary.before, summary.after))
     return 0
 
 
 def _cache(args: argparse.Namespace) -> int:
-    import torch
-
     from kdistill.config import load_config
-    from kdistill.teacher.cache_format import bytes_per_token
-    from kdistill.train.teachers import cache_teachers
+    from kdistill.models.parts import default_device
+    from kdistill.teacher.packing import bytes_per_token
+    from kdistill.teacher.precompute import cache_teachers
 
     cfg = load_config(args.config, args.overrides)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for name, manifest in cache_teachers(cfg, device):
+    for name, manifest in cache_teachers(cfg, default_device()):
         header = manifest["header"]
         tokens = sum(s["tokens"] for s in manifest["splits"].values())
         size = sum(sh["bytes"] for s in manifest["splits"].values() for sh in s["shards"])
@@ -153,7 +159,7 @@ def _cache(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from kdistill.config import load_config
-    from kdistill.train.setup import validate_run
+    from kdistill.run.validate import validate_run
 
     cfg = load_config(args.config, args.overrides)
     for line in validate_run(cfg):
@@ -173,9 +179,6 @@ def _resume_command(args: argparse.Namespace) -> str:
     return " ".join(["kdistill train", shlex.quote(args.config), *sets, "--resume"])
 
 
-DEFAULT_EVAL_DATA = "../shared/data/eval"
-
-
 def _limit(text: str) -> int | None:
     if text == "all":
         return None
@@ -185,21 +188,21 @@ def _limit(text: str) -> int | None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from kdistill.eval.load import load_eval_models
     from kdistill.eval.runner import EvalSettings, evaluate, write_json
     from kdistill.eval.tables import eval_table, text_table
-    from kdistill.eval.tasks import parse_tasks
+    from kdistill.eval.tasks import NO_DATA, benchmark_source, parse_tasks
 
     tasks = parse_tasks(args.tasks)
-    data_dir = args.data_dir or DEFAULT_EVAL_DATA
-    if tasks and not args.data_dir and not Path(data_dir).is_dir():
-        logging.getLogger("kdistill").warning("no benchmark files at %s; give --data-dir", data_dir)
+    source = benchmark_source(args.data_dir) if tasks else None
+    if tasks and source is None:
+        if args.tasks != "all":  # asked for by name: an error; by default: the held-out part still runs
+            raise KdistillError(NO_DATA)
+        logging.getLogger("kdistill").warning("%s; benchmarks skipped", NO_DATA)
         tasks = []
     models = load_eval_models(args.target, args.teacher, args.validation)
     settings = EvalSettings(
-        tuple(tasks), data_dir, args.limit, args.rows, args.rouge_rows, args.generations,
+        tuple(tasks), source, args.limit, args.rows, args.rouge_rows, args.generations,
         args.max_new_tokens, args.batch_size, args.num_fewshot,
     )  # fmt: skip
     result = evaluate(models, settings)
@@ -209,7 +212,7 @@ def _eval(args: argparse.Namespace) -> int:
             if who in shown:
                 print(f"--- {who}: {shown[who][:400]}")
     print("\n" + text_table(eval_table(result)))
-    output = args.output or (models.run_dir / "eval.json" if models.run_dir else None)
+    output = args.output or (models.run_dir / RunFiles.EVAL if models.run_dir else None)
     if output:
         write_json(result, Path(output))
         print(f"\nwritten to {output}")
@@ -217,8 +220,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from kdistill.eval.bench import BenchSettings, bench
     from kdistill.eval.load import run_folder
     from kdistill.eval.runner import write_json
@@ -228,7 +229,7 @@ def _bench(args: argparse.Namespace) -> int:
     result = bench(args.target, args.teacher, settings)
     print(text_table(bench_table(result)))
     run_dir = run_folder(args.target)
-    output = args.output or (run_dir / "bench.json" if run_dir else None)
+    output = args.output or (run_dir / RunFiles.BENCH if run_dir else None)
     if output:
         write_json(result, Path(output))
         print(f"\nwritten to {output}")

@@ -1,10 +1,28 @@
-"""Writing a file so that no reader, and no crash, ever sees half of it."""
+"""Files kdistill writes: atomic writes, the names inside a run folder, and the user cache folder."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
 from pathlib import Path
+
+
+class RunFiles:
+    """The names of what a run folder holds, defined once for training, evaluation and the report."""
+
+    CONFIG = "kdistill_config.yaml"  # the resolved config: what makes a folder a run folder
+    METRICS = "metrics.jsonl"
+    SUMMARY = "summary.json"
+    CHECKPOINTS = "checkpoints"
+    EVAL = "eval.json"
+    BENCH = "bench.json"
+    REPORT_MD = "report.md"
+    REPORT_HTML = "report.html"
+
+
+def cache_root() -> Path:
+    """kdistill's own cache (converted GGUF models, teacher responses): `$KDISTILL_CACHE` or ~/.cache."""
+    return Path(os.environ.get("KDISTILL_CACHE", Path.home() / ".cache" / "kdistill"))
 
 
 def save_atomic(path: Path, write: Callable[[Path], object]) -> None:

@@ -1,14 +1,8 @@
 """Run configuration: pydantic models, loaded from YAML/JSON with `--set` overrides."""
 
 from kdistill.config.load import load_config, save_config, validate_config
-from kdistill.config.schema import (
-    DataConfig,
-    LossConfig,
-    RunConfig,
-    StudentConfig,
-    TeacherConfig,
-    TrainingConfig,
-)
+from kdistill.config.schema import DataConfig, RunConfig, StudentConfig, TeacherConfig
+from kdistill.config.training import LossConfig, TrainingConfig
 
 __all__ = [
     "DataConfig",

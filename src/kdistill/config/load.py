@@ -14,7 +14,8 @@ from kdistill.config.schema import RunConfig
 from kdistill.errors import KdistillError
 from kdistill.files import write_atomic
 
-# The guide's seed script keeps everything in one flat dict; these are its keys and where they live here.
+# The seed script of the KD guide behind configs/seed.yaml keeps everything in one flat dict; these are
+# its keys and where they live here.
 _FLAT_KEYS = {
     "teacher_model": ("teacher", "model"),
     "student_model": ("student", "model"),
@@ -69,7 +70,7 @@ def _read_file(path: Path) -> dict[str, Any]:
 
 
 def _nest_flat_keys(raw: dict[str, Any]) -> dict[str, Any]:
-    """Move the guide's flat top-level keys into their sections."""
+    """Move the seed script's flat top-level keys into their sections."""
     nested = {k: v for k, v in raw.items() if k not in _FLAT_KEYS and k not in _TRAINING_KEYS}
     for key, value in raw.items():
         if key in _FLAT_KEYS:

@@ -8,10 +8,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from kdistill.config import DataConfig
-from kdistill.data.cross import teacher_view
+from kdistill.data.alignment import teacher_view
 from kdistill.data.formats import Example, detect_format, to_examples
 from kdistill.data.sources import load_rows
-from kdistill.data.tokenize import IGNORE_INDEX, Collator, Tokenized, tokenize_examples
+from kdistill.data.tokenize import IGNORE_INDEX, Collator, Tokenized, tokenize_examples, trained_rows
 from kdistill.errors import KdistillError
 
 __all__ = [
@@ -23,7 +23,9 @@ __all__ = [
     "build_datasets",
     "load_examples",
     "tokenize_examples",
+    "split_examples",
     "tokenize_with_views",
+    "trained_rows",
 ]
 
 
@@ -52,7 +54,7 @@ def build_datasets(
 
     `respond` replaces responses by the teacher's (`data.responses: teacher`); the caller builds it
     so that this package never loads a model. `teacher_tokenizers` names the teachers whose
-    tokenizer differs from the student's: each row then carries their aligned views (`data.cross`).
+    tokenizer differs from the student's: each row then carries their aligned views (`data.alignment`).
     """
     train, fmt = load_examples(cfg.source, cfg.split, cfg.format)
     if cfg.max_rows:
@@ -60,7 +62,7 @@ def build_datasets(
     if cfg.validation_source:
         validation, _ = load_examples(cfg.validation_source, "validation", cfg.format)
     else:
-        train, validation = _split(train, cfg.validation_size, seed, cfg.source)
+        train, validation = split_examples(train, cfg.validation_size, seed, cfg.source)
     if respond is not None:
         train = respond(train)
     views = teacher_tokenizers or {}
@@ -92,9 +94,10 @@ def tokenize_with_views(
     return rows, dropped
 
 
-def _split(
+def split_examples(
     examples: list[Example], size: float, seed: int, source: str
 ) -> tuple[list[Example], list[Example]]:
+    """`(train, held out)`: `size` rows (a share below 1, else a count) drawn with `seed`."""
     count = int(size) if size >= 1 else max(1, round(size * len(examples)))
     if count >= len(examples):
         raise KdistillError(

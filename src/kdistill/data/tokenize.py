@@ -8,8 +8,26 @@ from typing import Any
 import torch
 
 from kdistill.data.formats import Example
+from kdistill.errors import KdistillError
 
 IGNORE_INDEX = -100  # label value that cross-entropy (and every kdistill loss) skips
+
+
+def trained_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask `(B, T-1)` of positions whose next token trains, and those targets `(N,)`."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    return mask, targets[mask]
+
+
+def require_fast(tokenizer: Any, role: str, why: str) -> None:
+    """Refuse a slow tokenizer where character offsets or per-token surfaces are needed (`why`)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise KdistillError(
+            f"the {role} tokenizer ({type(tokenizer).__name__}) is not a fast tokenizer: {why}, which only "
+            "fast tokenizers (tokenizer.json) provide"
+        )
+
 
 PLAIN_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
@@ -19,7 +37,7 @@ class Tokenized:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX on the prompt; the response's own ids elsewhere
     index: int = -1  # position in its split: how a teacher cache finds this row's tokens
-    # Per teacher with another tokenizer (by name): its tokens and the aligned positions (`data.cross`).
+    # Per teacher with another tokenizer (by name): its tokens and the aligned positions (`data.alignment`).
     views: dict[str, Any] | None = None
 
 

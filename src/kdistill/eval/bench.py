@@ -28,9 +28,9 @@ import torch
 
 from kdistill.config import load_config
 from kdistill.errors import KdistillError
-from kdistill.eval.load import CONFIG_NAME, load_bench_teacher, run_folder
-
-BENCH_NAME = "bench.json"
+from kdistill.eval.load import load_bench_teacher, run_folder
+from kdistill.files import RunFiles
+from kdistill.models.parts import default_device, for_inference
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def load_bench_specs(target: str, teacher: str | None, scratch: Path) -> dict[st
     from kdistill.config import TeacherConfig
 
     run_dir = run_folder(target)
-    cfg = load_config(run_dir / CONFIG_NAME) if run_dir else None
+    cfg = load_config(run_dir / RunFiles.CONFIG) if run_dir else None
     teacher_cfg = TeacherConfig(model=teacher) if teacher else (cfg.teacher if cfg else None)
     specs: dict[str, dict[str, Any]] = {}
     if teacher_cfg is not None:
@@ -134,15 +134,14 @@ def _load(spec: dict[str, Any], device: torch.device) -> Any:
     from kdistill.models.build import pick_dtype
     from kdistill.models.loading import load_model, resolve
 
-    model = load_model(resolve(spec["folder"]), pick_dtype("auto", device), device)
-    model.eval().requires_grad_(False)
-    model.config.use_cache = True
-    return model
+    return for_inference(
+        load_model(resolve(spec["folder"]), pick_dtype("auto", device), device), generate=True
+    )
 
 
 def measure(spec: dict[str, Any], settings: BenchSettings) -> dict[str, Any]:
     """Load one model and measure it (run in a fresh process by `bench`)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     started = time.perf_counter()
     model = _load(spec, device)
     loaded = time.perf_counter() - started

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from kdistill.errors import KdistillError
-from kdistill.eval.tasks import task_configs
+from kdistill.eval.tasks import LM_EVAL_HUB, LM_EVAL_NAMES, task_configs
 
 log = logging.getLogger("kdistill")
 
@@ -30,7 +30,7 @@ def run_benchmarks(
     model: Any,
     tokenizer: Any,
     tasks: list[str],
-    data_dir: str | Path,
+    source: str | Path,
     limit: int | None = None,
     batch_size: int = 16,
     num_fewshot: int | None = None,
@@ -38,21 +38,24 @@ def run_benchmarks(
 ) -> dict[str, dict[str, float]]:
     """Accuracies of `model` on `tasks`: `{task: {"acc", "acc_stderr", ["acc_norm", ...], "n"}}`.
 
-    `model` is a loaded causal LM (a `PreTrainedModel`, LoRA already merged); `limit` evaluates the
-    first N items of each task; `all_positions` uses lm-eval's plain `HFLM` (logits at every
+    `model` is a loaded causal LM (a `PreTrainedModel`, LoRA already merged); `source` is a folder of
+    benchmark files or `LM_EVAL_HUB` (`tasks.benchmark_source`); `limit` evaluates the first N items of
+    each task; `all_positions` uses lm-eval's plain `HFLM` (logits at every
     position), the reference the faster default is tested against.
     """
     if not tasks:
         return {}
     lm_eval, hflm, task_manager = _import_lm_eval()
-    configs = task_configs(tasks, data_dir)
+    configs = task_configs(tasks, source)
+    hub = source == LM_EVAL_HUB
     lm_class = hflm if all_positions else continuation_lm(hflm)
     lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     was_training = model.training
     results = lm_eval.simple_evaluate(
         model=lm,
         tasks=configs,
-        task_manager=task_manager(include_defaults=False),  # our tasks only; skips indexing ~200 folders
+        # Local tasks only, unless lm-eval's own are asked for: skips indexing ~200 folders.
+        task_manager=task_manager(include_defaults=hub),
         limit=limit,
         num_fewshot=num_fewshot,
         bootstrap_iters=1000,  # `mean` has a closed-form standard error; this only enables stderrs
@@ -63,7 +66,7 @@ def run_benchmarks(
         fewshot_random_seed=0,
     )
     model.train(was_training)
-    return {name: _scores(results, f"kdistill_{name}") for name in tasks}
+    return {name: _scores(results, LM_EVAL_NAMES[name] if hub else f"kdistill_{name}") for name in tasks}
 
 
 def _scores(results: dict[str, Any], key: str) -> dict[str, float]:
@@ -74,7 +77,8 @@ def _scores(results: dict[str, Any], key: str) -> dict[str, float]:
             scores[metric] = float(raw[f"{metric},none"])
             stderr = raw.get(f"{metric}_stderr,none")
             scores[f"{metric}_stderr"] = float(stderr) if isinstance(stderr, int | float) else float("nan")
-    scores["n"] = float(results["n-samples"][key]["effective"])
+    # A group of tasks (lm-eval's own `mmlu`) has no sample count of its own.
+    scores["n"] = float(results.get("n-samples", {}).get(key, {}).get("effective", float("nan")))
     return scores
 
 

@@ -18,19 +18,17 @@ from typing import Any
 import torch
 
 from kdistill.config import RunConfig, TeacherConfig, load_config
-from kdistill.data import Example, _split, load_examples
+from kdistill.data import Example, load_examples, split_examples
 from kdistill.errors import KdistillError
-from kdistill.losses import DEFAULT_CHUNK_SIZE
-from kdistill.losses.vocab_map import VocabMap, build_vocab_map
+from kdistill.files import RunFiles
+from kdistill.losses import DEFAULT_CHUNK_SIZE, VocabMap, build_vocab_map
 from kdistill.models.build import build_student, load_teacher, pick_dtype
 from kdistill.models.loading import ModelSource, load_config_only, load_model, load_tokenizer, resolve
-from kdistill.models.vocab import shared_vocab_size
-from kdistill.train.teachers import compact_teacher
-from kdistill.train.vocabs import logit_width
+from kdistill.models.parts import default_device, for_inference, logit_width
+from kdistill.teacher.roster import compact_teacher
+from kdistill.teacher.vocabularies import same_vocabulary, shared_vocab_size
 
 log = logging.getLogger("kdistill")
-
-CONFIG_NAME = "kdistill_config.yaml"
 
 
 @dataclass
@@ -56,11 +54,7 @@ class EvalModels:
 def run_folder(target: str | Path) -> Path | None:
     """`target` as a run folder, or None when it is a plain model (folder or hub id)."""
     path = Path(target).expanduser()
-    return path if (path / CONFIG_NAME).is_file() else None
-
-
-def device_for_eval() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return path if (path / RunFiles.CONFIG).is_file() else None
 
 
 def load_eval_models(
@@ -74,9 +68,9 @@ def load_eval_models(
     `validation` is a data file (any format kdistill trains on); without it a run folder's own
     held-out rows are used, and a plain model gets none.
     """
-    device = device or device_for_eval()
+    device = device or default_device()
     run_dir = run_folder(target)
-    cfg = load_config(run_dir / CONFIG_NAME) if run_dir else None
+    cfg = load_config(run_dir / RunFiles.CONFIG) if run_dir else None
     teacher_cfg = TeacherConfig(model=teacher) if teacher else (cfg.teacher if cfg else None)
     teacher_model = load_teacher(teacher_cfg, device) if teacher_cfg else None
     if run_dir is not None:
@@ -85,14 +79,14 @@ def load_eval_models(
         student = load_model(resolve(target), pick_dtype("auto", device), device)
     if teacher_model is not None:  # once the student has copied its layers
         compact_teacher(teacher_cfg.model, teacher_cfg, teacher_model)
-    _for_inference(student)
+    for_inference(student, generate=True)
     # A run folder holds the student's tokenizer even when it holds only an adapter (no config.json).
     tokenizer = load_tokenizer(ModelSource(str(run_dir), str(run_dir)) if run_dir else resolve(target))
     vocab, t_tok, mapping = None, None, None
     if teacher_model is not None:
         t_source = resolve(teacher_cfg.model, teacher_cfg.gguf_file, teacher_cfg.revision)
         t_tok = load_tokenizer(t_source)
-        if t_tok.get_vocab() == tokenizer.get_vocab():
+        if same_vocabulary(t_tok, tokenizer):
             vocab = shared_vocab_size(
                 teacher_cfg.model,
                 t_tok,
@@ -140,16 +134,7 @@ def load_run_student(run_dir: Path, cfg: RunConfig, teacher: Any | None, device:
 
 
 def load_bench_teacher(teacher: TeacherConfig, device: torch.device) -> Any:
-    model = load_teacher(teacher, device)
-    _for_inference(model)
-    return model
-
-
-def _for_inference(model: Any) -> None:
-    model.eval()
-    model.requires_grad_(False)
-    # Training turns the KV cache off; generation needs it back.
-    model.config.use_cache = True
+    return for_inference(load_teacher(teacher, device), generate=True)
 
 
 def _validation_examples(cfg: RunConfig | None, validation: str | None) -> tuple[list[Example], str | None]:
@@ -163,5 +148,5 @@ def _validation_examples(cfg: RunConfig | None, validation: str | None) -> tuple
     rows, _ = load_examples(data.source, data.split, data.format)
     rows = rows[: data.max_rows] if data.max_rows else rows
     # The very draw `build_datasets` made for this run, so these are the rows it held out.
-    _, held_out = _split(rows, data.validation_size, cfg.training.seed, data.source)
+    _, held_out = split_examples(rows, data.validation_size, cfg.training.seed, data.source)
     return held_out, f"{data.source} (the run's held-out rows)"

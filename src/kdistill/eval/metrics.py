@@ -16,14 +16,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from kdistill.data import Collator, Example, Tokenized
-from kdistill.data.responses import generate
-from kdistill.eval.quality import held_out_quality
-from kdistill.losses import DEFAULT_CHUNK_SIZE
-from kdistill.losses.vocab_map import VocabMap
-from kdistill.teacher.signal import Dense, DenseHidden
-from kdistill.train.forward import StudentHidden, Teacher, output_head, trained_rows
+from kdistill.data import Collator, Example, Tokenized, trained_rows
+from kdistill.losses import DEFAULT_CHUNK_SIZE, Dense, DenseHidden, VocabMap
+from kdistill.models.parts import output_head
+from kdistill.objective.batch import StudentLoss
+from kdistill.objective.quality import held_out_quality, perplexity
+from kdistill.teacher.forward import TeacherOutputs
+from kdistill.teacher.responses import generate
+from kdistill.teacher.roster import Teacher
 
 # Whether a larger value of a metric is better; `kept` turns each into "share of the teacher's".
 HIGHER_IS_BETTER = {"ppl": False, "ce": False, "kl": False, "top1": True, "rouge_l": True, "acc": True}
@@ -97,19 +99,16 @@ def top1_matches(
     return matches
 
 
-class _KeepHidden(StudentHidden):
-    """The student as `held_out_quality` calls it, keeping the last batch's hidden states for top-1."""
+class _KeepFinal(StudentLoss):
+    """The student as `held_out_quality` calls it, keeping the last batch's final states for top-1."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self.last: Tensor | None = None
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, hidden=None, head_loss=None):  # noqa: ANN001, ANN201
-        def keep(final: Tensor, model: nn.Module):  # noqa: ANN202
-            self.last = final
-            return final if head_loss is None else head_loss(final, model)
-
-        return super().forward(input_ids, attention_mask, hidden, keep)
+    def keep_final(self, final: Tensor) -> Tensor:
+        self.last = final
+        return final
 
 
 def held_out_metrics(
@@ -120,8 +119,9 @@ def held_out_metrics(
     batch_size: int = 8,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     vocab_size: int | None = None,
-    teacher_cache: dict[int, object] | None = None,
+    teacher_cache: dict[int, TeacherOutputs] | None = None,
     cross: CrossTeacher | None = None,
+    progress: str | None = None,
 ) -> dict[str, float]:
     """`{"ce", "ppl", "tokens"}` on the response tokens of `rows`, plus `"kl"` and `"top1"` with a teacher.
 
@@ -130,35 +130,35 @@ def held_out_metrics(
     agreement reads each batch's hidden states and teacher outputs before the next batch replaces them.
     With `cross` (a teacher of another tokenizer; `rows` then carry its views as "teacher"), `"kl"` is
     the aligned KL of training and top-1 agreement, which needs one vocabulary, is not reported.
+    `progress` names a progress bar over the batches.
     """
-    wrapped = _KeepHidden(student)
+    wrapped = _KeepFinal(student)
     cache = {} if teacher_cache is None or cross is not None else teacher_cache
     head, bias = output_head(student, vocab_size)
-    if cross is not None and teacher is not None:
-        teacher = [Teacher("teacher", 1.0, model=teacher, mapping=cross.mapping)]
+    mapping = cross.mapping if cross is not None else None
+    teachers = [Teacher("teacher", 1.0, model=teacher, mapping=mapping)] if teacher is not None else []
     pads = {"teacher": cross.pad_id} if cross is not None else {}
+    alignment = cross.alignment if cross is not None else "span"
     totals = {"ce": 0.0, "kl": 0.0, "top1": 0.0, "tokens": 0.0}
-    for index, batch in enumerate(_batches(rows, pad_id, batch_size, pads)):
-        one = {0: cache[index]} if index in cache else {}  # held_out_quality's cache of one batch
-        use_cache = one if teacher is not None and cross is None else None
-        alignment = cross.alignment if cross is not None else "span"
+    batches = _batches(rows, pad_id, batch_size, pads)
+    for index, batch in enumerate(tqdm(batches, desc=progress, unit="batch", disable=progress is None)):
+        one = {0: cache[index]} if index in cache else {}  # held_out_quality's memo of one batch
         result = held_out_quality(
-            wrapped, teacher, [batch], chunk_size, vocab_size, use_cache, alignment=alignment
+            wrapped, teachers, [batch], chunk_size, vocab_size, one, alignment=alignment
         )
         if not result:
             continue
         for key in ("ce", "kl"):
             totals[key] += result.get(key, 0.0) * result["tokens"]  # per-token means back to sums
         totals["tokens"] += result["tokens"]
-        if teacher is not None and cross is None:
+        if teachers and cross is None:
             cache[index] = one[0]
             mask, _ = trained_rows(batch["labels"])
-            totals["top1"] += top1_matches(wrapped.last[:, :-1][mask], head, bias, one[0], chunk_size)
+            totals["top1"] += top1_matches(wrapped.last[:, :-1][mask], head, bias, one[0].signal, chunk_size)
     if totals["tokens"] == 0:
         return {}
     mean = {k: v / totals["tokens"] for k, v in totals.items() if k != "tokens"}
-    # Perplexity capped at e^50 as held_out_quality caps it: an untrained student can overflow exp.
-    metrics = {"ce": mean["ce"], "ppl": math.exp(min(mean["ce"], 50.0)), "tokens": totals["tokens"]}
+    metrics = {"ce": mean["ce"], "ppl": perplexity(mean["ce"]), "tokens": totals["tokens"]}
     if teacher is None:
         return metrics
     return metrics | ({"kl": mean["kl"]} if cross is not None else {"kl": mean["kl"], "top1": mean["top1"]})

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kdistill.eval.tables import Table, bench_table, eval_table, markdown_table, number
-from kdistill.files import write_atomic
+from kdistill.files import RunFiles, write_atomic
 
 log = logging.getLogger("kdistill")
 
@@ -27,7 +27,7 @@ Block = tuple[str, Any]  # ("h2" | "p" | "pre" | "table" | "img" | "generations"
 def write_report(run_dir: str | Path) -> Path:
     """Write `report.md`, `report.html` and `report/*.png` into `run_dir`; returns the HTML's path."""
     run_dir = Path(run_dir)
-    if not (run_dir / "kdistill_config.yaml").is_file():
+    if not (run_dir / RunFiles.CONFIG).is_file():
         from kdistill.errors import KdistillError
 
         raise KdistillError(f"{run_dir}: not a kdistill run folder (no kdistill_config.yaml in it)")
@@ -37,9 +37,11 @@ def write_report(run_dir: str | Path) -> Path:
     for kind, content in blocks:
         if kind == "img":
             write_atomic(images / content[0], content[1])
-    write_atomic(run_dir / "report.md", render_markdown(blocks).encode())
-    write_atomic(run_dir / "report.html", render_html(blocks, f"kdistill report: {run_dir.name}").encode())
-    return run_dir / "report.html"
+    write_atomic(run_dir / RunFiles.REPORT_MD, render_markdown(blocks).encode())
+    write_atomic(
+        run_dir / RunFiles.REPORT_HTML, render_html(blocks, f"kdistill report: {run_dir.name}").encode()
+    )
+    return run_dir / RunFiles.REPORT_HTML
 
 
 def report_after_training(run_dir: Path) -> None:
@@ -47,18 +49,18 @@ def report_after_training(run_dir: Path) -> None:
     try:
         path = write_report(run_dir)
         log.info("report written to %s", path)
-    except Exception as err:  # noqa: BLE001 - the student is already saved; say what failed and go on
+    except Exception as err:  # the student is already saved: say what failed and go on
         log.warning("the run report could not be written (%s); try `kdistill report %s`", err, run_dir)
 
 
 def report_blocks(run_dir: Path) -> list[Block]:
     """The report's content, in order, independent of how it is drawn."""
-    summary = _read_json(run_dir / "summary.json")
-    records = _read_jsonl(run_dir / "metrics.jsonl")
+    summary = _read_json(run_dir / RunFiles.SUMMARY)
+    records = _read_jsonl(run_dir / RunFiles.METRICS)
     blocks: list[Block] = [("h1", f"kdistill report: {run_dir.name}")]
     blocks += _summary_blocks(summary)
     blocks += _plot_blocks(records)
-    evaluation, measured = _read_json(run_dir / "eval.json"), _read_json(run_dir / "bench.json")
+    evaluation, measured = _read_json(run_dir / RunFiles.EVAL), _read_json(run_dir / RunFiles.BENCH)
     if evaluation:
         blocks += [("h2", "What the student kept (kdistill eval)"), ("p", _eval_note(evaluation))]
         blocks.append(("table", eval_table(evaluation)))
@@ -69,7 +71,7 @@ def report_blocks(run_dir: Path) -> list[Block]:
     if measured:
         blocks += [("h2", "Why distill: speed and memory (kdistill bench)"), ("p", _bench_note(measured))]
         blocks.append(("table", bench_table(measured)))
-    config = (run_dir / "kdistill_config.yaml").read_text()
+    config = (run_dir / RunFiles.CONFIG).read_text()
     return [*blocks, ("h2", "Config"), ("pre", config)]
 
 

@@ -33,7 +33,7 @@ class EvalSettings:
     """What to evaluate; plain values from the command line."""
 
     tasks: tuple[str, ...] = ()
-    data_dir: str | None = None
+    source: str | Path | None = None  # a folder of benchmark files, or lm-eval's own tasks
     limit: int | None = None  # items per benchmark task; None = all
     rows: int | None = None  # held-out rows for perplexity / KL / top-1; None = all
     rouge_rows: int = 32  # held-out rows generated for ROUGE-L
@@ -74,11 +74,15 @@ def held_out_section(models: EvalModels, s: EvalSettings) -> tuple[dict[str, Any
         "held-out: %d rows (%d dropped for length) from %s", len(rows), dropped, models.validation_source
     )
     section: dict[str, Any] = {"source": models.validation_source, "rows": len(rows)}
-    section["student"] = held_out_metrics(models.student, models.teacher, rows, pad, **common, cross=cross)
+    section["student"] = held_out_metrics(
+        models.student, models.teacher, rows, pad, **common, cross=cross, progress="held-out pass: student"
+    )
     if models.teacher is not None:
         # The teacher on its own tokens (its own template): its perplexity is per teacher token.
         own = rows if cross is None else tokenize_examples(examples, t_tok, models.max_length)[0]
-        section["teacher"] = held_out_metrics(models.teacher, None, own, t_tok.pad_token_id, **common)
+        section["teacher"] = held_out_metrics(
+            models.teacher, None, own, t_tok.pad_token_id, **common, progress="held-out pass: teacher"
+        )
     generated = models.validation[: s.rouge_rows]
     references = [e.response for e in generated]
     outputs = {"student": greedy_responses(models.student, models.tokenizer, generated, s.max_new_tokens)}
@@ -101,12 +105,12 @@ def held_out_section(models: EvalModels, s: EvalSettings) -> tuple[dict[str, Any
 def benchmark_section(models: EvalModels, s: EvalSettings) -> dict[str, Any]:
     tasks = list(s.tasks)
     run = {"limit": s.limit, "batch_size": s.batch_size, "num_fewshot": s.num_fewshot}
-    per_model = {"student": run_benchmarks(models.student, models.tokenizer, tasks, s.data_dir, **run)}
+    per_model = {"student": run_benchmarks(models.student, models.tokenizer, tasks, s.source, **run)}
     if models.teacher is not None:
         t_tok = models.teacher_tokenizer or models.tokenizer  # each model scores through its own tokenizer
-        per_model["teacher"] = run_benchmarks(models.teacher, t_tok, tasks, s.data_dir, **run)
+        per_model["teacher"] = run_benchmarks(models.teacher, t_tok, tasks, s.source, **run)
     return {
-        "data_dir": str(s.data_dir),
+        "data_dir": str(s.source),
         "limit": s.limit,
         "num_fewshot": s.num_fewshot,
         "tasks": {t: {who: scores[t] for who, scores in per_model.items()} for t in tasks},

@@ -76,7 +76,8 @@ def _with_stderr(scores: dict[str, float], metric: str) -> str:
 
 
 def bench_table(result: dict[str, Any]) -> Table:
-    """The guide's "Why distill" table, with measured values and student / teacher ratios."""
+    """The "Why distill" table of the KD guide behind configs/seed.yaml, measured: values and student /
+    teacher ratios."""
     roles = [r for r in ("teacher", "student") if r in result]
     ratios = result.get("ratios", {})
     memory = "peak GPU memory" if "gpu" in result.get("machine", {}) else "peak memory (max RSS)"

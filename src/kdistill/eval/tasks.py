@@ -1,11 +1,12 @@
-"""Benchmark tasks for lm-evaluation-harness that read local files, never the hub.
+"""Benchmark tasks for lm-evaluation-harness: local files read by kdistill, or lm-eval's own tasks.
 
-Each task is an lm-eval 0.4 task config (a plain dict, the same keys as a task YAML). Its data comes
+Each local task is an lm-eval 0.4 task config (a plain dict, the same keys as a task YAML). Its data comes
 through lm-eval's `custom_dataset` hook from the readers below, which check every row and name the
 file and line of a bad one, instead of through `dataset_path: json`, whose errors come from deep
 inside `datasets` (and which cannot read HellaSwag's 6-line text format or give MMLU rows a subject).
 
-The files are those of `../shared/data/eval` (see its README):
+Where the data comes from (`benchmark_source`): `--data-dir`, else the folder in `$KDISTILL_EVAL_DATA`,
+else, when the hub answers, lm-eval's own tasks of the same benchmarks. The local files are:
 - multiple choice jsonl rows `{"query", "choices", "gold"}`, `gold` the index of the right choice;
 - Winogrande `{"context_options", "continuation", "gold"}`: partial scoring, the context under which
   the continuation is likeliest wins (lm-eval's `winogrande`);
@@ -20,12 +21,14 @@ from __future__ import annotations
 import bz2
 import csv
 import json
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from kdistill.errors import KdistillError
+from kdistill.models.loading import hub_reachable
 
 Row = dict[str, Any]
 
@@ -39,6 +42,23 @@ _MULTIPLE_CHOICE: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "copa": ("copa.jsonl", "{{query}}", ("acc",)),
 }
 TASK_NAMES = (*_MULTIPLE_CHOICE, "winogrande", "hellaswag", "mmlu")
+# lm-eval's names of the same benchmarks, for its own tasks (read from the hub)
+LM_EVAL_NAMES = {name: name for name in TASK_NAMES} | {"openbook_qa": "openbookqa"}
+EVAL_DATA_ENV = "KDISTILL_EVAL_DATA"
+LM_EVAL_HUB = "lm-eval"  # the source that means lm-eval's own tasks
+NO_DATA = (
+    "no benchmark data: give --data-dir FOLDER or set KDISTILL_EVAL_DATA=FOLDER (files in the formats of "
+    "docs/eval.md), or run online to use lm-eval's own tasks"
+)
+
+
+def benchmark_source(data_dir: str | None) -> Path | str | None:
+    """Where benchmark data comes from: `data_dir`, else `$KDISTILL_EVAL_DATA`, else `LM_EVAL_HUB` when
+    the hub answers; None when none of them is there."""
+    folder = data_dir or os.environ.get(EVAL_DATA_ENV)
+    if folder:
+        return Path(folder)
+    return LM_EVAL_HUB if hub_reachable() else None
 MMLU_LETTERS = ["A", "B", "C", "D"]
 
 
@@ -122,12 +142,15 @@ def parse_tasks(text: str) -> list[str]:
     return names
 
 
-def task_configs(names: list[str], data_dir: str | Path) -> list[dict[str, Any]]:
-    """lm-eval task configs for `names`, reading their files from `data_dir`."""
-    data_dir = Path(data_dir)
+def task_configs(names: list[str], source: str | Path) -> list[dict[str, Any] | str]:
+    """lm-eval tasks for `names`: configs reading their files from the folder `source`, or lm-eval's own
+    task names when `source` is `LM_EVAL_HUB`."""
     parse_tasks(",".join(names))
+    if source == LM_EVAL_HUB:
+        return [LM_EVAL_NAMES[name] for name in names]
+    data_dir = Path(source)
     if not data_dir.is_dir():
-        raise KdistillError(f"--data-dir {data_dir}: no such folder (expected the files of shared/data/eval)")
+        raise KdistillError(f"benchmark data {data_dir}: no such folder (expected the files of docs/eval.md)")
     return [_config(name, data_dir) for name in names]
 
 

@@ -1,26 +1,29 @@
-"""Distillation losses: divergences, the chunked loss entry point, hidden-state and cross-tokenizer losses."""
+"""Distillation losses: the teacher signal types, divergences, the chunked head, hidden-state distances
+and KD across vocabularies. Every function returns sums over tokens; the objective normalises once."""
 
-from kdistill.losses.alignment import AlignedText, SpanAlignment, align_text, stack_positions
 from kdistill.losses.chunked import DEFAULT_CHUNK_SIZE, LossSums, distill_loss_sums
-from kdistill.losses.cross_vocab import mapped_divergence, uld_distance
-from kdistill.losses.divergences import DIVERGENCES
+from kdistill.losses.cross_vocab import aligned_kd_sum, mapped_divergence, uld_distance
+from kdistill.losses.divergences import DIVERGENCES, check_divergence
 from kdistill.losses.hidden import HiddenProjections, HiddenSums, hidden_loss_sums
+from kdistill.losses.signal import Dense, DenseHidden, Ensemble, Sparse
 from kdistill.losses.vocab_map import VocabMap, build_vocab_map
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DIVERGENCES",
-    "AlignedText",
+    "Dense",
+    "DenseHidden",
+    "Ensemble",
     "HiddenProjections",
     "HiddenSums",
     "LossSums",
-    "SpanAlignment",
+    "Sparse",
     "VocabMap",
-    "align_text",
+    "aligned_kd_sum",
     "build_vocab_map",
+    "check_divergence",
     "distill_loss_sums",
     "hidden_loss_sums",
     "mapped_divergence",
-    "stack_positions",
     "uld_distance",
 ]

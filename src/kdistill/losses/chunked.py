@@ -13,7 +13,6 @@ extra matmuls: the head product runs once in forward and twice for the gradients
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -22,10 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from kdistill.errors import KdistillError
-from kdistill.losses.divergences import DIVERGENCES, Divergence
+from kdistill.losses.divergences import DIVERGENCES, Divergence, check_divergence
 from kdistill.losses.ensemble import ensemble_divergence
-from kdistill.teacher.signal import Dense, DenseHidden, Ensemble, Sparse, softcap_logits
+from kdistill.losses.signal import Dense, DenseHidden, Ensemble, Sparse, softcap_logits
 
 # Rows per chunk: the matmuls with the heads run on this many rows at once. A chunk holds two
 # (512, V) fp32 buffers (student logits, later their gradient, and teacher logits), a seventh of the
@@ -82,15 +80,11 @@ def _rows_loss(logits: Tensor, labels: Tensor, target: Tensor | Sparse | Ensembl
     return (spec.kd_weight * kd + spec.ce_weight * ce, kd, ce, *parts)
 
 
-def _teacher_rows(spec: _Spec, start: int, end: int) -> Tensor | Sparse | None:
-    return None if spec.teacher is None else spec.teacher.rows(start, end)
-
-
 def _naive(hidden: Tensor, head: Tensor, bias: Tensor | None, spec: _Spec) -> LossSums:
     """Reference path: full ``(N, V)`` logits under ordinary autograd."""
     logits = F.linear(hidden, head, bias).float()
-    n = hidden.shape[0]
-    total, kd, ce, *parts = _rows_loss(logits, spec.labels, _teacher_rows(spec, 0, n), spec)
+    target = None if spec.teacher is None else spec.teacher.rows(0, hidden.shape[0])
+    total, kd, ce, *parts = _rows_loss(logits, spec.labels, target, spec)
     kd_parts = torch.stack(parts).detach() if parts else None
     return LossSums(total=total, kd=kd.detach(), ce=ce.detach(), kd_parts=kd_parts)
 
@@ -102,7 +96,7 @@ def _block_rows(logits: Tensor) -> int:
     temporary costs page faults, about a third of the CPU time measured here. Blocks whose fp32
     temporaries stay small are recycled from the heap instead. The formula keeps about eight of them
     alive at once, so their size is also the loss's share of the step's peak memory: on SmolLM2,
-    24 MB blocks cost 190 MB of it, and 4 MB blocks run as fast (issue #7). On GPU the caching allocator
+    24 MB blocks cost 190 MB of it, and 4 MB blocks run as fast. On GPU the caching allocator
     already reuses memory, and larger kernels are better, so a block is the whole chunk.
     """
     if logits.is_cuda:
@@ -114,26 +108,6 @@ def _slice_target(target, start: int, end: int) -> Tensor | Sparse | Ensemble | 
     if isinstance(target, Sparse | Ensemble):
         return target.rows(start, end)
     return None if target is None else target[start:end]
-
-
-def _chunk_loss_(logits: Tensor, labels: Tensor, target, spec: _Spec, want_grad: bool) -> Tensor:
-    """``[total, kd, ce]`` for one chunk; with ``want_grad`` its fp32 ``logits`` are overwritten in place
-    by the loss gradient w.r.t. them, block by block, so no second (n, V) buffer is needed."""
-    sums = torch.zeros(3 + _num_parts(spec), device=logits.device)
-    step = _block_rows(logits)
-    for a in range(0, logits.shape[0], step):
-        z, rows = logits[a : a + step], slice(a, a + step)
-        block_target = _slice_target(target, a, a + step)
-        if not want_grad:
-            sums += torch.stack(_rows_loss(z, labels[rows], block_target, spec))
-            continue
-        z = z.detach().requires_grad_(True)
-        with torch.enable_grad():
-            losses = _rows_loss(z, labels[rows], block_target, spec)
-            (grad,) = torch.autograd.grad(losses[0], z)
-        sums += torch.stack(losses).detach()
-        logits[rows] = grad  # this block's logits are no longer needed
-    return sums
 
 
 def _accumulate(
@@ -154,35 +128,59 @@ def _accumulate(
         grad_w += grad_logits.t() @ h
 
 
+def _grad_buffers(ctx, hidden: Tensor, head: Tensor, needs: tuple[bool, bool, bool], head_scale):
+    """The buffers the gradients of `hidden`, the head and its bias are accumulated in, chunk by chunk."""
+    need_h, need_w, need_b = needs
+    # Contiguous, whatever hidden's strides, so each chunk's rows can be written in place.
+    grad_h = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
+    # The head gradient sums over chunks, so it accumulates in fp32 even for bf16 weights; with
+    # `head_scale` it goes straight into the parameter's own gradient, already scaled.
+    ctx.head_scale = head_scale if need_w else None
+    if ctx.head_scale is not None:
+        if head.grad is None:
+            head.grad = torch.zeros_like(head)
+        grad_w = ctx.direct_grad = head.grad
+    else:
+        grad_w = torch.zeros(head.shape, dtype=torch.float32, device=head.device) if need_w else None
+    grad_b = torch.zeros(head.shape[0], dtype=torch.float32, device=head.device) if need_b else None
+    return grad_h, grad_w, grad_b
+
+
 class _ChunkedLoss(torch.autograd.Function):
     """Loss sums whose gradients are computed chunk by chunk during forward; backward only scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, head, bias, spec, chunk_size, needs, head_scale):  # noqa: D102 - see class docstring
-        need_h, need_w, need_b = needs
-        n, w, b = hidden.shape[0], head.detach(), None if bias is None else bias.detach()
-        # Contiguous, whatever hidden's strides, so each chunk's rows can be written in place.
-        grad_h = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
-        # The head gradient sums over chunks, so it accumulates in fp32 even for bf16 weights; with
-        # `head_scale` it goes straight into the parameter's own gradient, already scaled.
-        ctx.head_scale = head_scale if need_w else None
-        if ctx.head_scale is not None:
-            if head.grad is None:
-                head.grad = torch.zeros_like(head)
-            grad_w = ctx.direct_grad = head.grad
-        else:
-            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
-        grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
+    def forward(ctx, hidden, head, bias, spec, chunk_size, needs, head_scale):
+        n, w, b, want_grad = (
+            hidden.shape[0],
+            head.detach(),
+            None if bias is None else bias.detach(),
+            any(needs),
+        )
+        grad_h, grad_w, grad_b = _grad_buffers(ctx, hidden, head, needs, head_scale)
         sums = torch.zeros(3 + _num_parts(spec), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_size):
             end = min(n, start + chunk_size)
             h = hidden[start:end].detach()
             with torch.no_grad():
                 logits = F.linear(h, w, b).float()
-            target = _teacher_rows(spec, start, end)  # (n, V) teacher logits made once per chunk
-            sums += _chunk_loss_(logits, spec.labels[start:end], target, spec, any(needs))
+            # The teacher's rows, made once per chunk: (n, V) logits for a dense teacher.
+            target = None if spec.teacher is None else spec.teacher.rows(start, end)
+            step = _block_rows(logits)
+            for a in range(0, end - start, step):  # the formula block by block (see _block_rows)
+                rows, labels = slice(a, a + step), spec.labels[start + a : min(end, start + a + step)]
+                z, block_target = logits[rows], _slice_target(target, a, a + step)
+                if not want_grad:
+                    sums += torch.stack(_rows_loss(z, labels, block_target, spec))
+                    continue
+                z = z.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    losses = _rows_loss(z, labels, block_target, spec)
+                    (grad,) = torch.autograd.grad(losses[0], z)
+                sums += torch.stack(losses).detach()
+                logits[rows] = grad  # the block's logits, no longer needed, become their gradient
             del target
-            if any(needs):  # the logits now hold their gradient
+            if want_grad:  # the logits now hold their gradient
                 _accumulate(logits, h, w, start, grad_h, grad_w, grad_b, head_scale or 1.0)
             del logits  # free the chunk before the next one is made
         ctx.grads = (
@@ -197,7 +195,7 @@ class _ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_total, _grad_kd, _grad_ce, _grad_parts):  # noqa: D102 - see class docstring
+    def backward(ctx, grad_total, _grad_kd, _grad_ce, _grad_parts):
         grads = getattr(ctx, "grads", None)
         if grads is None:
             raise RuntimeError(
@@ -224,19 +222,9 @@ def _check_head_scale(factor: float, expected: float, grad: Tensor) -> None:
         raise RuntimeError(f"distill_loss_sums: head_grad_scale={expected} but backward got {factor}")
 
 
-def _check_divergence(name: str, kwargs: dict) -> None:
-    """Unknown names and parameters are config mistakes: say which and what is accepted."""
-    if name not in DIVERGENCES:
-        raise KdistillError(f"unknown divergence {name!r}; expected one of {sorted(DIVERGENCES)}")
-    accepted = [
-        p for p in inspect.signature(DIVERGENCES[name]).parameters if p not in ("student_logits", "teacher")
-    ]
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise KdistillError(f"divergence {name!r} takes no parameter {unknown[0]!r}; it takes {accepted}")
-
-
-def _check_inputs(hidden: Tensor, head: Tensor, labels: Tensor, teacher, kd_weight: float) -> None:
+def _check_inputs(
+    hidden: Tensor, head: Tensor, labels: Tensor, teacher, kd_weight: float, chunk_size: int | None
+) -> None:
     if hidden.dim() != 2 or head.dim() != 2 or hidden.shape[1] != head.shape[1]:
         raise ValueError(
             f"expected hidden (N, H) and head (V, H), got {tuple(hidden.shape)} and {tuple(head.shape)}"
@@ -245,6 +233,8 @@ def _check_inputs(hidden: Tensor, head: Tensor, labels: Tensor, teacher, kd_weig
         raise ValueError(f"expected labels of shape ({hidden.shape[0]},), got {tuple(labels.shape)}")
     if teacher is None and kd_weight != 0:
         raise ValueError(f"kd_weight is {kd_weight} but no teacher signal was given")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows or None, got {chunk_size}")
 
 
 def distill_loss_sums(
@@ -272,56 +262,39 @@ def distill_loss_sums(
             non-leaf. No head gradient is computed when it does not require grad (frozen under LoRA).
         labels: ``(N,)`` int64 next-token ids, all valid (no -100).
         teacher: the teacher signal for the same rows; ``None`` only when ``kd_weight == 0``.
-        kd_weight: weight of the divergence; the objective passes ``alpha * T**2``.
-        ce_weight: weight of the cross-entropy; the objective passes ``1 - alpha``.
+        kd_weight, ce_weight: the weights of the two terms; the objective passes ``alpha * T**2`` and
+            ``1 - alpha``.
         temperature: divides student and teacher logits inside the divergence (CE always uses T = 1).
         divergence: a key of ``DIVERGENCES``; ``divergence_kwargs`` go to it (``beta=``, ``skew=``).
         chunk_size: rows per chunk; ``None`` runs the naive unchunked reference path.
-        student_bias: optional ``(V,)`` ``lm_head`` bias (Phi-2 has one).
-        student_softcap: optional Gemma-2 final logit soft-cap ``cap * tanh(z / cap)``.
+        student_bias, student_softcap: the head's optional ``(V,)`` bias (Phi-2 has one) and Gemma-2
+            final-logit soft-cap ``cap * tanh(z / cap)``.
         head_grad_scale: the factor the caller will back-propagate ``total`` with. Given, and the head
             a trained fp32 parameter, the head's gradient is added to ``student_head.grad`` during this
-            call, already times the factor, instead of through backward: no second ``(V, H)`` buffer
-            beside the accumulated gradient. Only for a single process (no DDP/FSDP gradient hooks);
-            backward checks that it got that factor.
+            call, already times the factor: no second ``(V, H)`` buffer beside the accumulated gradient.
+            Single process only (no DDP/FSDP gradient hooks); backward checks that it got that factor.
 
-    Returns:
-        ``LossSums``: ``total`` is differentiable, ``kd`` and ``ce`` are detached. All are fp32 scalars;
-        gradients reach the inputs in their own dtypes.
+    Returns ``LossSums``: ``total`` is differentiable, ``kd`` and ``ce`` are detached, all fp32 scalars;
+    gradients reach the inputs in their own dtypes.
     """
-    _check_divergence(divergence, divergence_kwargs or {})
-    _check_inputs(student_hidden, student_head, labels, teacher, kd_weight)
+    check_divergence(divergence, divergence_kwargs)
+    _check_inputs(student_hidden, student_head, labels, teacher, kd_weight, chunk_size)
+    params = dict(divergence_kwargs or {})
     spec = _Spec(
-        labels=labels,
-        teacher=teacher,
-        kd_weight=kd_weight,
-        ce_weight=ce_weight,
-        temperature=temperature,
-        divergence=DIVERGENCES[divergence],
-        divergence_kwargs=dict(divergence_kwargs or {}),
-        softcap=student_softcap,
+        labels, teacher, kd_weight, ce_weight, temperature, DIVERGENCES[divergence], params, student_softcap
     )
     if chunk_size is None:
         return _naive(student_hidden, student_head, student_bias, spec)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of rows or None, got {chunk_size}")
     if student_hidden.device.type == "cpu":
         # No chunk's fp32 logits above 24 MB: then neither its logits nor the teacher's take a fresh
         # mapping of their own (see _block_rows), and a chunk holds two such buffers, not 2 x (512, V).
         chunk_size = min(chunk_size, max(1, _CPU_CHUNK_BYTES // (4 * student_head.shape[0])))
-    grad_on = torch.is_grad_enabled()
-    needs = tuple(
-        grad_on and t is not None and t.requires_grad for t in (student_hidden, student_head, student_bias)
-    )
+    inputs = (student_hidden, student_head, student_bias)
+    needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in inputs)
     direct = head_grad_scale is not None and student_head.is_leaf and student_head.dtype == torch.float32
+    scale = head_grad_scale if direct else None
     total, kd, ce, parts = _ChunkedLoss.apply(
-        student_hidden,
-        student_head,
-        student_bias,
-        spec,
-        chunk_size,
-        needs,
-        head_grad_scale if direct else None,
+        student_hidden, student_head, student_bias, spec, chunk_size, needs, scale
     )
     return LossSums(total=total, kd=kd, ce=ce, kd_parts=parts if _num_parts(spec) else None)
 

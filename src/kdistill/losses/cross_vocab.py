@@ -6,20 +6,30 @@ Two ways to compare next-token distributions over different vocabularies:
   each side, then apply any divergence of ``DIVERGENCES``.
 - ``uld_distance``: Universal Logit Distillation (Boizard et al. 2024), which needs no map at all.
 
-Rows are the aligned positions of ``alignment.stack_positions``: student row i and teacher row i
-both predict the text that starts the same aligned segment. Both functions return sums over the N
-rows (the objective normalises once) and do not apply ``T**2``.
+Rows are aligned positions (`data.alignment`): student row i and teacher row i both predict the
+text that starts the same aligned segment. Every function returns a sum over the N rows (the
+objective normalises once) and does not apply ``T**2``.
+
+``aligned_kd_sum`` is the KD term of a teacher with another tokenizer as training computes it.
+Where the aligned segment is one token on each side, the two next-token distributions are compared
+through the vocabulary map (``mapped_divergence``). Where it is not (a teacher token covering two
+student tokens, or the reverse), the next tokens themselves differ, so no token map is meaningful
+and ULD is used instead; ``method="uld"`` uses ULD everywhere. Like the same-vocabulary chunked
+loss, the student's logits exist one chunk at a time: each chunk is recomputed in backward
+(activation checkpointing) rather than kept, since a (rows, V) fp32 block per chunk is what
+dominates memory with a 262k-token teacher.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
-from kdistill.errors import KdistillError
-from kdistill.losses.divergences import DIVERGENCES
+from kdistill.losses.divergences import DIVERGENCES, check_divergence
+from kdistill.losses.signal import DenseHidden, Sparse, log1mexp, softcap_logits
 from kdistill.losses.vocab_map import VocabMap
-from kdistill.teacher.signal import Sparse, _log1mexp
 
 
 def _other_mass(log_probs: Tensor, exclude: Tensor) -> Tensor:
@@ -67,7 +77,7 @@ def _rest(log_probs: Tensor) -> Tensor:
     leave the most negative float (nothing outside) rather than NaN.
     """
     kept = torch.logsumexp(log_probs, dim=-1, keepdim=True).clamp(max=-1e-7)
-    return _log1mexp(kept).clamp(min=torch.finfo(log_probs.dtype).min)
+    return log1mexp(kept).clamp(min=torch.finfo(log_probs.dtype).min)
 
 
 def _project_sparse(
@@ -136,10 +146,7 @@ def mapped_divergence(
 
     Shapes as in ``mapped_log_probs``; returns a scalar. ``T**2`` is not applied (the objective does).
     """
-    if divergence not in DIVERGENCES:
-        raise KdistillError(
-            f"unknown divergence {divergence!r}; expected one of {', '.join(sorted(DIVERGENCES))}"
-        )
+    check_divergence(divergence, params)
     student, target = mapped_log_probs(student_logits, teacher, mapping, temperature)
     # The divergences take logits; normalised log-probs are logits whose softmax is themselves.
     return DIVERGENCES[divergence](student, target, temperature=1.0, **params)
@@ -179,3 +186,82 @@ def uld_distance(
     s_top, s_ids = student.topk(n, dim=-1)
     s_rest = student.scatter(-1, s_ids, 0.0).sum(-1)
     return (top[:, :n] - s_top).abs().sum() + top[:, n:].sum() + (tail - s_rest).abs().sum()
+
+
+def _select(teacher: Tensor | Sparse, keep: Tensor) -> Tensor | Sparse:
+    return teacher[keep] if isinstance(teacher, Tensor) else teacher.select(keep)
+
+
+def _chunk_sum(
+    student_logits: Tensor,
+    teacher: Tensor | Sparse,
+    one_to_one: Tensor,
+    mapping: VocabMap,
+    method: str,
+    temperature: float,
+    divergence: str,
+) -> Tensor:
+    """Mapped divergence on the one-to-one rows plus ULD on the others, summed over the chunk."""
+    mapped = one_to_one if method == "span" else torch.zeros_like(one_to_one)
+    total = student_logits.new_zeros(())
+    if bool(mapped.any()):
+        total = total + mapped_divergence(
+            student_logits[mapped],
+            _select(teacher, mapped),
+            mapping,
+            divergence=divergence,
+            temperature=temperature,
+        )
+    rest = ~mapped
+    if bool(rest.any()):
+        total = total + uld_distance(
+            student_logits[rest],
+            _select(teacher, rest),
+            temperature=temperature,
+            teacher_vocab_size=mapping.teacher_size,
+        )
+    return total
+
+
+def aligned_kd_sum(
+    student_rows: Tensor,
+    student_head: Tensor,
+    teacher: DenseHidden | Sparse,
+    one_to_one: Tensor,
+    mapping: VocabMap,
+    *,
+    method: str = "span",
+    temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    chunk_size: int = 128,
+    student_bias: Tensor | None = None,
+    student_softcap: float | None = None,
+) -> Tensor:
+    """KD between a student and a teacher of another vocabulary, summed over N aligned rows.
+
+    Args:
+        student_rows: ``(N, Hs)`` student final hidden states at the aligned student positions.
+        student_head: ``(Vs, Hs)`` student output head.
+        teacher: the teacher at the aligned teacher positions, row i paired with student row i:
+            ``DenseHidden`` (a live teacher, ``(N, Ht)`` with its head) or ``Sparse`` (a cache).
+        one_to_one: ``(N,)`` bool, the aligned segment is one token on each side.
+        mapping: teacher ids to student ids.
+    Returns:
+        A scalar: the sum over rows (no ``T**2``; the objective scales and normalises once).
+    """
+
+    def chunk(rows: Tensor, start: int, end: int) -> Tensor:
+        logits = softcap_logits(F.linear(rows, student_head, student_bias).float(), student_softcap)
+        return _chunk_sum(
+            logits, teacher.rows(start, end), one_to_one[start:end], mapping, method, temperature, divergence
+        )
+
+    total = student_rows.new_zeros((), dtype=torch.float32)
+    for start in range(0, student_rows.shape[0], chunk_size):
+        end = min(start + chunk_size, student_rows.shape[0])
+        rows = student_rows[start:end]
+        if rows.requires_grad:
+            total = total + checkpoint(chunk, rows, start, end, use_reentrant=False)
+        else:
+            total = total + chunk(rows, start, end)
+    return total

@@ -19,13 +19,15 @@ below stays a true divergence (non-negative, 0 iff the bucketed distributions ag
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from kdistill.teacher.signal import Sparse
+from kdistill.errors import KdistillError
+from kdistill.losses.signal import Sparse
 
 
 def aligned_log_probs(
@@ -174,3 +176,15 @@ DIVERGENCES: dict[str, Divergence] = {
     "skew_reverse_kl": skew_reverse_kl,
     "tvd": tvd,
 }
+
+
+def check_divergence(name: str, params: dict | None = None) -> None:
+    """Unknown names and parameters are config mistakes: say which and what is accepted."""
+    if name not in DIVERGENCES:
+        raise KdistillError(f"unknown divergence {name!r}; expected one of {', '.join(sorted(DIVERGENCES))}")
+    accepted = [
+        p for p in inspect.signature(DIVERGENCES[name]).parameters if p not in ("student_logits", "teacher")
+    ]
+    unknown = sorted(set(params or {}) - set(accepted))
+    if unknown:
+        raise KdistillError(f"divergence {name!r} takes no parameter {unknown[0]!r}; it takes {accepted}")

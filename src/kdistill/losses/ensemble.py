@@ -1,7 +1,8 @@
 """Several teachers at once: a weighted sum of divergences, or one divergence to their mixture.
 
-- ``sum``: ``sum_i w_i * D(p_i || q)``, the guide's multi-teacher loop. Each teacher pulls the
-  student toward itself; where they disagree the optimum lies between them.
+- ``sum``: ``sum_i w_i * D(p_i || q)``, the multi-teacher loop of the KD guide behind
+  configs/seed.yaml. Each teacher pulls the student toward itself; where they disagree the optimum
+  lies between them.
 - ``mixture``: ``D(sum_i w_i p_i || q)``, distilling from the weighted mixture distribution itself.
   For forward KL the gradient is the same as ``sum`` (the targets average), but the value and every
   other divergence differ, and reverse KL to a mixture no longer has to pick one teacher's mode.
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from kdistill.losses.divergences import Divergence
-from kdistill.teacher.signal import Ensemble, Sparse
+from kdistill.losses.signal import Ensemble, Sparse
 
 
 def ensemble_divergence(

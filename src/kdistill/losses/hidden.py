@@ -161,7 +161,7 @@ def hidden_loss_sums(
         distance: ``"mse"`` or ``"cosine"``.
         teacher_mask: ``(B, Tt)`` bool, the teacher's rows when its tokenizer differs (``None``: ``mask``).
             It must select as many rows as ``mask``, in the same order: the aligned positions of
-            ``alignment.stack_positions`` qualify, as segments run in text order on both sides.
+            ``data.alignment`` qualify, as segments run in text order on both sides.
     Returns:
         ``total``: per-row distances summed over rows and averaged over pairs (so the weight does not
         depend on how many pairs there are); ``count``: the number of trained rows. The objective

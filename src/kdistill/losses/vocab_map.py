@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdistill.errors import KdistillError
-from kdistill.teacher.signal import Sparse
+from kdistill.data.tokenize import require_fast
+from kdistill.losses.signal import Sparse
 
 logger = logging.getLogger("kdistill")
 
@@ -160,12 +160,8 @@ def _byte_level_surfaces(tokens: list[str]) -> list[bytes]:
 
 def token_surfaces(tokenizer: Any) -> list[bytes | None]:
     """The decoded bytes of every token id ``0..len(tokenizer)-1``; ``None`` for special tokens and holes."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise KdistillError(
-            f"{type(tokenizer).__name__} is not a fast tokenizer: mapping vocabularies needs the tokenizer's "
-            "tokenizer.json (a fast tokenizer)"
-        )
+    require_fast(tokenizer, "teacher or student", "mapping vocabularies needs each token's surface")
+    backend = tokenizer.backend_tokenizer
     kinds = _decoder_types(backend)
     size = max(len(tokenizer), backend.get_vocab_size(with_added_tokens=True))
     special = set(tokenizer.all_special_ids)
@@ -214,14 +210,6 @@ def build_vocab_map(teacher_tokenizer: Any, student_tokenizer: Any, pair_eos: bo
         len(s_surfaces),
     )
     return mapping
-
-
-def mapped_share_of_ids(ids: Tensor, mapping: VocabMap) -> float:
-    """Share of the token occurrences in teacher ``ids`` (any shape) that map into the student vocabulary."""
-    ids = ids.reshape(-1).long()
-    if ids.numel() == 0:
-        return 0.0
-    return float((mapping.lookup_for(ids)[ids] >= 0).float().mean())
 
 
 def mapped_mass_share(teacher: Tensor | Sparse, mapping: VocabMap) -> Tensor:

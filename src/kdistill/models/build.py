@@ -13,6 +13,7 @@ from torch import nn
 from kdistill.config import StudentConfig, TeacherConfig
 from kdistill.errors import KdistillError
 from kdistill.models.loading import ModelSource, load_model, resolve
+from kdistill.models.parts import for_inference
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -47,10 +48,7 @@ def load_teacher(cfg: TeacherConfig, device: torch.device) -> Any:
             raise KdistillError(
                 "teacher.quantization applies to safetensors models; a GGUF teacher is already quantized"
             )
-    model = load_model(source, pick_dtype(cfg.dtype, device), device, **kwargs)
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    return for_inference(load_model(source, pick_dtype(cfg.dtype, device), device, **kwargs))
 
 
 def quantization_config(kind: str, device: torch.device) -> Any:

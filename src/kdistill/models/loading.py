@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from kdistill.errors import KdistillError
+from kdistill.files import cache_root
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,6 @@ class ModelSource:
     @property
     def identity(self) -> str:
         return f"{self.spec}|{self.gguf_file or ''}|{self.revision or ''}"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("KDISTILL_CACHE", Path.home() / ".cache" / "kdistill"))
 
 
 def _assembled_file(package: str, folder: str) -> Path | None:

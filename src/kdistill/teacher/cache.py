@@ -2,7 +2,7 @@
 
 With a live teacher every epoch pays a teacher forward pass and the teacher sits in memory beside
 the student. `kdistill cache` pays it once; training then reads a ``Sparse`` signal per batch from
-here and loads no teacher. The format is in ``cache_format``.
+here and loads no teacher. The format is in ``packing``.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from kdistill.data import trained_rows
 from kdistill.errors import KdistillError
 from kdistill.files import save_atomic
-from kdistill.losses.vocab_map import VocabMap
-from kdistill.teacher import cache_format as fmt
-from kdistill.teacher.signal import Sparse, _log1mexp
+from kdistill.losses import Sparse, VocabMap
+from kdistill.losses.signal import log1mexp
+from kdistill.teacher import packing as fmt
 
 log = logging.getLogger("kdistill")
 
@@ -38,7 +39,7 @@ def save_vocab_map(folder: Path, mapping: VocabMap) -> None:
 
 @dataclass(frozen=True)
 class CacheSpec:
-    """How to build a cache: plain values from the config (see `kdistill.train.setup`)."""
+    """How to build a cache: plain values from the config (`roster.cache_spec`)."""
 
     top_k: int
     tail_samples: int
@@ -132,7 +133,7 @@ def _shard(
     for b in range(0, len(order), spec.batch_size):
         members = order[b : b + spec.batch_size]
         batch = collate([rows[i] for i in members])
-        mask = batch["labels"][:, 1:] != -100
+        mask = trained_rows(batch["labels"])[0]
         logits = teacher_forward(batch, mask)
         packed = encode_rows(logits, spec, spec.temperatures[split], vocab_size, generator)
         counts = mask.sum(dim=1).tolist()
@@ -156,7 +157,7 @@ def encode_rows(
         top, ids = lp.topk(spec.top_k, dim=-1)
         tempered = lp / temperature
         kept = torch.logsumexp(top / temperature, dim=-1) - torch.logsumexp(tempered, dim=-1)
-        tail = _log1mexp(kept)
+        tail = log1mexp(kept)
         if spec.tail_samples:
             weights = torch.softmax(tempered, dim=-1).scatter_(-1, ids, 0.0).clamp_(min=1e-30)
             draws = torch.multinomial(weights, spec.tail_samples, replacement=True, generator=generator)

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kdistill.config import RunConfig
+from kdistill.data.tokenize import require_fast
 from kdistill.errors import KdistillError
-from kdistill.losses.vocab_map import VocabMap, build_vocab_map
+from kdistill.losses import VocabMap, build_vocab_map
 from kdistill.models.build import student_source, teacher_source
 from kdistill.models.loading import load_config_only, load_tokenizer
-from kdistill.models.vocab import KNOWN_VOCABULARIES, shared_vocab_size
+from kdistill.models.parts import logit_width
 
 
 @dataclass
@@ -45,7 +46,7 @@ class Vocabularies:
         self._maps: dict[str, VocabMap] = {}
 
 
-def check_vocabularies(cfg: RunConfig) -> Vocabularies:
+def load_vocabularies(cfg: RunConfig) -> Vocabularies:
     """Load the tokenizers and model configs, sort teachers into same- and cross-vocabulary ones.
 
     A cache-only teacher is sorted when its cache is opened (its manifest records its tokenizer).
@@ -60,18 +61,16 @@ def check_vocabularies(cfg: RunConfig) -> Vocabularies:
     for name, teacher in named:
         source = teacher_source(teacher)
         t_tok, t_width = load_tokenizer(source), logit_width(load_config_only(source))
-        if t_tok.get_vocab() == s_tok.get_vocab():
+        if same_vocabulary(t_tok, s_tok):
             vocabs.width = min(
                 vocabs.width, shared_vocab_size(teacher.model, t_tok, t_width, student_name, s_tok, s_width)
             )
             continue
-        for role, tok in (("teacher " + repr(name), t_tok), ("student", s_tok)):
-            if not getattr(tok, "is_fast", False):
-                raise KdistillError(
-                    f"teacher {name!r} uses another tokenizer than the student, and the {role} tokenizer "
-                    f"({type(tok).__name__}) is not a fast one: aligning tokenizers needs character offsets, "
-                    "which only fast tokenizers (tokenizer.json) give"
-                )
+        why = (
+            f"teacher {name!r} uses another tokenizer than the student; aligning them needs character offsets"
+        )
+        require_fast(t_tok, f"teacher {name!r}", why)
+        require_fast(s_tok, "student", why)
         vocabs.cross[name], vocabs.cross_width[name] = t_tok, t_width
     check_cross_options(cfg, list(vocabs.cross))
     return vocabs
@@ -117,7 +116,50 @@ def known_alignment(cfg: RunConfig) -> dict[str, str]:
     return lines
 
 
-def logit_width(config: Any) -> int:
-    """A model config's output width (its text config's, for a multimodal one)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text.vocab_size)
+def same_vocabulary(teacher_tokenizer: Any, student_tokenizer: Any) -> bool:
+    """Whether the two tokenizers give every token the same id (logits then compare token by token)."""
+    return teacher_tokenizer.get_vocab() == student_tokenizer.get_vocab()
+
+
+# Vocabularies of well-known hub models, so `kdistill validate` can name a mismatch even offline.
+# (tokenizer entries, tokenizer family)
+KNOWN_VOCABULARIES = {
+    "mistralai/Mistral-7B-v0.1": (32_000, "Mistral/Llama SentencePiece"),
+    "mistralai/Mistral-7B-Instruct-v0.2": (32_000, "Mistral/Llama SentencePiece"),
+    "meta-llama/Llama-2-7b-hf": (32_000, "Llama-2 SentencePiece"),
+    "microsoft/phi-2": (50_295, "GPT-2 byte-level BPE"),
+    "Qwen/Qwen2.5-7B-Instruct": (151_665, "Qwen2 byte-level BPE"),
+    "Qwen/Qwen2.5-1.5B-Instruct": (151_665, "Qwen2 byte-level BPE"),
+}
+
+
+def mismatch_message(teacher: str, teacher_size: int, student: str, student_size: int) -> str:
+    return (
+        f"teacher and student use different tokenizers: teacher '{teacher}' has a {teacher_size:,}-token "
+        f"vocabulary, student '{student}' a {student_size:,}-token one, so their logits cannot be compared "
+        "token by token; kdistill aligns such a pair instead (loss.alignment)"
+    )
+
+
+def shared_vocab_size(
+    teacher_name: str,
+    teacher_tok: Any,
+    teacher_logits: int,
+    student_name: str,
+    student_tok: Any,
+    student_logits: int,
+) -> int:
+    """The logit width both heads share, after checking the tokenizers map tokens to the same ids.
+
+    Heads are often padded past the tokenizer (Phi-2: 51,200 logits for 50,295 tokens), so equal
+    tokenizers with unequal heads are fine: only the first `min(...)` logits are compared.
+    """
+    if not same_vocabulary(teacher_tok, student_tok):
+        raise KdistillError(mismatch_message(teacher_name, len(teacher_tok), student_name, len(student_tok)))
+    width = min(teacher_logits, student_logits)
+    if width < len(teacher_tok):
+        raise KdistillError(
+            f"the output heads ({teacher_logits:,} and {student_logits:,} logits) are smaller than the "
+            f"shared tokenizer ({len(teacher_tok):,} tokens)"
+        )
+    return width

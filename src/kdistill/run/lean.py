@@ -1,10 +1,13 @@
-"""A gated MLP that keeps half its activations for backward: `down(silu(gate(x)) * up(x))`.
+"""Single-process memory savings that change no number beyond float rounding.
+
+A tied input embedding gets a sparse gradient (`sparse_tied_embedding`), and gated MLPs keep half
+their activations for backward: `down(silu(gate(x)) * up(x))`.
 
 Autograd keeps four `(tokens, intermediate)` tensors per layer for the backward pass of the usual
 gated MLP (Llama, Mistral, Qwen, SmolLM): the two projections, the SiLU of the first and the product.
 Here only the two projections are kept and the two elementwise results are recomputed in backward
 (no matmul is repeated). On a 10-layer SmolLM2 student that is 48 of the step's 169 MB of
-activations at 394 tokens, for no measurable time (issue #7). The gradients are the same up to
+activations at 394 tokens, for no measurable time. The gradients are the same up to
 float rounding (tests/test_step_memory.py).
 """
 
@@ -14,18 +17,22 @@ import types
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import Tensor, nn
+
+from kdistill.models.parts import base_model
+from kdistill.run.accelerator import single_process
 
 
 class _GatedMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:  # noqa: D102
+    def forward(ctx, x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
         gate, up = F.linear(x, w_gate), F.linear(x, w_up)
         ctx.save_for_backward(x, gate, up, w_gate, w_up, w_down)
         return F.linear(F.silu(gate) * up, w_down)
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):  # noqa: D102
+    def backward(ctx, grad_out: Tensor):
         x, gate, up, w_gate, w_up, w_down = ctx.saved_tensors
         sig = torch.sigmoid(gate)
         act = gate * sig
@@ -72,3 +79,31 @@ def lean_gated_mlps(model: nn.Module) -> int:
             module.forward = types.MethodType(_forward, module)
             count += 1
     return count
+
+
+def sparse_tied_embedding(model: torch.nn.Module) -> bool:
+    """Give a trained input embedding that is tied to the output head a sparse gradient; True if done.
+
+    Dense, its backward fills a `(V, H)` zero tensor, writes the few rows of the batch's tokens and
+    adds the whole tensor to the head's gradient: on SmolLM2 a 113 MB buffer and two passes over it
+    per micro-batch. Sparse, autograd adds those rows into the head's dense gradient in place, so
+    the parameter's gradient stays dense and exactly the same. Single process only (`lean_student`):
+    the gradient hooks of DDP, FSDP and DeepSpeed expect dense contributions.
+    """
+    base = base_model(model)
+    embedding, head = base.get_input_embeddings(), base.get_output_embeddings()
+    tied = head is not None and isinstance(embedding, torch.nn.Embedding) and head.weight is embedding.weight
+    if not tied or not embedding.weight.requires_grad:
+        return False
+    embedding.sparse = True
+    return True
+
+
+def lean_student(model: torch.nn.Module, accelerator: Accelerator) -> None:
+    """The savings of this module, in a single process: a sparse tied-embedding gradient, and lean
+    gated MLPs in fp32 only (without autocast in the way)."""
+    if not single_process(accelerator):
+        return
+    sparse_tied_embedding(model)
+    if accelerator.mixed_precision == "no":
+        lean_gated_mlps(model)

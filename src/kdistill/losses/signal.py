@@ -115,10 +115,21 @@ class Sparse:
     def has_samples(self) -> bool:
         return self.num_top is not None and self.num_top < self.ids.shape[-1]
 
+    def select(self, index: slice | Tensor) -> Sparse:
+        """The same signal for the rows ``index`` picks (a slice, a bool mask or row indices)."""
+        tail = None if self.tail is None else self.tail[index]
+        return replace(self, ids=self.ids[index], logprobs=self.logprobs[index], tail=tail)
+
     def rows(self, start: int, end: int) -> Sparse:
         """The same signal for rows ``start:end`` only."""
-        tail = None if self.tail is None else self.tail[start:end]
-        return replace(self, ids=self.ids[start:end], logprobs=self.logprobs[start:end], tail=tail)
+        return self.select(slice(start, end))
+
+    def to(self, device: torch.device) -> Sparse:
+        """The same signal on ``device``."""
+        if self.ids.device == device:
+            return self
+        tail = None if self.tail is None else self.tail.to(device)
+        return replace(self, ids=self.ids.to(device), logprobs=self.logprobs.to(device), tail=tail)
 
     def top(self) -> Sparse:
         """The top-k entries only (tail samples dropped), keeping the exact tail mass."""
@@ -144,14 +155,14 @@ class Sparse:
         lp = self.logprobs[:, : self.k].float()
         if self._exact_tail(temperature) and self.k < vocab_size:
             tail = self.tail.float()[:, None]
-            kept = torch.log_softmax(lp / temperature, dim=-1) + _log1mexp(tail)
+            kept = torch.log_softmax(lp / temperature, dim=-1) + log1mexp(tail)
             return torch.cat([kept, tail], dim=-1)
         if self.k >= vocab_size:
             # Every token is kept, so the tail is empty by definition, not by rounding.
             tail = torch.full_like(lp[:, :1], float("-inf"))
         else:
             kept = torch.logsumexp(lp, dim=-1, keepdim=True).clamp(max=0.0)
-            tail = _log1mexp(kept)  # log(1 - kept mass), -inf when nothing is left
+            tail = log1mexp(kept)  # log(1 - kept mass), -inf when nothing is left
             if temperature != 1.0:
                 # Clamped so a kept -inf log-prob cannot turn the tail into inf or nan.
                 p_min = lp.min(dim=-1, keepdim=True).values.clamp(min=-1e4)
@@ -171,7 +182,7 @@ class Sparse:
             raise ValueError("target_weights needs tail samples and the tail mass at this temperature")
         lp = self.logprobs.float() / temperature
         tail = self.tail.float()[:, None]
-        log_z = torch.logsumexp(lp[:, : self.k], dim=-1, keepdim=True) - _log1mexp(tail)
+        log_z = torch.logsumexp(lp[:, : self.k], dim=-1, keepdim=True) - log1mexp(tail)
         log_p = lp - log_z
         draws = self.ids.shape[-1] - self.k
         weights = torch.cat([log_p[:, : self.k].exp(), (tail.exp() / draws).expand(-1, draws)], dim=-1)
@@ -189,7 +200,7 @@ class Sparse:
         return out.scatter_(-1, self.ids[:, : self.k].long(), bucket[:, :-1])
 
 
-def _log1mexp(x: Tensor) -> Tensor:
+def log1mexp(x: Tensor) -> Tensor:
     """``log(1 - exp(x))`` for ``x <= 0``, -inf at 0 (Maechler's stable form)."""
     x = x.clamp(max=0.0)
     return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
@@ -214,6 +225,3 @@ class Ensemble:
         """Each member's rows ``start:end``: fp32 logits for dense members, ``Sparse`` for sparse ones."""
         members = tuple(m[start:end] if isinstance(m, Tensor) else m.rows(start, end) for m in self.members)
         return Ensemble(members, self.weights, self.mode)
-
-
-TeacherSignal = Dense | DenseHidden | Sparse | Ensemble

@@ -2,29 +2,64 @@
 
 The teacher generates greedily, in batches, once; the responses are cached on disk under a
 key made of the teacher's identity, the prompts and the generation settings, so a second run
-(or a second epoch) reads them back instead of generating again.
+(or a second epoch) reads them back instead of generating again. `load_data` builds a run's
+tokenized splits, with the teacher's responses when the config asks for them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from kdistill.data.formats import Example
+from kdistill.config import RunConfig
+from kdistill.data import DataSplits, Example, build_datasets
 from kdistill.data.tokenize import prompt_text
 from kdistill.errors import KdistillError
-from kdistill.files import write_atomic
+from kdistill.files import cache_root, write_atomic
+from kdistill.models.build import teacher_source
+
+log = logging.getLogger("kdistill")
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("KDISTILL_CACHE", Path.home() / ".cache" / "kdistill"))
+def load_data(
+    cfg: RunConfig, tokenizer: Any, teacher: Any | None, cross: dict[str, Any] | None = None
+) -> DataSplits:
+    """The tokenized splits; with `data.responses: teacher` the (live) `teacher` writes the responses.
+
+    `cross` names the teachers with another tokenizer (name -> tokenizer): rows get their views.
+    """
+    respond = None
+    if cfg.data.responses == "teacher":
+        if teacher is None:
+            raise KdistillError(
+                "data.responses: teacher needs a live teacher; give teacher.model without a cache"
+            )
+
+        def respond(examples: list[Example]) -> list[Example]:
+            return with_teacher_responses(
+                examples,
+                teacher,
+                tokenizer,
+                teacher_id=teacher_source(cfg.teacher).identity,
+                max_new_tokens=cfg.data.generation.max_new_tokens,
+                batch_size=cfg.data.generation.batch_size,
+            )
+
+    data = build_datasets(cfg.data, tokenizer, cfg.training.seed, respond, cross)
+    log.info(
+        "data: %d training and %d validation rows (%s format), %d dropped for length",
+        len(data.train),
+        len(data.validation),
+        data.format,
+        data.dropped,
+    )
+    return data
 
 
 def responses_key(teacher_id: str, examples: list[Example], max_new_tokens: int) -> str:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from kdistill.models.compact import CompactLinear
+from kdistill.models.parts import base_model, text_config
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class ModelShape:
 
 def model_shape(model: nn.Module) -> ModelShape:
     """Count the linear layers of a transformers causal LM (peft-wrapped or not)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     head = base.get_output_embeddings()
     body = trained = 0
     for module in base.modules():
@@ -59,7 +60,7 @@ def model_shape(model: nn.Module) -> ModelShape:
             for param in module.parameters(recurse=False):
                 body += param.numel()
                 trained += param.numel() if param.requires_grad else 0
-    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    config = text_config(base.config)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return ModelShape(

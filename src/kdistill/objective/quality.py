@@ -7,46 +7,49 @@ from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 import torch
-from torch import nn
+from tqdm.auto import tqdm
 
+from kdistill.data import trained_rows
 from kdistill.losses import DEFAULT_CHUNK_SIZE
-from kdistill.train.forward import (
-    LossSettings,
-    Teacher,
-    as_teachers,
-    batch_loss,
-    combined_signal,
-    trained_rows,
-)
+from kdistill.objective.batch import LossSettings, StudentLoss
+from kdistill.teacher.forward import TeacherOutputs, teacher_outputs
+from kdistill.teacher.roster import Teacher
+
+# exp(50) ~ 5e21: an untrained student's cross-entropy can overflow exp; no perplexity is reported above.
+_MAX_CE = 50.0
+
+
+def perplexity(ce: float) -> float:
+    """`exp(ce)` of a per-token cross-entropy, capped at e^50."""
+    return math.exp(min(ce, _MAX_CE))
 
 
 @torch.no_grad()
 def held_out_quality(
-    student: nn.Module,
-    teacher: nn.Module | list[Teacher] | None,
+    student: StudentLoss,
+    teachers: list[Teacher],
     batches: Iterable[dict[str, torch.Tensor]],
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     vocab_size: int | None = None,
-    teacher_cache: dict[int, object] | None = None,
+    memo: dict[int, TeacherOutputs] | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     counted: int | None = None,
     alignment: str = "span",
+    progress: str | None = None,
 ) -> dict[str, float]:
     """Per-token forward KL(teacher || student) at T = 1, cross-entropy and perplexity.
 
     Measured at T = 1 whatever the training temperature, so runs with different temperatures
-    compare on one scale. `teacher_cache` keeps the teacher's output per batch between calls on the
-    same (unshuffled) batches: the teacher does not change, so it runs once per run, not per evaluation.
+    compare on one scale. `memo` keeps the teachers' outputs per batch between calls on the same
+    (unshuffled) batches: the teachers do not change, so they run once per run, not per evaluation.
     Under several processes each passes its share of the batches (`shard_batches`), `reduce` sums
     the KL, CE and token counts over processes, and batches from index `counted` on are run but
     not counted (they only keep the processes in step). With a teacher of another tokenizer, its
     KL is the aligned one (`loss.alignment`), summed over aligned pairs and divided, like the rest,
-    by the student's trained tokens.
+    by the student's trained tokens. `progress` names a progress bar over the batches.
     """
     was_training = student.training
     student.eval()
-    teachers = as_teachers(teacher)
-    same = [t for t in teachers if t.mapping is None]
     settings = LossSettings(
         alpha=1.0 if teachers else 0.0,
         temperature=1.0,
@@ -56,15 +59,15 @@ def held_out_quality(
     )
     kl = ce = 0.0
     tokens = 0
-    for index, batch in enumerate(batches):
-        signal = None if teacher_cache is None else teacher_cache.get(index)
-        if signal is None and same:  # teachers of another tokenizer run inside `batch_loss`
-            mask = trained_rows(batch["labels"])[0]
-            signal = combined_signal(same, batch, mask, "validation", vocab_size, "sum")
-            if teacher_cache is not None:
-                teacher_cache[index] = signal
-        sums, n = batch_loss(student, teachers, batch, settings, signal=signal, split="validation")
+    for index, batch in enumerate(tqdm(batches, desc=progress, unit="batch", disable=progress is None)):
+        outputs = None if memo is None else memo.get(index)
+        if outputs is None and teachers:
+            outputs = teacher_outputs(teachers, batch, "validation", vocab_size)
+            if memo is not None:
+                memo[index] = outputs
+        sums = student(batch, outputs, settings)
         if counted is None or index < counted:
+            n = int(trained_rows(batch["labels"])[0].sum())
             kl, ce, tokens = kl + float(sums.kd), ce + float(sums.ce), tokens + n
     student.train(was_training)
     if reduce is not None:
@@ -72,7 +75,7 @@ def held_out_quality(
         tokens = int(tokens)
     if tokens == 0:
         return {}
-    result = {"ce": ce / tokens, "ppl": math.exp(min(ce / tokens, 50.0)), "tokens": float(tokens)}
+    result = {"ce": ce / tokens, "ppl": perplexity(ce / tokens), "tokens": float(tokens)}
     if teachers:
         result["kl"] = kl / tokens
     return result

@@ -1,4 +1,4 @@
-"""Checkpoints that are either complete or absent, and the exported student.
+"""Checkpoints that are either complete or absent.
 
 A checkpoint is written into `step-N.tmp/` and renamed to `step-N/` only once every file is in
 place, so `--resume` never picks up a half-written one.

@@ -15,14 +15,14 @@ import torch
 from accelerate import Accelerator
 
 from kdistill.files import write_atomic
-from kdistill.train.flops import ModelShape, step_flops
+from kdistill.run.flops import ModelShape, step_flops
 
 
 class LogWindow:
     """Sums of the steps since the last log line, turned into per-token means and throughput.
 
     With the student's and live teachers' shapes, each record also has `flops_per_s`: the useful FLOPs
-    of the window's tokens (see `kdistill.train.flops`) over its seconds; steps then add `pairs`.
+    of the window's tokens (see `run.flops`) over its seconds; steps then add `pairs`.
     """
 
     def __init__(self, student: ModelShape | None = None, teachers: list[ModelShape] | None = None) -> None:

@@ -12,8 +12,8 @@ from accelerate import Accelerator
 from torch import nn
 
 from kdistill.losses.hidden import HiddenProjections
-from kdistill.train.checkpoint import copy_projections, is_sharded, save_hidden, under
-from kdistill.train.prepare import whole_models
+from kdistill.run.accelerator import whole_models
+from kdistill.run.checkpoint import copy_projections, is_sharded, save_hidden, under
 
 
 def export_student(

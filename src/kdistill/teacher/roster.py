@@ -1,29 +1,43 @@
-"""The teachers of a run as the loop sees them: each a live model or a cache, with its weight.
+"""The teachers of a run as the step sees them: each a live model or a cache, with its weight.
 
-`build_teachers` and `cache_header` read the config; everything they return is plain.
+These functions read the config; the `Teacher`s they return are plain.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from kdistill.config import RunConfig, TeacherConfig
-from kdistill.data import Collator, DataSplits
-from kdistill.data.cross import TeacherView
+from kdistill.data import DataSplits
 from kdistill.errors import KdistillError
+from kdistill.losses import VocabMap
 from kdistill.models.build import load_teacher, teacher_source
 from kdistill.models.compact import compact_frozen
-from kdistill.teacher.cache import CacheSpec, TeacherCache, build_cache, save_vocab_map
-from kdistill.teacher.cache_format import rows_fingerprint, tokenizer_fingerprint
-from kdistill.train.forward import Teacher, teacher_signal
-from kdistill.train.vocabs import Vocabularies, check_cross_options, check_vocabularies
+from kdistill.teacher.cache import CacheSpec, TeacherCache
+from kdistill.teacher.packing import rows_fingerprint, tokenizer_fingerprint
+from kdistill.teacher.vocabularies import Vocabularies, check_cross_options
 
 log = logging.getLogger("kdistill")
+
+
+@dataclass
+class Teacher:
+    """One teacher: exactly one of `model` (run live) and `cache` (read from disk).
+
+    `mapping` is set when the teacher's tokenizer differs from the student's: the batch then holds
+    its own tokens and the aligned positions (`data.alignment`), or its cache holds them.
+    """
+
+    name: str
+    weight: float  # normalised over the run's teachers
+    model: nn.Module | None = None
+    cache: TeacherCache | None = None
+    mapping: VocabMap | None = None
 
 
 def cache_command(config_path: str) -> str:
@@ -133,65 +147,3 @@ def build_teachers(
         teachers.append(Teacher(name, t.weight / total, live.get(name), cache, mapping))
     check_cross_options(cfg, [t.name for t in teachers if t.mapping is not None])
     return teachers
-
-
-def cache_teachers(cfg: RunConfig, device: torch.device) -> list[tuple[str, dict[str, Any]]]:
-    """`kdistill cache`: run every teacher that has both a model and a cache folder over the data."""
-    from kdistill.train.setup import load_data  # setup imports this module
-
-    todo = [(name, t) for name, t in cfg.teacher_list() if t.cache is not None and t.model is not None]
-    if not todo:
-        raise KdistillError(
-            "no teacher has both `model` and `cache`: set teacher.cache to the folder the cache is written to"
-        )
-    vocabs = check_vocabularies(cfg)
-    spec = cache_spec(cfg)
-    data, written = None, []
-    for name, t in todo:
-        width = vocabs.cross_width.get(name, vocabs.width)
-        if spec.tail_samples and spec.top_k >= width:
-            raise KdistillError(
-                f"cache.top_k={spec.top_k} keeps the whole {width}-token vocabulary; set cache.tail_samples=0"
-            )
-        model = load_teacher(t, device)
-        compact_teacher(name, t, model)
-        data = data or load_data(cfg, vocabs.tokenizer, model, vocabs.cross)
-        header = cache_header(cfg, t, vocabs, data, name)
-
-        def forward(
-            batch: dict[str, torch.Tensor], mask: torch.Tensor, model=model, width=width
-        ) -> torch.Tensor:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            signal = teacher_signal(model, batch, mask.to(device), width)
-            return signal.rows(0, signal.hidden.shape[0])
-
-        folder = Path(t.cache)
-        if name in vocabs.cross:  # the teacher reads its own tokens; the alignment is stored with it
-            splits = {
-                "train": [r.views[name] for r in data.train],
-                "validation": [r.views[name] for r in data.validation],
-            }
-            collate = _view_collator(vocabs.cross[name].pad_token_id)
-            folder.mkdir(parents=True, exist_ok=True)
-            save_vocab_map(folder, vocabs.mapping(name))
-            extras = _alignment_of
-        else:
-            splits = {"train": data.train, "validation": data.validation}
-            collate, extras = Collator(vocabs.tokenizer.pad_token_id), None
-        manifest = build_cache(folder, forward, splits, header, spec, collate, width, extras)
-        written.append((name, manifest))
-        del model
-    return written
-
-
-def _view_collator(pad_token_id: int) -> Any:
-    collator = Collator(pad_token_id)
-    return lambda views: collator.pad([v.as_row(-1) for v in views], pad_token_id)
-
-
-def _alignment_of(view: TeacherView) -> dict[str, torch.Tensor]:
-    """What a cache stores per compared pair besides the teacher's outputs: the student's side."""
-    return {
-        "student_pos": torch.tensor(view.student_pos, dtype=torch.int32),
-        "one_to_one": torch.tensor(view.one_to_one, dtype=torch.uint8),
-    }

@@ -1,0 +1,155 @@
+"""The training loop: one accelerate loop that reads top to bottom.
+
+`train` starts the run (`start.start_run`), then steps through accumulation windows. Each window is
+one optimizer step (`step.optimizer_step`); once in a while the loop logs, evaluates on the held-out
+rows, saves a checkpoint, or stops on a signal after saving one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from kdistill.config import RunConfig
+from kdistill.files import RunFiles
+from kdistill.run.batches import epoch_loader, windows
+from kdistill.run.checkpoint import latest_checkpoint, load_checkpoint, remove_partial
+from kdistill.run.export import export_student
+from kdistill.run.flops import model_shape
+from kdistill.run.metrics import LogWindow
+from kdistill.run.start import Run, start_run
+from kdistill.run.step import optimizer_step
+from kdistill.run.stop_signals import Interrupted, StopSignals
+
+log = logging.getLogger("kdistill")
+
+
+@dataclass
+class RunSummary:
+    output_dir: str
+    steps: int
+    seconds: float
+    train_rows: int
+    validation_rows: int
+    dropped_rows: int
+    before: dict[str, float] = field(default_factory=dict)
+    after: dict[str, float] = field(default_factory=dict)
+
+
+def train(
+    cfg: RunConfig, resume: bool = False, overwrite: bool = False, config_path: str = "CONFIG"
+) -> RunSummary:
+    """Distil the student described by `cfg` and write it to `cfg.output_dir`.
+
+    `config_path` only names the config in messages (such as how to build a missing teacher cache).
+    """
+    started, t = time.perf_counter(), cfg.training
+    run = start_run(cfg, resume, overwrite, config_path)
+    accelerator, parts, held_out, total = run.accelerator, run.parts, run.held_out, run.total_steps
+    step, epoch, skip = _starting_point(run, resume)
+    # FLOP/s in the metrics: the student's and the live teachers' shapes; a cache costs no FLOPs.
+    runs = cfg.loss.alpha > 0 or cfg.loss.hidden.weight > 0  # else the step never calls the teachers
+    live = [model_shape(x.model) for x in parts.teachers if x.model is not None and runs]
+    window_log = LogWindow(model_shape(parts.student), live)
+    bar = tqdm(
+        total=total, initial=step, desc="distill", unit="step", disable=not accelerator.is_main_process
+    )
+    # SIGINT/SIGTERM: finish the step, checkpoint, exit (see stop_signals.py); the bar closes on any exit.
+    with StopSignals() as stop, bar:
+        while step < total:
+            loader = accelerator.prepare(
+                epoch_loader(parts.data.train, t.batch_size, t.seed, epoch, run.collator)
+            )
+            for index, window in enumerate(windows(loader, t.gradient_accumulation_steps)):
+                if index < skip:
+                    continue  # already trained before the checkpoint we resumed from
+                stats = run.backoff.run(lambda w: _step(run, w), window, step + 1)
+                run.scheduler.step()
+                step += 1
+                bar.update(1)
+                if run.monitor.after_step(step, stats, run.guarded.skipped):
+                    window_log.add(stats)
+                # Once in a while: log, evaluate, checkpoint; on a signal, checkpoint and stop.
+                if (step % t.logging_steps == 0 or step == total) and window_log.sums["trained"]:
+                    progress = epoch + (index + 1) / run.windows_per_epoch
+                    record = window_log.flush(accelerator, run.scheduler.get_last_lr()[0], progress)
+                    run.metrics.write(step, {**record, **run.monitor.on_log(record)})
+                    bar.set_postfix(_postfix(record))
+                if t.eval_steps and step % t.eval_steps == 0 and step < total:
+                    held_out.evaluate(step)
+                signum = stop.requested(held_out.agree) if step < total else None
+                if signum or (t.save_steps and step % t.save_steps == 0 and step < total):
+                    checkpoint = run.save(step, epoch, index + 1)
+                if signum:
+                    accelerator.end_training()  # trackers flush what they hold
+                    raise Interrupted(signum, step, checkpoint)
+                if step >= total:
+                    break
+            epoch, skip = epoch + 1, 0
+    return _finish(run, step, started)
+
+
+def _step(run: Run, window: list[dict[str, Any]]) -> dict[str, float]:
+    """One optimizer step over `window` (the out-of-memory back-off may have cut it finer)."""
+    max_norm = run.cfg.training.max_grad_norm
+    return optimizer_step(
+        run.accelerator, run.model, run.parts.teachers, window, run.settings, run.guarded, max_norm
+    )
+
+
+def _starting_point(run: Run, resume: bool) -> tuple[int, int, int]:
+    """`(step, epoch, window)` to start from: the newest checkpoint's on --resume, else zeros, after
+    measuring the held-out quality before training."""
+    folder = run.out / RunFiles.CHECKPOINTS
+    checkpoint = latest_checkpoint(folder) if resume else None
+    if resume and run.accelerator.is_main_process:
+        remove_partial(folder)
+    if checkpoint is not None:
+        args = (run.accelerator, run.model, run.optimizer, run.scheduler, run.projections())
+        state = load_checkpoint(checkpoint, *args)
+        run.held_out.before = state["before"]
+        if run.cfg.training.micro_batch_size is None:  # keep what out-of-memory back-off found
+            run.backoff.micro = state.get("micro_batch_size", run.backoff.micro)
+        run.metrics.truncate_after(state["step"])
+        log.info("resumed from %s (step %d)", checkpoint, state["step"])
+        return state["step"], state["epoch"], state["window"]
+    if resume:
+        log.warning("--resume: no checkpoint in %s; starting from step 0", folder)
+        run.metrics.truncate_after(-1)
+    before = run.held_out.before = run.held_out.evaluate(0)
+    if "kl" in before:
+        log.info("before training: held-out KL to teacher %.4f, perplexity %.2f", before["kl"], before["ppl"])
+    return 0, 0, 0
+
+
+def _finish(run: Run, step: int, started: float) -> RunSummary:
+    """Measure the held-out quality after training, export the student and write the summary."""
+    accelerator, parts, before = run.accelerator, run.parts, run.held_out.before
+    after = run.held_out.evaluate(step)
+    run.monitor.check_quality(before, after)
+    accelerator.wait_for_everyone()
+    # Every process calls it: the student's weights are gathered from all of them, the main one writes.
+    export_student(accelerator, run.model, parts.tokenizer, run.out, run.cfg.student.merge, run.projections())
+    data, seconds = parts.data, time.perf_counter() - started
+    summary = RunSummary(
+        str(run.out), step, seconds, len(data.train), len(data.validation), data.dropped, before, after
+    )
+    if accelerator.is_main_process:
+        (run.out / RunFiles.SUMMARY).write_text(json.dumps(summary.__dict__, indent=2))
+    accelerator.wait_for_everyone()  # no process may tear down the process group while the main one writes
+    accelerator.end_training()
+    return summary
+
+
+def _postfix(record: dict[str, float]) -> dict[str, str]:
+    return {
+        "loss": f"{record['loss']:.3f}",
+        "kd": f"{record['loss/kd']:.3f}",
+        "ce": f"{record['loss/ce']:.3f}",
+        "tok_s": f"{record['tokens_per_s']:.0f}",
+    }

@@ -1,0 +1,79 @@
+"""`kdistill cache`: run every teacher that has both a model and a cache folder over the data once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdistill.config import RunConfig
+from kdistill.data import Collator
+from kdistill.data.alignment import TeacherView
+from kdistill.errors import KdistillError
+from kdistill.models.build import load_teacher
+from kdistill.teacher.cache import build_cache, save_vocab_map
+from kdistill.teacher.forward import live_teacher
+from kdistill.teacher.responses import load_data
+from kdistill.teacher.roster import cache_header, cache_spec, compact_teacher
+from kdistill.teacher.vocabularies import load_vocabularies
+
+
+def cache_teachers(cfg: RunConfig, device: torch.device) -> list[tuple[str, dict[str, Any]]]:
+    """`kdistill cache`: run every teacher that has both a model and a cache folder over the data."""
+    todo = [(name, t) for name, t in cfg.teacher_list() if t.cache is not None and t.model is not None]
+    if not todo:
+        raise KdistillError(
+            "no teacher has both `model` and `cache`: set teacher.cache to the folder the cache is written to"
+        )
+    vocabs = load_vocabularies(cfg)
+    spec = cache_spec(cfg)
+    data, written = None, []
+    for name, t in todo:
+        width = vocabs.cross_width.get(name, vocabs.width)
+        if spec.tail_samples and spec.top_k >= width:
+            raise KdistillError(
+                f"cache.top_k={spec.top_k} keeps the whole {width}-token vocabulary; set cache.tail_samples=0"
+            )
+        model = load_teacher(t, device)
+        compact_teacher(name, t, model)
+        data = data or load_data(cfg, vocabs.tokenizer, model, vocabs.cross)
+        header = cache_header(cfg, t, vocabs, data, name)
+
+        def forward(
+            batch: dict[str, torch.Tensor], mask: torch.Tensor, model=model, width=width
+        ) -> torch.Tensor:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            signal = live_teacher(model, batch, mask.to(device), width)[0]
+            return signal.rows(0, signal.hidden.shape[0])
+
+        folder = Path(t.cache)
+        if name in vocabs.cross:  # the teacher reads its own tokens; the alignment is stored with it
+            splits = {
+                "train": [r.views[name] for r in data.train],
+                "validation": [r.views[name] for r in data.validation],
+            }
+            collate = _view_collator(vocabs.cross[name].pad_token_id)
+            folder.mkdir(parents=True, exist_ok=True)
+            save_vocab_map(folder, vocabs.mapping(name))
+            extras = _alignment_of
+        else:
+            splits = {"train": data.train, "validation": data.validation}
+            collate, extras = Collator(vocabs.tokenizer.pad_token_id), None
+        manifest = build_cache(folder, forward, splits, header, spec, collate, width, extras)
+        written.append((name, manifest))
+        del model
+    return written
+
+
+def _view_collator(pad_token_id: int) -> Any:
+    collator = Collator(pad_token_id)
+    return lambda views: collator.pad([v.as_row(-1) for v in views], pad_token_id)
+
+
+def _alignment_of(view: TeacherView) -> dict[str, torch.Tensor]:
+    """What a cache stores per compared pair besides the teacher's outputs: the student's side."""
+    return {
+        "student_pos": torch.tensor(view.student_pos, dtype=torch.int32),
+        "one_to_one": torch.tensor(view.one_to_one, dtype=torch.uint8),
+    }
