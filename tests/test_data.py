@@ -187,3 +187,20 @@ def test_real_instruction_files(name: str, fmt: str, count: int) -> None:
     examples, found = load_examples(str(SHARED_DATA / name))
     assert found == fmt and len(examples) == count
     assert all(e.response for e in examples[:50]) and examples[0].prompt[0]["role"] == "user"
+
+
+def test_structured_text_fields_are_joined_or_refused(tmp_path: Path) -> None:
+    parts = [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi."}]
+    chat = {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": "Hi!"}]}
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps(chat) + "\n")
+    examples, _ = load_examples(str(path))
+    assert examples[0].prompt == [{"role": "user", "content": "Say hi."}]  # content parts joined
+    path = tmp_path / "dolly.jsonl"
+    rows = [{"instruction": "Add.", "response": 4}, {"instruction": {"text": "Add."}, "response": "4"}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(KdistillError) as info:
+        load_examples(str(path))
+    assert str(info.value) == (
+        f'{path}: row 1: column `instruction` holds a dict ({{"text": "Add."}}); expected text'
+    )

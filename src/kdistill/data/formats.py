@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,12 +63,32 @@ def _user_turn(instruction: str, context: str | None) -> list[dict[str, str]]:
     return [{"role": "user", "content": content}]
 
 
+def _text_of(row: dict[str, Any], column: str, where: str) -> str:
+    """A text column's value. A number is its decimal text, OpenAI-style content parts
+    (`[{"type": "text", "text": ...}]`) are their texts joined, and any other structure is refused:
+    its Python repr must never be trained on."""
+    value = row.get(column)
+    if value is None or isinstance(value, str):
+        return "" if value is None else value
+    if isinstance(value, int | float):
+        return str(value)
+    parts = value if isinstance(value, list) else []
+    if parts and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts
+    ):
+        return "".join(p["text"] for p in parts)
+    shown = json.dumps(value, default=str)[:80]
+    raise KdistillError(f"{where}: column `{column}` holds a {type(value).__name__} ({shown}); expected text")
+
+
 def _dolly(row: dict[str, Any], where: str) -> Example:
-    return Example(_user_turn(str(row["instruction"]), row.get("context")), str(row["response"]))
+    prompt = _user_turn(_text_of(row, "instruction", where), _text_of(row, "context", where))
+    return Example(prompt, _text_of(row, "response", where))
 
 
 def _alpaca(row: dict[str, Any], where: str) -> Example:
-    return Example(_user_turn(str(row["instruction"]), row.get("input")), str(row["output"]))
+    prompt = _user_turn(_text_of(row, "instruction", where), _text_of(row, "input", where))
+    return Example(prompt, _text_of(row, "output", where))
 
 
 def _chat(row: dict[str, Any], where: str) -> Example:
@@ -81,9 +102,12 @@ def _chat(row: dict[str, Any], where: str) -> Example:
         raise KdistillError(
             f"{where}: the last message must be the assistant's (it is the response to learn)"
         )
-    prompt = [{"role": m["role"], "content": str(m["content"])} for m in messages[:-1]]
-    return Example(prompt, str(messages[-1]["content"]))
+    prompt = [
+        {"role": m["role"], "content": _text_of(m, "content", f"{where}, message {i}")}
+        for i, m in enumerate(messages[:-1])
+    ]
+    return Example(prompt, _text_of(messages[-1], "content", f"{where}, last message"))
 
 
 def _text(row: dict[str, Any], where: str) -> Example:
-    return Example([], str(row["text"]))
+    return Example([], _text_of(row, "text", where))
