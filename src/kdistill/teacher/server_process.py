@@ -32,18 +32,27 @@ DEFAULT_PYTHON = ".venv-vllm/bin/python"
 
 
 def vllm_command(
-    python: str, model: str, name: str, port: int, max_logprobs: int, memory: float | None = None
+    python: str,
+    model: str,
+    name: str,
+    port: int,
+    max_logprobs: int,
+    memory: float | None = None,
+    max_length: int | None = None,
 ) -> list[str]:
     """The server's command line: vLLM's OpenAI-compatible server on `port`, fp32 on CPU.
 
     `memory` is the share of the device's memory vLLM reserves (`--gpu-memory-utilization`; on its CPU
-    backend, of the machine's memory), None for vLLM's default.
+    backend, of the machine's memory), None for vLLM's default. `max_length` caps the sequences it
+    serves (`--max-model-len`): its KV cache is sized for them, not for the model's whole context.
     """
     command = [
         python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", name,
         "--max-logprobs", str(max_logprobs), "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
-    return command if memory is None else [*command, "--gpu-memory-utilization", str(memory)]
+    if memory is not None:
+        command += ["--gpu-memory-utilization", str(memory)]
+    return command if max_length is None else [*command, "--max-model-len", str(max_length)]
 
 
 def local_port(url: str) -> int:
@@ -91,7 +100,8 @@ class ServerProcess:
 
     def _wait_healthy(self) -> None:
         started = time.monotonic()
-        with tqdm(desc=f"serving: starting {self.url}", unit="s", bar_format="{desc} {elapsed}") as bar:
+        bar = tqdm(desc=f"serving: starting {self.url}", bar_format="{desc} {elapsed}", mininterval=10)
+        with bar:
             while time.monotonic() - started < self.timeout:
                 if self.process.poll() is not None:
                     tail = self.log_file.read_text(errors="replace")[-1500:]
@@ -143,6 +153,6 @@ def serve_commands(
         url = teacher.server[0]
         folder = model_folder(teacher_source(teacher))
         port, served = local_port(url), teacher.served_name or name
-        command = vllm_command(python, folder, served, port, cfg.cache.top_k, memory)
+        command = vllm_command(python, folder, served, port, cfg.cache.top_k, memory, cfg.data.max_length)
         commands.append((name, command, url))
     return commands
