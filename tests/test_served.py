@@ -209,3 +209,27 @@ def test_serve_stops_its_server_on_a_signal(tiny: dict, tmp_path: Path, stop: si
     while _servers_of(port) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _servers_of(port) == []  # nothing left behind
+
+
+def test_train_and_validate_with_a_served_teacher(
+    tiny: dict, tmp_path: Path, served: str, capsys: pytest.CaptureFixture
+) -> None:
+    teacher = {"model": str(tiny["teacher"]), "server": served, "name": "teacher"}
+    run = tiny_config(tiny, tmp_path / "run", teacher=teacher, cache={"top_k": 8}, training={"max_steps": 2})
+    config = write_config(tmp_path / "run.yaml", run)
+    assert main(["validate", str(config)]) == 0
+    assert (
+        f"teacher teacher: served by {served} as 'teacher', top 8 log-probs a position"
+        in capsys.readouterr().out
+    )
+    assert main(["train", str(config)]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["after"]["kl"] > 0
+    # Hidden states cannot come from a server: refused before anything loads.
+    hidden = write_config(
+        tmp_path / "hidden.yaml", {**run, "loss": {**run["loss"], "hidden": {"weight": 1.0}}}
+    )
+    assert main(["validate", str(hidden)]) == 2
+    assert (
+        f"teacher 'teacher' is served ({served}): a server gives top-k log-probs" in capsys.readouterr().err
+    )
