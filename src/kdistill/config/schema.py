@@ -47,11 +47,32 @@ class TeacherConfig(Strict):
         description="Keep frozen fp32 linear weights that are exactly 4-bit GGUF blocks or bf16 values in "
         "that form and expand them as each layer runs: the same numbers in about 1/6 or 1/2 of the memory.",
     )
+    server: list[str] | None = Field(
+        None,
+        description="URL, or list of URLs, of OpenAI-compatible completions servers that serve this teacher "
+        "(vLLM; `kdistill serve CONFIG` starts one): its top-k log-probs at every position then come from "
+        "the server (`prompt_logprobs`, k = cache.top_k), load-balanced over the URLs, and its weights are "
+        "never loaded for training. `model` still names where its tokenizer and config are read from.",
+    )
+    served_name: str | None = Field(
+        None, description="The model's name on the server (vLLM's --served-model-name); default: `name`."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_url(cls, data: object) -> object:
+        if isinstance(data, dict) and isinstance(data.get("server"), str):
+            return {**data, "server": [data["server"]]}
+        return data
 
     @model_validator(mode="after")
     def _model_or_cache(self) -> TeacherConfig:
         if self.model is None and self.cache is None:
             raise ValueError("give the teacher's `model`, its `cache` folder, or both")
+        if self.server is not None and (self.model is None or not self.server):
+            raise ValueError(
+                "a served teacher needs `model` (where its tokenizer is read) and at least one URL"
+            )
         return self
 
 

@@ -59,6 +59,8 @@ def benchmark_source(data_dir: str | None) -> Path | str | None:
     if folder:
         return Path(folder)
     return LM_EVAL_HUB if hub_reachable() else None
+
+
 MMLU_LETTERS = ["A", "B", "C", "D"]
 
 

@@ -113,6 +113,14 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device | s
     return model
 
 
+def model_folder(source: ModelSource) -> str:
+    """A folder (or hub id) another engine can load with transformers' layout: a GGUF file's fp32
+    conversion, made once, or the source itself."""
+    if source.gguf_file is None:
+        return source.path
+    return _converted_folder(source) or _convert_gguf(source)
+
+
 @functools.cache
 def hub_reachable() -> bool:
     """Whether the Hugging Face hub answers at all (one quick connection attempt per process).

@@ -70,10 +70,16 @@ def build_components(cfg: RunConfig, device: torch.device, config_path: str = "C
 
 
 def check_hidden_teachers(cfg: RunConfig) -> None:
-    """loss.hidden needs every teacher live: a teacher cache holds no hidden states."""
+    """loss.hidden needs every teacher live: a teacher cache, or a server, gives no hidden states."""
     if cfg.loss.hidden.weight > 0:
         for name, teacher in cfg.teacher_list():
             require_live_teacher(teacher.cache is not None, str(teacher.cache), name)
+            if teacher.server:
+                raise KdistillError(
+                    f"loss.hidden needs a live teacher, but teacher {name!r} is served "
+                    f"({teacher.server[0]}): a server gives top-k log-probs, not hidden states. Remove "
+                    "teacher.server so that it runs live, or set loss.hidden.weight: 0"
+                )
 
 
 def hidden_pairs(

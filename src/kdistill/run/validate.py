@@ -13,7 +13,7 @@ from kdistill.models.loading import hub_reachable, load_config_only
 from kdistill.models.parts import depth_and_width
 from kdistill.run.components import check_hidden_teachers, hidden_pairs
 from kdistill.teacher.packing import header_mismatch, load_manifest
-from kdistill.teacher.roster import cache_header
+from kdistill.teacher.roster import cache_header, checked_server
 from kdistill.teacher.vocabularies import (
     Vocabularies,
     check_cross_options,
@@ -77,6 +77,21 @@ def validate_run(cfg: RunConfig) -> list[str]:
         for name, t in cfg.teacher_list()
         if t.cache
     ]
+    return lines + served_lines(cfg, vocabs, data)
+
+
+def served_lines(cfg: RunConfig, vocabs: Vocabularies, data: DataSplits) -> list[str]:
+    """Each served teacher's servers, checked as training checks them (they answer, serve the model,
+    give k log-probs, and tokenize as the configured tokenizer does)."""
+    lines = []
+    for name, t in cfg.teacher_list():
+        if t.server:
+            server = checked_server(cfg, t, name, name in vocabs.cross, vocabs.tokenizer, data)
+            urls = ", ".join(server.urls)
+            lines.append(
+                f"teacher {name}: served by {urls} as {server.settings.model!r}, top {cfg.cache.top_k} "
+                "log-probs a position (checked: model, log-probs, tokenizer)"
+            )
     return lines
 
 

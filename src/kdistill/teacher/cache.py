@@ -134,8 +134,12 @@ def _shard(
         members = order[b : b + spec.batch_size]
         batch = collate([rows[i] for i in members])
         mask = trained_rows(batch["labels"])[0]
-        logits = teacher_forward(batch, mask)
-        packed = encode_rows(logits, spec, spec.temperatures[split], vocab_size, generator)
+        out = teacher_forward(batch, mask)
+        temperature = spec.temperatures[split]
+        if isinstance(out, Sparse):  # a served teacher's top k
+            packed = encode_top_k(out, temperature, vocab_size)
+        else:
+            packed = encode_rows(out, spec, temperature, vocab_size, generator)
         counts = mask.sum(dim=1).tolist()
         offsets = [0, *torch.tensor(counts).cumsum(0).tolist()]
         for j, i in enumerate(members):
@@ -164,6 +168,16 @@ def encode_rows(
             ids, top = torch.cat([ids, draws], dim=-1), torch.cat([top, lp.gather(-1, draws)], dim=-1)
         out.append(fmt.encode(ids, top, tail, vocab_size))
     return {k: torch.cat([o[k] for o in out]) for k in out[0]}
+
+
+def encode_top_k(signal: Sparse, temperature: float, vocab_size: int) -> dict[str, Tensor]:
+    """Pack a teacher's top k (T = 1 log-probs, best first) with its tail mass at `temperature`.
+
+    Exact at T = 1; at another temperature the tail's shape is unknown and it is `Sparse`'s stated
+    approximation, stored so that reading the cache gives exactly what the live signal gives.
+    """
+    tail = signal.bucket_log_probs(vocab_size, temperature)[:, -1]
+    return fmt.encode(signal.ids, signal.logprobs, tail, vocab_size)
 
 
 def _shard_problem(folder: Path, shard: dict[str, Any]) -> str | None:

@@ -122,11 +122,14 @@ def teacher_outputs(
 def _one_teacher(
     teacher: Teacher, batch: dict[str, Any], mask: torch.Tensor, split: str, vocab: int | None, layers
 ) -> tuple[DenseHidden | Sparse, dict[int, torch.Tensor]]:
-    """One same-tokenizer teacher's signal at the trained rows, and its `layers` (a cached one: none)."""
-    if teacher.cache is None:
+    """One same-tokenizer teacher's signal at the trained rows, and its `layers` (cached or served: none)."""
+    if teacher.cache is None and teacher.server is None:
         return live_teacher(teacher.model, batch, mask, vocab, layers)
     if layers:  # setup refuses this first; kept so that no caller gets a silent zero loss
-        require_live_teacher(True, str(teacher.cache.folder), teacher.name)
+        where = str(teacher.cache.folder) if teacher.cache is not None else ", ".join(teacher.server.urls)
+        require_live_teacher(True, where, teacher.name)
+    if teacher.server is not None:
+        return teacher.server.signal(batch), {}
     if "row" not in batch:
         raise KdistillError("a cached teacher needs each batch's dataset row indices (batch['row'])")
     signal = teacher.cache.signal(split, batch["row"].cpu()).to(mask.device)

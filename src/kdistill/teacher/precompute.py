@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,13 @@ from kdistill.models.build import load_teacher
 from kdistill.teacher.cache import build_cache, save_vocab_map
 from kdistill.teacher.forward import live_teacher
 from kdistill.teacher.responses import load_data
-from kdistill.teacher.roster import cache_header, cache_spec, compact_teacher
+from kdistill.teacher.roster import cache_header, cache_spec, checked_server, compact_teacher
 from kdistill.teacher.vocabularies import load_vocabularies
 
 
 def cache_teachers(cfg: RunConfig, device: torch.device) -> list[tuple[str, dict[str, Any]]]:
-    """`kdistill cache`: run every teacher that has both a model and a cache folder over the data."""
+    """`kdistill cache`: run every teacher that has both a model and a cache folder over the data; a
+    served teacher (`teacher.server`) is asked its servers instead of being loaded."""
     todo = [(name, t) for name, t in cfg.teacher_list() if t.cache is not None and t.model is not None]
     if not todo:
         raise KdistillError(
@@ -35,17 +37,15 @@ def cache_teachers(cfg: RunConfig, device: torch.device) -> list[tuple[str, dict
             raise KdistillError(
                 f"cache.top_k={spec.top_k} keeps the whole {width}-token vocabulary; set cache.tail_samples=0"
             )
-        model = load_teacher(t, device)
-        compact_teacher(name, t, model)
-        data = data or load_data(cfg, vocabs.tokenizer, model, vocabs.cross)
+        if t.server:
+            data = data or load_data(cfg, vocabs.tokenizer, None, vocabs.cross)
+            forward = _served_forward(cfg, t, name, name in vocabs.cross, vocabs.tokenizer, data)
+        else:
+            model = load_teacher(t, device)
+            compact_teacher(name, t, model)
+            data = data or load_data(cfg, vocabs.tokenizer, model, vocabs.cross)
+            forward = _live_forward(model, width, device)
         header = cache_header(cfg, t, vocabs, data, name)
-
-        def forward(
-            batch: dict[str, torch.Tensor], mask: torch.Tensor, model=model, width=width
-        ) -> torch.Tensor:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            signal = live_teacher(model, batch, mask.to(device), width)[0]
-            return signal.rows(0, signal.hidden.shape[0])
 
         folder = Path(t.cache)
         if name in vocabs.cross:  # the teacher reads its own tokens; the alignment is stored with it
@@ -62,8 +62,32 @@ def cache_teachers(cfg: RunConfig, device: torch.device) -> list[tuple[str, dict
             collate, extras = Collator(vocabs.tokenizer.pad_token_id), None
         manifest = build_cache(folder, forward, splits, header, spec, collate, width, extras)
         written.append((name, manifest))
-        del model
+        del forward
     return written
+
+
+def _live_forward(model: Any, width: int, device: torch.device) -> Callable:
+    """`(batch, mask) -> (N, V)` logits of an in-process teacher at the trained rows."""
+
+    def forward(batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        signal = live_teacher(model, batch, mask.to(device), width)[0]
+        return signal.rows(0, signal.hidden.shape[0])
+
+    return forward
+
+
+def _served_forward(
+    cfg: RunConfig, teacher: Any, name: str, cross: bool, tokenizer: Any, data: Any
+) -> Callable:
+    """`(batch, mask) -> Sparse` of a served teacher at the trained rows (its top k; no tail samples)."""
+    if cfg.cache.tail_samples:
+        raise KdistillError(
+            f"teacher {name!r} is served: a server gives its top k only, so its cache holds no tail samples; "
+            "set cache.tail_samples: 0"
+        )
+    server = checked_server(cfg, teacher, name, cross, tokenizer, data)
+    return lambda batch, mask: server.signal(batch)
 
 
 def _view_collator(pad_token_id: int) -> Any:

@@ -20,6 +20,7 @@ from kdistill.models.build import load_teacher, teacher_source
 from kdistill.models.compact import compact_frozen
 from kdistill.teacher.cache import CacheSpec, TeacherCache
 from kdistill.teacher.packing import rows_fingerprint, tokenizer_fingerprint
+from kdistill.teacher.served import ServedTeacher, ServerSettings
 from kdistill.teacher.vocabularies import Vocabularies, check_cross_options
 
 log = logging.getLogger("kdistill")
@@ -27,7 +28,8 @@ log = logging.getLogger("kdistill")
 
 @dataclass
 class Teacher:
-    """One teacher: exactly one of `model` (run live) and `cache` (read from disk).
+    """One teacher: exactly one of `model` (run live), `cache` (read from disk) and `server` (asked over
+    HTTP).
 
     `mapping` is set when the teacher's tokenizer differs from the student's: the batch then holds
     its own tokens and the aligned positions (`data.alignment`), or its cache holds them.
@@ -38,6 +40,7 @@ class Teacher:
     model: nn.Module | None = None
     cache: TeacherCache | None = None
     mapping: VocabMap | None = None
+    server: ServedTeacher | None = None
 
 
 def cache_command(config_path: str) -> str:
@@ -90,8 +93,16 @@ def cache_spec(cfg: RunConfig) -> CacheSpec:
 
 
 def load_live_teachers(cfg: RunConfig, device: torch.device) -> dict[str, nn.Module]:
-    """Every teacher without a cache, loaded; cached teachers load no model at all."""
-    return {name: load_teacher(t, device) for name, t in cfg.teacher_list() if t.cache is None}
+    """Every teacher without a cache or a server, loaded; the others load no model at all."""
+    return {
+        name: load_teacher(t, device) for name, t in cfg.teacher_list() if t.cache is None and not t.server
+    }
+
+
+def served_teacher(cfg: RunConfig, teacher: TeacherConfig, name: str) -> ServedTeacher:
+    """The client of a served teacher; its top k is the cache's (`cache.top_k`)."""
+    urls = tuple(teacher.server or ())
+    return ServedTeacher(ServerSettings(urls, teacher.served_name or name, cfg.cache.top_k))
 
 
 def compact_teacher(name: str, teacher: TeacherConfig, model: nn.Module) -> None:
@@ -144,6 +155,24 @@ def build_teachers(
             mapping = cache.vocab_map()  # stored by `kdistill cache`: no need to build it again
         elif cross:
             mapping = vocabs.mapping(name)
-        teachers.append(Teacher(name, t.weight / total, live.get(name), cache, mapping))
+        server = None
+        if t.server and cache is None:
+            server = checked_server(cfg, t, name, cross, vocabs.tokenizer, data)
+        teachers.append(Teacher(name, t.weight / total, live.get(name), cache, mapping, server))
     check_cross_options(cfg, [t.name for t in teachers if t.mapping is not None])
     return teachers
+
+
+def checked_server(
+    cfg: RunConfig, teacher: TeacherConfig, name: str, cross: bool, tokenizer: Any, data: DataSplits
+) -> ServedTeacher:
+    """A served teacher's client, after checking the servers against the first training rows."""
+    if cross:
+        raise KdistillError(
+            f"teacher {name!r} is served and uses another tokenizer than the student: a served teacher is "
+            "read at the student's token positions, so it must share the student's tokenizer; run it in "
+            "process (remove teacher.server) instead"
+        )
+    server = served_teacher(cfg, teacher, name)
+    server.check([row.input_ids for row in data.train[:4]], tokenizer)
+    return server

@@ -1,0 +1,166 @@
+"""A teacher behind OpenAI-compatible completions servers: its top-k at every position of a row.
+
+vLLM's `/v1/completions` with `prompt_logprobs: k` returns, for each prompt token after the first, the
+server model's k most likely tokens at that position with their log-probabilities at T = 1 (and the
+prompt token's own, when it is not among them). kdistill sends each row's token ids as the prompt, so
+the server reads exactly the tokens the student trains on, and keeps the entries that predict a
+trained token: the same `Sparse` signal a teacher cache stores (top k; the tail's mass is what they
+leave). The T = 1 log-probs are exact; at another temperature the tail's shape is unknown, and the
+divergences use `Sparse`'s stated approximation (tail tokens as likely as the least likely kept one).
+
+Requests go out concurrently, spread round-robin over the URLs; a failed request is retried on the
+next URL after a back-off, a bounded number of times. JSON over HTTP needs no more than the standard
+library here, which keeps kdistill free of an HTTP client dependency.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kdistill.data import trained_rows
+from kdistill.errors import KdistillError
+from kdistill.losses import Sparse
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Where a served teacher is and how to talk to it (plain values from the config)."""
+
+    urls: tuple[str, ...]
+    model: str  # the model's name on the server
+    top_k: int
+    timeout: float = 300.0  # seconds for one request
+    retries: int = 4  # further tries of a failed request, each on the next URL
+    backoff: float = 0.5  # seconds before the first retry, doubled for each next one
+    concurrency: int = 8  # requests in flight
+
+
+class ServedTeacher:
+    """Top-k log-probs of a served teacher for rows of token ids (see the module docstring)."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.urls = [u.rstrip("/") for u in settings.urls]
+        self._next = 0
+
+    def check(self, rows: Sequence[Sequence[int]], tokenizer: Any) -> None:
+        """Before anything trains: every server answers and serves the model, gives k log-probs, and
+        tokenizes `rows`' text into the same ids as `tokenizer`."""
+        for url in self.urls:
+            served = [m.get("id") for m in self._call(url, "/v1/models", None, retry=False).get("data", [])]
+            if self.settings.model not in served:
+                raise KdistillError(
+                    f"server {url} does not serve a model named {self.settings.model!r}; it serves {served}. "
+                    "Set teacher.served_name to one of those"
+                )
+            if rows:
+                self._request(url, list(rows[0][:8]), retry=False)  # a too small --max-logprobs fails here
+            for ids in rows[:4]:
+                text = tokenizer.decode(ids)
+                body = {"model": self.settings.model, "prompt": text, "add_special_tokens": False}
+                theirs = self._call(url, "/tokenize", body, retry=False).get("tokens")
+                ours = tokenizer(text, add_special_tokens=False)["input_ids"]
+                if theirs != ours:
+                    raise KdistillError(
+                        f"server {url} tokenizes differently from the configured tokenizer: {text[:60]!r} "
+                        f"gives {str(theirs)[:80]} there and {str(ours)[:80]} here; serve the same tokenizer"
+                    )
+
+    def signal(self, batch: dict[str, torch.Tensor]) -> Sparse:
+        """The teacher's `Sparse` signal at the batch's trained rows, in the loss's (row-major) order."""
+        mask = trained_rows(batch["labels"])[0].cpu()
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        rows = [batch["input_ids"][b, :n].tolist() for b, n in enumerate(lengths)]
+        ids, logprobs = [], []
+        for b, (row_ids, row_lp) in enumerate(self.top_k(rows)):
+            keep = mask[b, : len(row_ids)].nonzero().squeeze(-1)  # trained position p predicts p + 1
+            ids.append(row_ids[keep])
+            logprobs.append(row_lp[keep])
+        device = batch["input_ids"].device
+        return Sparse(ids=torch.cat(ids).to(device), logprobs=torch.cat(logprobs).to(device))
+
+    def top_k(self, rows: Sequence[Sequence[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per row of L ids, `(ids, logprobs)`, each `(L - 1, k)`: entry p is the teacher's top k for the
+        token at position p + 1, given the tokens before it."""
+        urls = [self.urls[(self._next + i) % len(self.urls)] for i in range(len(rows))]
+        self._next += len(rows)
+        with ThreadPoolExecutor(max_workers=self.settings.concurrency) as pool:
+            answers = list(pool.map(lambda url, row: self._request(url, list(row)), urls, rows))
+        return [self._parse(answer, len(row)) for answer, row in zip(answers, rows)]
+
+    def _request(self, url: str, ids: list[int], retry: bool = True) -> list[Any]:
+        body = {
+            "model": self.settings.model,
+            "prompt": ids,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "prompt_logprobs": self.settings.top_k,
+        }
+        answer = self._call(url, "/v1/completions", body, retry)
+        try:
+            return answer["choices"][0]["prompt_logprobs"]
+        except (KeyError, IndexError, TypeError):
+            raise KdistillError(
+                f"server {url} gave no prompt_logprobs (an OpenAI-compatible server with vLLM's "
+                f"`prompt_logprobs` extension is needed); it answered {str(answer)[:200]}"
+            ) from None
+
+    def _parse(self, positions: list[Any], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top k of every position after the first, by rank (the prompt token's own entry, outside
+        the top k, is dropped)."""
+        k = self.settings.top_k
+        if len(positions) != length:
+            raise KdistillError(
+                f"the server gave log-probs for {len(positions)} positions of a {length}-token row"
+            )
+        ids = torch.zeros((max(length - 1, 0), k), dtype=torch.long)
+        logprobs = torch.zeros((max(length - 1, 0), k), dtype=torch.float32)
+        for p, entries in enumerate(positions[1:]):
+            top = sorted(entries.items(), key=lambda item: item[1].get("rank") or 0)[:k]
+            if len(top) < k:
+                raise KdistillError(f"the server gave {len(top)} log-probs at a position, {k} were asked for")
+            ids[p] = torch.tensor([int(token) for token, _ in top])
+            logprobs[p] = torch.tensor([entry["logprob"] for _, entry in top])
+        return ids, logprobs
+
+    def _call(self, url: str, path: str, body: dict | None, retry: bool = True) -> dict[str, Any]:
+        """One JSON request (GET without `body`), retried on the next URLs with back-off."""
+        attempts = 1 + (self.settings.retries if retry else 0)
+        for attempt in range(attempts):
+            target = url if attempt == 0 else self.urls[(self.urls.index(url) + attempt) % len(self.urls)]
+            try:
+                return _http_json(target + path, body, self.settings.timeout)
+            except KdistillError as err:
+                if attempt == attempts - 1 or err.args[0].startswith("permanent:"):
+                    raise KdistillError(err.args[0].removeprefix("permanent: ")) from None
+                time.sleep(self.settings.backoff * 2**attempt)
+        raise AssertionError("unreachable")
+
+
+def _http_json(url: str, body: dict | None, timeout: float) -> dict[str, Any]:
+    """POST `body` (GET when None) and read a JSON answer; errors say the URL and what went wrong.
+
+    An error the server answered (4xx: a wrong model name, too many log-probs asked for) is marked
+    permanent: retrying it cannot help.
+    """
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        detail = err.read().decode(errors="replace")[:300]
+        kind = "permanent: " if 400 <= err.code < 500 else ""
+        raise KdistillError(f"{kind}server {url} answered {err.code}: {detail}") from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as err:
+        reason = getattr(err, "reason", err)
+        raise KdistillError(f"server {url} cannot be reached or gave no JSON ({reason})") from None

@@ -1,0 +1,158 @@
+"""`kdistill serve`: start a vLLM server for a served teacher, wait until it answers, and stop it.
+
+vLLM lives in its own Python environment (`make vllm-env` creates `.venv-vllm`): it pins its own torch
+and transformers. The server runs in a new process group, so stopping it stops every process it
+started; it is stopped on exit, on an error and on SIGINT/SIGTERM (`ServerProcess` is a context
+manager, and the CLI turns both signals into a normal exit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+from tqdm.auto import tqdm
+
+from kdistill.config import RunConfig
+from kdistill.errors import KdistillError
+from kdistill.models.build import teacher_source
+from kdistill.models.loading import model_folder
+
+log = logging.getLogger("kdistill")
+
+DEFAULT_PYTHON = ".venv-vllm/bin/python"
+
+
+def vllm_command(
+    python: str,
+    model: str,
+    name: str,
+    port: int,
+    max_logprobs: int,
+    memory: float | None = None,
+    max_length: int | None = None,
+) -> list[str]:
+    """The server's command line: vLLM's OpenAI-compatible server on `port`, fp32 on CPU.
+
+    `memory` is the share of the device's memory vLLM reserves (`--gpu-memory-utilization`; on its CPU
+    backend, of the machine's memory), None for vLLM's default. `max_length` caps the sequences it
+    serves (`--max-model-len`): its KV cache is sized for them, not for the model's whole context.
+    """
+    command = [
+        python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", name,
+        "--max-logprobs", str(max_logprobs), "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    if memory is not None:
+        command += ["--gpu-memory-utilization", str(memory)]
+    return command if max_length is None else [*command, "--max-model-len", str(max_length)]
+
+
+def local_port(url: str) -> int:
+    """The port of a URL on this machine; a served teacher elsewhere is not kdistill's to start."""
+    parsed = urlparse(url)
+    if parsed.hostname not in ("127.0.0.1", "localhost", "::1") or parsed.port is None:
+        raise KdistillError(
+            f"teacher.server {url}: `kdistill serve` starts servers on this machine only "
+            "(http://127.0.0.1:PORT); a server elsewhere is started by whoever runs it"
+        )
+    return parsed.port
+
+
+class ServerProcess:
+    """One server process: `with ServerProcess(command, url, log_file):` starts it, waits for
+    `url/health`, and always stops it (and the processes it started) on the way out."""
+
+    def __init__(
+        self, command: list[str], url: str, log_file: Path, timeout: float = 900.0, env: dict | None = None
+    ) -> None:
+        self.command, self.url, self.log_file, self.timeout = command, url.rstrip("/"), log_file, timeout
+        self.env = env  # the server's environment; None: this process's
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> ServerProcess:
+        if not Path(self.command[0]).exists():
+            raise KdistillError(
+                f"no Python at {self.command[0]} to run the server with; create vLLM's environment with "
+                "`make vllm-env`, or give --python"
+            )
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "ab") as out:
+            self.process = subprocess.Popen(
+                self.command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=self.env
+            )
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _wait_healthy(self) -> None:
+        started = time.monotonic()
+        bar = tqdm(desc=f"serving: starting {self.url}", bar_format="{desc} {elapsed}", mininterval=10)
+        with bar:
+            while time.monotonic() - started < self.timeout:
+                if self.process.poll() is not None:
+                    tail = self.log_file.read_text(errors="replace")[-1500:]
+                    raise KdistillError(
+                        f"the server exited ({self.process.returncode}) while starting:\n{tail}"
+                    )
+                if _answers(self.url + "/health"):
+                    return
+                time.sleep(1.0)
+                bar.update(1)
+        raise KdistillError(
+            f"the server at {self.url} did not answer within {self.timeout:.0f} s; see {self.log_file}"
+        )
+
+    def stop(self) -> None:
+        """SIGTERM to the server's process group; after 20 s, SIGKILL to whatever of it is left."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=20.0)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # workers the server started, if any outlived it
+        self.process.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2.0) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+def serve_commands(
+    cfg: RunConfig, python: str, memory: float | None = None
+) -> list[tuple[str, list[str], str]]:
+    """`(name, command, url)` of a server for every served teacher of `cfg` (its first URL, which must
+    be on this machine); vLLM reads the teacher's weights as kdistill loads them (a GGUF file through
+    kdistill's fp32 conversion)."""
+    served = [(name, t) for name, t in cfg.teacher_list() if t.server]
+    if not served:
+        raise KdistillError("no teacher has `server`: set teacher.server to the URL to serve it at")
+    commands = []
+    for name, teacher in served:
+        url = teacher.server[0]
+        folder = model_folder(teacher_source(teacher))
+        port, served = local_port(url), teacher.served_name or name
+        command = vllm_command(python, folder, served, port, cfg.cache.top_k, memory, cfg.data.max_length)
+        commands.append((name, command, url))
+    return commands
