@@ -111,9 +111,9 @@ def _fidelity_command(commands: argparse._SubParsersAction) -> None:
     )
     fid.add_argument("--validation", help="held-out data file (default: the run's held-out rows)")
     fid.add_argument("--rows", type=_limit, default=64, help="held-out rows, or 'all' (default 64)")
-    fid.add_argument("--top-k", type=int, default=10, help="k of the top-k overlap (default 10)")
-    fid.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
-    fid.add_argument("--max-length", type=int, help="tokens per row (default: the run's, else 512)")
+    fid.add_argument("--top-k", type=_positive, default=10, help="k of the top-k overlap (default 10)")
+    fid.add_argument("--batch-size", type=_positive, default=8, help="rows per forward pass (default 8)")
+    fid.add_argument("--max-length", type=_positive, help="tokens per row (default: the run's, else 512)")
     fid.add_argument("--output", help="also write the result as JSON to this file")
 
 
@@ -212,6 +212,12 @@ def _limit(text: str) -> int | None:
         return None
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive number of items or 'all', got {text!r}")
+    return int(text)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
     return int(text)
 
 

@@ -95,8 +95,9 @@ def compare(
             p_logits, q_logits = ref.rows(start, end), oth.rows(start, end).to(ref.hidden.device)
             sums["kl"] += float(forward_kl(q_logits, p_logits))  # KL(p_teacher || p_student) = KL(p || q)
             sums["top1"] += int((p_logits.argmax(-1) == q_logits.argmax(-1)).sum())
-            p_top, q_top = p_logits.topk(top_k, dim=-1).indices, q_logits.topk(top_k, dim=-1).indices
-            sums["topk_overlap"] += int((p_top[:, :, None] == q_top[:, None, :]).any(-1).sum()) / top_k
+            k = min(top_k, p_logits.shape[-1])
+            p_top, q_top = p_logits.topk(k, dim=-1).indices, q_logits.topk(k, dim=-1).indices
+            sums["topk_overlap"] += int((p_top[:, :, None] == q_top[:, None, :]).any(-1).sum()) / k
             chunk_targets = targets[start:end, None]
             sums["ce_reference"] -= float(p_logits.log_softmax(-1).gather(-1, chunk_targets).sum())
             sums["ce"] -= float(q_logits.log_softmax(-1).gather(-1, chunk_targets).sum())
