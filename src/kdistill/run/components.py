@@ -62,21 +62,25 @@ def build_components(cfg: RunConfig, device: torch.device, config_path: str = "C
 def load_student_and_teachers(cfg: RunConfig, device: torch.device) -> tuple[Any, dict[str, Any]]:
     """The student and the live teachers.
 
-    A `from_teacher` student copies the first teacher's layers. When that teacher runs live in full
-    precision it is copied as loaded; a cached or bitsandbytes-quantized one is loaded in full
-    precision only to be copied, and dropped before the live teachers load.
+    A `from_teacher` student copies the first teacher's layers: as loaded when it runs live in full
+    precision, else from its full-precision weights loaded only for that. Quantized layers cannot be
+    copied, so for a bitsandbytes teacher those weights are dropped before the quantized teacher loads.
     """
     first_name, first = cfg.teacher_list()[0]
-    if cfg.student.from_teacher is None or (first.cache is None and first.quantization == "none"):
-        live = load_live_teachers(cfg, device)
-        return build_student(cfg.student, live.get(first_name), device), live
-    if first.model is None:
+    copies = cfg.student.from_teacher is not None
+    if copies and first.model is None:
         raise KdistillError(
             "student.from_teacher copies the teacher's layers, but the teacher has only a cache; "
             "give teacher.model beside teacher.cache"
         )
-    student = build_student(cfg.student, load_teacher(full_precision(first), device), device)
-    return student, load_live_teachers(cfg, device)
+    if copies and first.quantization != "none":
+        student = build_student(cfg.student, load_teacher(full_precision(first), device), device)
+        return student, load_live_teachers(cfg, device)
+    live = load_live_teachers(cfg, device)
+    base = live.get(first_name)
+    if copies and base is None:
+        base = load_teacher(first, device)  # only to copy its layers; it teaches from elsewhere
+    return build_student(cfg.student, base, device), live
 
 
 def check_hidden_teachers(cfg: RunConfig) -> None:
