@@ -7,7 +7,6 @@ be exactly as they were before the command ran.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -109,18 +108,6 @@ def _read_only_message() -> str:
 def _resumed_with_other_batch(case: Case) -> list[str]:
     assert main(case.train(training={"max_steps": 1})) == 0
     return case.train("--resume", training={"max_steps": 2, "batch_size": 2})
-
-
-def _quantized_message() -> str:
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return (
-            "teacher.quantization=4bit needs bitsandbytes: pip install 'kdistill[quant]', "
-            "or set teacher.quantization: none"
-        )
-    return (
-        "teacher.quantization=4bit needs a CUDA GPU and this run is on cpu; set teacher.quantization: none "
-        "(on CPU the teacher runs in fp32)"
-    )
 
 
 CASES = [
@@ -293,7 +280,6 @@ CASES = [
         "student.from_teacher: cannot shrink BartForCausalLM: no list of 3 decoder layers found; give "
         "student.model instead",
     ),
-    Bad("model-4bit-on-cpu", lambda c: c.train(teacher={"quantization": "4bit"}), _quantized_message()),
     # cache
     Bad(
         "cache-is-a-file",

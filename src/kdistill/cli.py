@@ -101,14 +101,41 @@ def _eval_commands(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--batch-size", type=int, default=1, help="sequences at once (default 1)")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs, median taken (default 3)")
     bench.add_argument("--output", help="where to write bench.json (default: inside the run folder)")
+    _fidelity_command(commands)
     text = "Write report.md and report.html (config, loss curves, eval and bench tables) into RUN_DIR."
     commands.add_parser("report", help=text, description=text).add_argument("run_dir", help="a run folder")
+
+
+def _fidelity_command(commands: argparse._SubParsersAction) -> None:
+    text = (
+        "How far a quantized teacher is from its reference on held-out rows: KL(reference || quantized) "
+        "per token, top-1 agreement, top-k overlap and the perplexity of each."
+    )
+    fid = commands.add_parser("fidelity", help=text, description=text)
+    fid.add_argument(
+        "target",
+        help="the reference: a run config or run folder (its first teacher in full precision and its "
+        "held-out rows) or a model (package:NAME, folder, hub id)",
+    )
+    fid.add_argument(
+        "--against",
+        action="append",
+        metavar="4bit|8bit|MODEL",
+        help="what to compare with the reference (repeatable): 4bit (bitsandbytes NF4), 8bit "
+        "(LLM.int8), or another model of the same tokenizer (default: 4bit and 8bit)",
+    )
+    fid.add_argument("--validation", help="held-out data file (default: the run's held-out rows)")
+    fid.add_argument("--rows", type=_limit, default=64, help="held-out rows, or 'all' (default 64)")
+    fid.add_argument("--top-k", type=_positive, default=10, help="k of the top-k overlap (default 10)")
+    fid.add_argument("--batch-size", type=_positive, default=8, help="rows per forward pass (default 8)")
+    fid.add_argument("--max-length", type=_positive, help="tokens per row (default: the run's, else 512)")
+    fid.add_argument("--output", help="also write the result as JSON to this file")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("transformers", "accelerate", "datasets", "peft"):
+    for noisy in ("transformers", "accelerate", "datasets", "peft", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if _rank() > 0:  # under `accelerate launch` only the main process reports progress
         logging.getLogger("kdistill").setLevel(logging.ERROR)
@@ -122,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval": _eval,
             "bench": _bench,
             "report": _report,
+            "fidelity": _fidelity,
         }
         return handlers[args.command](args)
     except KdistillError as err:
@@ -231,6 +259,12 @@ def _limit(text: str) -> int | None:
     return int(text)
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(text)
+
+
 def _eval(args: argparse.Namespace) -> int:
     from kdistill.eval.load import load_eval_models
     from kdistill.eval.runner import EvalSettings, evaluate, write_json
@@ -277,6 +311,25 @@ def _bench(args: argparse.Namespace) -> int:
     if output:
         write_json(result, Path(output))
         print(f"\nwritten to {output}")
+    return 0
+
+
+def _fidelity(args: argparse.Namespace) -> int:
+    from kdistill.eval.fidelity import FidelitySettings, fidelity_table, teacher_fidelity
+    from kdistill.eval.load import load_fidelity_inputs
+    from kdistill.eval.runner import write_json
+    from kdistill.eval.tables import text_table
+
+    inputs = load_fidelity_inputs(args.target, args.against or ["4bit", "8bit"], args.validation)
+    settings = FidelitySettings(args.rows, args.top_k, args.batch_size, args.max_length or inputs.max_length)
+    result = teacher_fidelity(inputs.reference, inputs.others, inputs.validation, inputs.tokenizer, settings)
+    result["validation"] = inputs.validation_source
+    print(f"\nreference: {inputs.reference.label} ({inputs.reference.description})")
+    print(f"{result['rows']} held-out rows from {inputs.validation_source}, {result['tokens']:,.0f} tokens\n")
+    print(text_table(fidelity_table(result)))
+    if args.output:
+        write_json(result, Path(args.output))
+        print(f"\nwritten to {args.output}")
     return 0
 
 

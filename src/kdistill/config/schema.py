@@ -39,7 +39,9 @@ class TeacherConfig(Strict):
     )
     quantization: Literal["none", "8bit", "4bit"] = Field(
         "none",
-        description="Load the frozen teacher through bitsandbytes (4bit = NF4 with double quantization).",
+        description="Load the frozen teacher through bitsandbytes, on CUDA or the CPU (4bit = NF4 with "
+        "double quantization, computing in fp32 on CPU; 8bit = LLM.int8). A from_teacher student is cut "
+        "from the full-precision weights first.",
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repository.")
     compact: bool = Field(

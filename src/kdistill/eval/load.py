@@ -20,10 +20,25 @@ import torch
 from kdistill.config import RunConfig, TeacherConfig, load_config
 from kdistill.data import Example, load_examples, split_examples
 from kdistill.errors import KdistillError
+from kdistill.eval.fidelity import Compared
 from kdistill.files import RunFiles
 from kdistill.losses import DEFAULT_CHUNK_SIZE, VocabMap, build_vocab_map
-from kdistill.models.build import build_student, load_teacher, pick_dtype
-from kdistill.models.loading import ModelSource, load_config_only, load_model, load_tokenizer, resolve
+from kdistill.models.build import (
+    build_student,
+    full_precision,
+    load_teacher,
+    pick_dtype,
+    quantization_config,
+    teacher_source,
+)
+from kdistill.models.loading import (
+    ModelSource,
+    gguf_type,
+    load_config_only,
+    load_model,
+    load_tokenizer,
+    resolve,
+)
 from kdistill.models.parts import default_device, for_inference, logit_width
 from kdistill.teacher.roster import compact_teacher
 from kdistill.teacher.vocabularies import same_vocabulary, shared_vocab_size
@@ -127,8 +142,9 @@ def load_run_student(run_dir: Path, cfg: RunConfig, teacher: Any | None, device:
         )
     from peft import PeftModel
 
-    if cfg.student.from_teacher is not None and teacher is None:
-        teacher = load_teacher(cfg.teacher, device)  # the base is cut from the run's own teacher
+    if cfg.student.from_teacher is not None and (teacher is None or cfg.teacher.quantization != "none"):
+        # The base is cut from the run's own teacher, in full precision as training cut it.
+        teacher = load_teacher(full_precision(cfg.teacher), device)
     base = build_student(cfg.student.model_copy(update={"finetune": "full"}), teacher, device)
     return PeftModel.from_pretrained(base, str(run_dir)).merge_and_unload()
 
@@ -150,3 +166,77 @@ def _validation_examples(cfg: RunConfig | None, validation: str | None) -> tuple
     # The very draw `build_datasets` made for this run, so these are the rows it held out.
     _, held_out = split_examples(rows, data.validation_size, cfg.training.seed, data.source)
     return held_out, f"{data.source} (the run's held-out rows)"
+
+
+@dataclass
+class FidelityInputs:
+    """What `kdistill fidelity` compares: the reference, the models compared with it, the held-out rows."""
+
+    reference: Compared
+    others: list[Compared]
+    tokenizer: Any
+    validation: list[Example]
+    validation_source: str | None
+    max_length: int
+
+
+_QUANTIZED = {
+    "4bit": ("NF4", "bitsandbytes NF4 of the reference (double quantization)"),
+    "8bit": ("LLM.int8", "bitsandbytes LLM.int8 of the reference"),
+}
+
+
+def load_fidelity_inputs(
+    target: str, against: list[str], validation: str | None = None, device: torch.device | None = None
+) -> FidelityInputs:
+    """The reference teacher `target`, the models of `against`, its tokenizer and held-out rows.
+
+    `target` is a run config (YAML/JSON), a run folder (its first teacher, in full precision, and its
+    held-out rows) or a model. Each of `against` is `4bit` or `8bit` (the reference quantized by
+    bitsandbytes) or another model of the same tokenizer. Nothing is loaded here but tokenizers: each
+    `Compared` loads its model when it is run.
+    """
+    device = device or default_device()
+    run_dir = run_folder(target)
+    config = run_dir / RunFiles.CONFIG if run_dir else None
+    if config is None and Path(target).suffix in (".yaml", ".yml", ".json"):
+        config = Path(target)
+    cfg = load_config(config) if config else None
+    reference = full_precision(cfg.teacher_list()[0][1]) if cfg else TeacherConfig(model=target)
+    if reference.model is None:
+        raise KdistillError(f"{target}: its first teacher has only a cache; fidelity needs teacher.model")
+    source = teacher_source(reference)
+    tokenizer = load_tokenizer(source)
+    described = _weights(source, pick_dtype(reference.dtype, device))
+    loaded = Compared(reference.model, described, lambda: load_teacher(reference, device))
+    others = [_compared(spec, reference, tokenizer, device) for spec in against]
+    examples, where = _validation_examples(cfg, validation)
+    if not examples:
+        raise KdistillError(
+            f"{target}: no held-out rows to compare on; "
+            "give --validation FILE (any format kdistill trains on)"
+        )
+    length = cfg.data.max_length if cfg else 512
+    return FidelityInputs(loaded, others, tokenizer, examples, where, length)
+
+
+def _compared(spec: str, reference: TeacherConfig, tokenizer: Any, device: torch.device) -> Compared:
+    if spec in _QUANTIZED:
+        quantization_config(spec, device)  # a clear error now, before any model loads
+        quantized = reference.model_copy(update={"quantization": spec})
+        return Compared(*_QUANTIZED[spec], lambda: load_teacher(quantized, device))
+    other = TeacherConfig(model=spec)
+    source = teacher_source(other)
+    if not same_vocabulary(load_tokenizer(source), tokenizer):
+        raise KdistillError(
+            f"--against {spec}: its tokenizer differs from {reference.model}'s; fidelity compares "
+            "models of one vocabulary"
+        )
+    described = _weights(source, pick_dtype(other.dtype, device))
+    return Compared(spec, described, lambda: load_teacher(other, device))
+
+
+def _weights(source: ModelSource, dtype: torch.dtype) -> str:
+    kind = gguf_type(source)
+    name = str(dtype).removeprefix("torch.")
+    return f"GGUF {kind} weights, dequantized to {name}" if kind else f"{name} weights"

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
+import importlib.metadata
+import logging
 import re
 from typing import Any
 
 import torch
+from packaging.version import Version
 from torch import nn
 
 from kdistill.config import StudentConfig, TeacherConfig
@@ -36,44 +38,72 @@ def student_source(cfg: StudentConfig) -> ModelSource | None:
 
 
 def load_teacher(cfg: TeacherConfig, device: torch.device) -> Any:
-    """The teacher: frozen, in eval mode, optionally 4/8-bit through bitsandbytes."""
-    source = teacher_source(cfg)
+    """The teacher: frozen, in eval mode, optionally 4/8-bit through bitsandbytes.
+
+    A GGUF teacher is quantized from its fp32 conversion (`models.loading`): bitsandbytes then
+    re-quantizes weights that GGUF had already dequantized.
+    """
     kwargs = {}
     if cfg.quantization != "none":
         kwargs = {
             "quantization_config": quantization_config(cfg.quantization, device),
             "device_map": {"": device},
         }
-        if source.gguf_file:
-            raise KdistillError(
-                "teacher.quantization applies to safetensors models; a GGUF teacher is already quantized"
-            )
-    return for_inference(load_model(source, pick_dtype(cfg.dtype, device), device, **kwargs))
+    return for_inference(load_model(teacher_source(cfg), pick_dtype(cfg.dtype, device), device, **kwargs))
+
+
+def full_precision(cfg: TeacherConfig) -> TeacherConfig:
+    """The same teacher without bitsandbytes: what a `from_teacher` student copies its layers from."""
+    return cfg.model_copy(update={"quantization": "none"})
+
+
+# transformers accepts bitsandbytes from this version on; 4-bit and 8-bit layers run on CPU with every
+# release from it to BNB_TESTED (checked on a tiny Llama, NF4 with and without double quantization).
+BNB_MINIMUM, BNB_TESTED = "0.46.1", "0.50.2"
 
 
 def quantization_config(kind: str, device: torch.device) -> Any:
-    """A bitsandbytes config, or a clear error where bitsandbytes cannot run."""
-    if importlib.util.find_spec("bitsandbytes") is None:
+    """A bitsandbytes config for `kind` on `device`, or a clear error where bitsandbytes cannot run.
+
+    On CUDA, 4-bit layers compute in bf16 (fp16 without it). On CPU they compute in fp32: bf16
+    matmuls are several hundred times slower there. 8-bit (LLM.int8) has no compute dtype to set.
+    """
+    installed = bitsandbytes_version()
+    if installed is None or Version(installed) < Version(BNB_MINIMUM):
+        found = "is not installed" if installed is None else f"{installed} is installed"
         raise KdistillError(
-            f"teacher.quantization={kind} needs bitsandbytes: pip install 'kdistill[quant]', "
+            f"teacher.quantization={kind} needs bitsandbytes>={BNB_MINIMUM} ({found}; {BNB_MINIMUM} to "
+            f"{BNB_TESTED} run 4-bit and 8-bit teachers on CPU): pip install 'kdistill[quant]', "
             "or set teacher.quantization: none"
         )
-    if device.type != "cuda":
+    if device.type not in ("cuda", "cpu"):
         raise KdistillError(
-            f"teacher.quantization={kind} needs a CUDA GPU and this run is on {device.type}; "
-            "set teacher.quantization: none (on CPU the teacher runs in fp32)"
+            f"teacher.quantization={kind} runs on CUDA GPUs and on the CPU, and this run is on "
+            f"{device.type}; set teacher.quantization: none"
         )
     from transformers import BitsAndBytesConfig
 
     if kind == "8bit":
+        # LLM.int8 casts activations to fp16 to quantize them, and logs so at every matmul.
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
         return BitsAndBytesConfig(load_in_8bit=True)
-    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    compute = torch.float32
+    if device.type == "cuda":
+        compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute,
     )
+
+
+def bitsandbytes_version() -> str | None:
+    """The installed bitsandbytes version, None without it."""
+    try:
+        return importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def build_student(cfg: StudentConfig, teacher: Any | None, device: torch.device) -> Any:
@@ -123,7 +153,8 @@ def shrink(teacher: nn.Module, num_layers: int) -> nn.Module:
     total = config.num_hidden_layers
     if getattr(config, "quantization_config", None) is not None:
         raise KdistillError(
-            "student.from_teacher needs an unquantized teacher; set teacher.quantization: none"
+            "student.from_teacher copies the teacher's layers, and quantized layers cannot be copied: "
+            "cut the student from the teacher loaded with teacher.quantization: none"
         )
     if not 1 <= num_layers <= total:
         raise KdistillError(f"student.from_teacher.num_layers={num_layers}: the teacher has {total} layers")

@@ -23,7 +23,7 @@ from kdistill.losses.hidden import (
     require_live_teacher,
     resolve_layer_pairs,
 )
-from kdistill.models.build import build_student, keep_indices, load_teacher
+from kdistill.models.build import build_student, full_precision, keep_indices, load_teacher
 from kdistill.models.parts import base_model, depth_and_width
 from kdistill.objective.batch import LossSettings
 from kdistill.teacher.responses import load_data
@@ -49,24 +49,38 @@ def build_components(cfg: RunConfig, device: torch.device, config_path: str = "C
     check_hidden_teachers(cfg)  # before anything loads: it needs no model to fail
     vocabs = load_vocabularies(cfg)
     tokenizer, vocab_size = vocabs.tokenizer, vocabs.width
-    live = load_live_teachers(cfg, device)
-    first_name, first = cfg.teacher_list()[0]
-    base = live.get(first_name)
-    if cfg.student.from_teacher is not None and base is None:
-        if first.model is None:
-            raise KdistillError(
-                "student.from_teacher copies the teacher's layers, but the teacher has only a cache; "
-                "give teacher.model beside teacher.cache"
-            )
-        base = load_teacher(first, device)  # only to copy its layers; the cache teaches
-    student = build_student(cfg.student, base, device)
-    del base
+    student, live = load_student_and_teachers(cfg, device)
+    first_name = cfg.teacher_list()[0][0]
     compact_teachers(cfg, live)  # after the student has copied any teacher layers
     data = load_data(cfg, tokenizer, live.get(first_name), vocabs.cross)
     teachers = build_teachers(cfg, live, vocabs, data, config_path)
     projections = build_projections(cfg, live, student, device)
     pads = {name: tok.pad_token_id for name, tok in vocabs.cross.items()}
     return Components(teachers, student, tokenizer, data, vocab_size, projections, pads)
+
+
+def load_student_and_teachers(cfg: RunConfig, device: torch.device) -> tuple[Any, dict[str, Any]]:
+    """The student and the live teachers.
+
+    A `from_teacher` student copies the first teacher's layers: as loaded when it runs live in full
+    precision, else from its full-precision weights loaded only for that. Quantized layers cannot be
+    copied, so for a bitsandbytes teacher those weights are dropped before the quantized teacher loads.
+    """
+    first_name, first = cfg.teacher_list()[0]
+    copies = cfg.student.from_teacher is not None
+    if copies and first.model is None:
+        raise KdistillError(
+            "student.from_teacher copies the teacher's layers, but the teacher has only a cache; "
+            "give teacher.model beside teacher.cache"
+        )
+    if copies and first.quantization != "none":
+        student = build_student(cfg.student, load_teacher(full_precision(first), device), device)
+        return student, load_live_teachers(cfg, device)
+    live = load_live_teachers(cfg, device)
+    base = live.get(first_name)
+    if copies and base is None:
+        base = load_teacher(first, device)  # only to copy its layers; it teaches from elsewhere
+    return build_student(cfg.student, base, device), live
 
 
 def check_hidden_teachers(cfg: RunConfig) -> None:

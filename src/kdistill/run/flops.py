@@ -57,9 +57,12 @@ def model_shape(model: nn.Module) -> ModelShape:
         if isinstance(module, CompactLinear):  # a frozen teacher's compactly stored weight
             body += module.weight_numel() + (0 if module.bias is None else module.bias.numel())
         elif isinstance(module, nn.Linear) and module is not head:
-            for param in module.parameters(recurse=False):
-                body += param.numel()
-                trained += param.numel() if param.requires_grad else 0
+            # in x out rather than the weight's numel: a 4-bit bitsandbytes weight packs two a byte.
+            sizes = [(module.in_features * module.out_features, module.weight)]
+            sizes += [] if module.bias is None else [(module.bias.numel(), module.bias)]
+            for size, param in sizes:
+                body += size
+                trained += size if param.requires_grad else 0
     config = text_config(base.config)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads

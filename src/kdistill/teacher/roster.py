@@ -108,9 +108,10 @@ def served_teacher(cfg: RunConfig, teacher: TeacherConfig, name: str) -> ServedT
 def compact_teacher(name: str, teacher: TeacherConfig, model: nn.Module) -> None:
     """`teacher.compact`: the model's exactly-compactable weights stored compactly, in place.
 
-    Call it once nothing copies the teacher's weights any more (`student.from_teacher` does).
+    Call it once nothing copies the teacher's weights any more (`student.from_teacher` does). A
+    bitsandbytes teacher (`teacher.quantization`) is left as it is: its layers are compact already.
     """
-    if teacher.compact:
+    if teacher.compact and teacher.quantization == "none":
         report = compact_frozen(model)
         if report.q4_blocks or report.bf16:
             log.info("teacher %s: %s", name, report.describe())
