@@ -15,6 +15,7 @@ library here, which keeps kdistill free of an HTTP client dependency.
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -161,6 +162,6 @@ def _http_json(url: str, body: dict | None, timeout: float) -> dict[str, Any]:
         detail = err.read().decode(errors="replace")[:300]
         kind = "permanent: " if 400 <= err.code < 500 else ""
         raise KdistillError(f"{kind}server {url} answered {err.code}: {detail}") from None
-    except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as err:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, json.JSONDecodeError) as err:
         reason = getattr(err, "reason", err)
         raise KdistillError(f"server {url} cannot be reached or gave no JSON ({reason})") from None
