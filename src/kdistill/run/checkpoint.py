@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -166,7 +167,7 @@ def load_checkpoint(
     saved = load_hidden(projections, path)  # first: a changed loss.hidden gets its own message
     if sharded:  # the projections' values come back with the student's shards
         accelerator.load_state(str(path))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False)["scheduler"])
+        scheduler.load_state_dict(load_tensors(path / "scheduler.pt")["scheduler"])
         return json.loads((path / "state.json").read_text())
     for (_, current), loaded in zip(projections, saved):
         current.load_state_dict(loaded.state_dict())
@@ -175,10 +176,10 @@ def load_checkpoint(
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    optim = torch.load(path / "optim.pt", weights_only=False)
+    optim = load_tensors(path / "optim.pt")
     optimizer.load_state_dict(optim["optimizer"])
     scheduler.load_state_dict(optim["scheduler"])
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    _set_rng_state(load_tensors(path / "rng.pt"))
     return json.loads((path / "state.json").read_text())
 
 
@@ -250,8 +251,36 @@ def _prune(folder: Path, keep: int | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def load_tensors(path: Path) -> Any:
+    """A `.pt` file of this checkpoint, read without unpickling anything but tensors and plain values.
+
+    `torch.load(weights_only=True)` refuses every other type, so a crafted file cannot run code.
+    """
+    advice = f"Remove {path.parent} to resume from the checkpoint before it, or --overwrite to start again"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:
+        raise KdistillError(f"--resume: cannot read {path} ({err.strerror or err}). {advice}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise KdistillError(
+            f"--resume: {path} is not a checkpoint file kdistill wrote ({_why(err)}); it was not "
+            f"unpickled, since that could run code. {advice}"
+        ) from None
+
+
+def _why(err: Exception) -> str:
+    """The line of torch's long refusal that says what was found (such as an unsupported global)."""
+    text = str(err).split("WeightsUnpickler error:", 1)[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0].split(". ")[0] if lines else type(err).__name__
+
+
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The random generators' states, as tensors and plain values (see `load_tensors`)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    numpy = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos}
+    numpy |= {"has_gauss": has_gauss, "gauss": gauss}
+    state = {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -259,7 +288,9 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
