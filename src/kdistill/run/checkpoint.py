@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import re
 import shutil
@@ -32,6 +31,7 @@ from torch import nn
 
 from kdistill.errors import KdistillError
 from kdistill.losses.hidden import HiddenProjections, load_projections, projections_filename, save_projections
+from kdistill.run.tensor_files import load_tensors, tensors_only
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -166,7 +166,8 @@ def load_checkpoint(
         )
     saved = load_hidden(projections, path)  # first: a changed loss.hidden gets its own message
     if sharded:  # the projections' values come back with the student's shards
-        accelerator.load_state(str(path))
+        with tensors_only(accelerator, path):
+            accelerator.load_state(str(path))
         scheduler.load_state_dict(load_tensors(path / "scheduler.pt")["scheduler"])
         return json.loads((path / "state.json").read_text())
     for (_, current), loaded in zip(projections, saved):
@@ -249,30 +250,6 @@ def _prune(folder: Path, keep: int | None) -> None:
     done = sorted(p for p in folder.glob("step-*") if _STEP_DIR.match(p.name))
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def load_tensors(path: Path) -> Any:
-    """A `.pt` file of this checkpoint, read without unpickling anything but tensors and plain values.
-
-    `torch.load(weights_only=True)` refuses every other type, so a crafted file cannot run code.
-    """
-    advice = f"Remove {path.parent} to resume from the checkpoint before it, or --overwrite to start again"
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as err:
-        raise KdistillError(f"--resume: cannot read {path} ({err.strerror or err}). {advice}") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        raise KdistillError(
-            f"--resume: {path} is not a checkpoint file kdistill wrote ({_why(err)}); it was not "
-            f"unpickled, since that could run code. {advice}"
-        ) from None
-
-
-def _why(err: Exception) -> str:
-    """The line of torch's long refusal that says what was found (such as an unsupported global)."""
-    text = str(err).split("WeightsUnpickler error:", 1)[-1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0].split(". ")[0] if lines else type(err).__name__
 
 
 def _rng_state() -> dict[str, Any]:
