@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from kdistill.errors import KdistillError
+from kdistill.errors import KdistillError, ResumableInterrupt
 from kdistill.files import RunFiles
 
 EPILOG = (
@@ -155,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     except KdistillError as err:
         print(f"kdistill: error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 2)  # 2: bad input; 3: a guard stopped the run
+    except ResumableInterrupt as stop:  # Ctrl-C in a long phase whose work was kept: the same command
+        if _rank() == 0:
+            print(f"kdistill: {stop}\nkdistill: resume with: {_command(args)}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("kdistill: interrupted", file=sys.stderr)
         return 130
@@ -247,8 +251,16 @@ def _rank() -> int:
 def _resume_command(args: argparse.Namespace) -> str:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return "the same `accelerate launch ...` command with --resume added"
+    return _command(argparse.Namespace(**{**vars(args), "resume": True, "overwrite": False}))
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line of `args` (a `train` or `cache` command), as the user could type it again."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "the same `accelerate launch ...` command"
+    flags = [f"--{flag}" for flag in ("resume", "overwrite") if getattr(args, flag, False)]
     sets = [f"--set {shlex.quote(item)}" for item in args.overrides]
-    return " ".join(["kdistill train", shlex.quote(args.config), *sets, "--resume"])
+    return " ".join(["kdistill", args.command, shlex.quote(args.config), *sets, *flags])
 
 
 def _limit(text: str) -> int | None:

@@ -18,6 +18,7 @@ class RunFiles:
     BENCH = "bench.json"
     REPORT_MD = "report.md"
     REPORT_HTML = "report.html"
+    LOCK = ".kdistill.lock"  # held by the run using the folder (run/folder_lock.py)
 
 
 def cache_root() -> Path:

@@ -31,6 +31,7 @@ from torch import nn
 
 from kdistill.errors import KdistillError
 from kdistill.losses.hidden import HiddenProjections, load_projections, projections_filename, save_projections
+from kdistill.run.tensor_files import load_tensors, tensors_only
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -165,8 +166,9 @@ def load_checkpoint(
         )
     saved = load_hidden(projections, path)  # first: a changed loss.hidden gets its own message
     if sharded:  # the projections' values come back with the student's shards
-        accelerator.load_state(str(path))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False)["scheduler"])
+        with tensors_only(accelerator, path):
+            accelerator.load_state(str(path))
+        scheduler.load_state_dict(load_tensors(path / "scheduler.pt")["scheduler"])
         return json.loads((path / "state.json").read_text())
     for (_, current), loaded in zip(projections, saved):
         current.load_state_dict(loaded.state_dict())
@@ -175,10 +177,10 @@ def load_checkpoint(
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    optim = torch.load(path / "optim.pt", weights_only=False)
+    optim = load_tensors(path / "optim.pt")
     optimizer.load_state_dict(optim["optimizer"])
     scheduler.load_state_dict(optim["scheduler"])
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    _set_rng_state(load_tensors(path / "rng.pt"))
     return json.loads((path / "state.json").read_text())
 
 
@@ -251,7 +253,11 @@ def _prune(folder: Path, keep: int | None) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The random generators' states, as tensors and plain values (see `load_tensors`)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    numpy = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos}
+    numpy |= {"has_gauss": has_gauss, "gauss": gauss}
+    state = {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -259,7 +265,9 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -16,6 +16,7 @@ import torch
 from kdistill.config import RunConfig
 from kdistill.data import DataSplits
 from kdistill.errors import KdistillError
+from kdistill.files import RunFiles
 from kdistill.losses.hidden import (
     HiddenProjections,
     LayerPairs,
@@ -134,16 +135,23 @@ def build_projections(
 
 
 def prepare_output_dir(out: Path, resume: bool, overwrite: bool, main: bool) -> None:
-    """Refuse to write into a non-empty run folder unless asked to resume or overwrite."""
+    """Refuse to write into a non-empty run folder unless asked to resume or overwrite.
+
+    The run's own lock file (`RunFiles.LOCK`) does not count, and `--overwrite` keeps it.
+    """
     if out.exists() and not out.is_dir():
         raise KdistillError(f"output_dir {out} exists and is not a folder")
-    busy = out.exists() and any(out.iterdir())
-    if busy and not (resume or overwrite):
+    found = [p for p in out.iterdir() if p.name != RunFiles.LOCK] if out.exists() else []
+    if found and not (resume or overwrite):
         raise KdistillError(
             f"output_dir {out} is not empty; pass --resume to continue that run or --overwrite to replace it"
         )
-    if main and busy and overwrite and not resume:
-        shutil.rmtree(out)
+    if main and overwrite and not resume:
+        for path in found:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     if main:
         out.mkdir(parents=True, exist_ok=True)
 

@@ -48,10 +48,18 @@ def train(
 
     `config_path` only names the config in messages (such as how to build a missing teacher cache).
     """
-    started, t = time.perf_counter(), cfg.training
+    started = time.perf_counter()
     run = start_run(cfg, resume, overwrite, config_path)
-    accelerator, parts, held_out, total = run.accelerator, run.parts, run.held_out, run.total_steps
-    step, epoch, skip = _starting_point(run, resume)
+    with run.lock:  # the folder stays this run's until it ends, however it ends
+        step = _steps(run, *_starting_point(run, resume))
+        return _finish(run, step, started)
+
+
+def _steps(run: Run, step: int, epoch: int, skip: int) -> int:
+    """Optimizer steps from `step` (`skip` windows into `epoch`) to the last; returns the last step."""
+    cfg, t, accelerator, parts, held_out, total = (
+        run.cfg, run.cfg.training, run.accelerator, run.parts, run.held_out, run.total_steps
+    )  # fmt: skip
     # FLOP/s in the metrics: the student's and the live teachers' shapes; a cache costs no FLOPs.
     runs = cfg.loss.alpha > 0 or cfg.loss.hidden.weight > 0  # else the step never calls the teachers
     live = [model_shape(x.model) for x in parts.teachers if x.model is not None and runs]
@@ -91,7 +99,7 @@ def train(
                 if step >= total:
                     break
             epoch, skip = epoch + 1, 0
-    return _finish(run, step, started)
+    return step
 
 
 def _step(run: Run, window: list[dict[str, Any]]) -> dict[str, float]:

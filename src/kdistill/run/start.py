@@ -19,6 +19,7 @@ from kdistill.objective.batch import LossSettings, StudentLoss
 from kdistill.run.accelerator import flat_hparams, mixed_precision, whole_models
 from kdistill.run.checkpoint import check_resume_config, check_writable, save_checkpoint
 from kdistill.run.components import Components, build_components, loss_settings, prepare_output_dir
+from kdistill.run.folder_lock import FolderLock, lock_run_folder
 from kdistill.run.guards import OomBackoff, SkipNonFinite, oom_advice
 from kdistill.run.health import HealthMonitor, build_health
 from kdistill.run.held_out import HeldOut
@@ -51,6 +52,7 @@ class Run:
     monitor: HealthMonitor
     total_steps: int
     windows_per_epoch: int
+    lock: FolderLock  # one run per folder: held until the run ends
 
     def projections(self) -> list[tuple[str, Any]]:
         """Each teacher's name with its hidden-state projections; empty without loss.hidden."""
@@ -72,16 +74,40 @@ class Run:
 
 
 def start_run(cfg: RunConfig, resume: bool, overwrite: bool, config_path: str) -> Run:
-    """Check the folder, load models and data, and prepare the model, optimizer and guards."""
-    out, t = Path(cfg.output_dir), cfg.training
+    """Lock and check the folder, load models and data, and prepare the model, optimizer and guards.
+
+    The returned run holds the folder's lock (`Run.lock`) until its caller releases it; a start
+    that fails releases it here.
+    """
+    out = Path(cfg.output_dir)
     accelerator = Accelerator(
-        mixed_precision=mixed_precision(t.mixed_precision),
-        log_with=t.report_to or None,
+        mixed_precision=mixed_precision(cfg.training.mixed_precision),
+        log_with=cfg.training.report_to or None,
         project_dir=str(out / "logs"),
     )
-    set_seed(t.seed)
-    if accelerator.is_main_process:
+    set_seed(cfg.training.seed)
+    main = accelerator.is_main_process
+    if main:
         check_writable(out)  # before the models load: a read-only folder should not cost minutes
+    # Before anything loads, is deleted or written: a second run on this folder stops here.
+    lock = lock_run_folder(out, main)
+    try:
+        return _build_run(cfg, out, accelerator, lock, resume, overwrite, config_path)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _build_run(
+    cfg: RunConfig,
+    out: Path,
+    accelerator: Accelerator,
+    lock: FolderLock,
+    resume: bool,
+    overwrite: bool,
+    config_path: str,
+) -> Run:
+    t = cfg.training
     with whole_models(accelerator):  # everything that can fail on bad input happens here
         parts = build_components(cfg, accelerator.device, config_path)
     _open_run_folder(cfg, out, accelerator, resume, overwrite)
@@ -109,7 +135,7 @@ def start_run(cfg: RunConfig, resume: bool, overwrite: bool, config_path: str) -
     settings = loss_settings(cfg, parts.vocab_size)
     return Run(
         cfg, out, accelerator, parts, settings, model, optimizer, guarded, scheduler, collator, metrics,
-        held_out, backoff, monitor, total_steps, windows_per_epoch,
+        held_out, backoff, monitor, total_steps, windows_per_epoch, lock,
     )  # fmt: skip
 
 
