@@ -14,8 +14,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import dolly_rows
 from kdistill.data import tokenize_examples
 from kdistill.data.formats import to_examples
-from kdistill.eval.metrics import held_out_metrics, kept, mean_rouge_l, rouge_l, top1_matches
+from kdistill.eval.metrics import (
+    held_out_metrics,
+    kept,
+    kept_above_chance,
+    mean_rouge_l,
+    rouge_l,
+    top1_matches,
+)
 from kdistill.eval.runner import kept_shares, mean_kept, write_json
+from kdistill.eval.tables import eval_table
 from kdistill.losses import Dense, DenseHidden
 from kdistill.models.build import shrink
 
@@ -93,6 +101,19 @@ def test_held_out_metrics_match_a_full_logits_reference(tiny: dict) -> None:
     assert set(alone) == {"ce", "ppl", "tokens"} and alone["ce"] == pytest.approx(got["ce"], rel=1e-5)
 
 
+def test_kept_above_chance_with_hand_made_numbers() -> None:
+    assert kept_above_chance(0.45, 0.65, 0.25, 0.02) == pytest.approx(0.5)
+    assert kept_above_chance(0.25, 0.65, 0.25, 0.02) == 0.0  # a student at chance keeps nothing
+    assert kept_above_chance(0.20, 0.65, 0.25, 0.02) == pytest.approx(-0.125)  # below chance: negative
+    assert kept_above_chance(0.70, 0.65, 0.25, 0.02) == pytest.approx(1.125)  # better than the teacher
+    # The teacher within two standard errors of chance (or below it): no meaningful share.
+    assert kept_above_chance(0.19, 0.22, 0.25, 0.0185) is None
+    assert kept_above_chance(0.30, 0.28, 0.25, 0.016) is None  # 0.03 above chance, 2 x 0.016 = 0.032
+    assert kept_above_chance(0.30, 0.29, 0.25, 0.016) == pytest.approx(0.05 / 0.04)  # 0.04 > 0.032
+    assert kept_above_chance(0.5, 0.9, 0.5, float("nan")) is None  # no standard error: cannot tell
+    assert kept_above_chance(float("nan"), 0.9, 0.5, 0.01) is None
+
+
 def test_kept_shares_and_json(tmp_path: Path) -> None:
     result = {
         "held_out": {
@@ -102,25 +123,33 @@ def test_kept_shares_and_json(tmp_path: Path) -> None:
         "benchmarks": {
             "tasks": {
                 "arc_easy": {
-                    "student": {"acc": 0.5, "acc_norm": 0.45},
-                    "teacher": {"acc": 0.6, "acc_norm": 0.5},
+                    "student": {"acc": 0.5, "acc_norm": 0.45, "n": 500},
+                    "teacher": {"acc": 0.6, "acc_stderr": 0.02, "acc_norm": 0.5, "acc_norm_stderr": 0.02},
                 },
-                "boolq": {"student": {"acc": 0.6}, "teacher": {"acc": 0.6}},
+                "boolq": {"student": {"acc": 0.6, "n": 500}, "teacher": {"acc": 0.6, "acc_stderr": 0.01}},
+                # Both at or below chance (25 %): the plain ratio would say 86 % kept.
+                "openbook_qa": {
+                    "student": {"acc": 0.19, "n": 500},
+                    "teacher": {"acc": 0.22, "acc_stderr": 0.019},
+                },
             }
         },
     }
     shares = kept_shares(result)
-    assert shares == pytest.approx(
+    assert {k: v for k, v in shares.items() if v is not None} == pytest.approx(
         {
             "ppl": 0.5,
             "top1": 0.55,
             "rouge_l": 0.8,
-            "arc_easy/acc": 5 / 6,
-            "arc_easy/acc_norm": 0.9,
+            "arc_easy/acc": (0.5 - 0.25) / (0.6 - 0.25),
+            "arc_easy/acc_norm": (0.45 - 0.25) / (0.5 - 0.25),
             "boolq/acc": 1.0,
         }
     )
-    assert mean_kept(shares) == pytest.approx((0.9 + 1.0) / 2)  # acc_norm where a task has it
+    assert "openbook_qa/acc" in shares and shares["openbook_qa/acc"] is None  # not meaningful
+    assert mean_kept(shares) == pytest.approx((0.8 + 1.0) / 2)  # acc_norm where a task has it; n/m left out
+    _, rows = eval_table({"kept": shares, "benchmarks": result["benchmarks"]})
+    assert [row[-1] for row in rows] == ["71.4%", "80.0%", "100.0%", "n/m", "90.0%"]
     write_json({"a": float("nan"), "b": [1.0, float("inf")]}, tmp_path / "eval.json")
     assert json.loads((tmp_path / "eval.json").read_text()) == {"a": None, "b": [1.0, None]}
     assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]

@@ -71,6 +71,21 @@ def kept(metric: str, student: float, teacher: float) -> float | None:
     return numerator / denominator if denominator > 0 else None
 
 
+def kept_above_chance(student: float, teacher: float, chance: float, teacher_stderr: float) -> float | None:
+    """The share of the teacher's lead over chance that the student kept.
+
+    `(student - chance) / (teacher - chance)`, accuracies both. A student at chance keeps 0, one below
+    chance a negative share. None where the teacher is within two standard errors of chance: its
+    accuracy is then indistinguishable from guessing, and any share of it would be noise.
+    """
+    if not (math.isfinite(student) and math.isfinite(teacher)):
+        return None
+    lead = teacher - chance
+    if lead <= 2 * (teacher_stderr if math.isfinite(teacher_stderr) else math.inf):
+        return None
+    return (student - chance) / lead
+
+
 @torch.no_grad()
 def top1_matches(
     hidden: Tensor,

@@ -6,7 +6,7 @@ The result is one JSON-able dict (written to `eval.json`):
      "held_out": {"source", "rows", "student": {ppl, ce, kl, top1, rouge_l, tokens}, "teacher": {...}},
      "benchmarks": {"data_dir", "limit", "tasks": {TASK: {"student": {acc, acc_stderr, n}, "teacher": ...}}},
      "generations": [{"prompt", "reference", "student", "teacher"}],
-     "kept": {METRIC: share of the teacher's value}}
+     "kept": {METRIC: share of the teacher's value; benchmarks above chance, null if not meaningful}}
 """
 
 from __future__ import annotations
@@ -22,7 +22,15 @@ from typing import Any
 from kdistill.data import tokenize_examples, tokenize_with_views
 from kdistill.eval.harness import run_benchmarks
 from kdistill.eval.load import EvalModels
-from kdistill.eval.metrics import CrossTeacher, greedy_responses, held_out_metrics, kept, mean_rouge_l
+from kdistill.eval.metrics import (
+    CrossTeacher,
+    greedy_responses,
+    held_out_metrics,
+    kept,
+    kept_above_chance,
+    mean_rouge_l,
+)
+from kdistill.eval.tasks import CHANCE
 from kdistill.files import write_atomic
 
 log = logging.getLogger("kdistill")
@@ -118,7 +126,11 @@ def benchmark_section(models: EvalModels, s: EvalSettings) -> dict[str, Any]:
 
 
 def kept_shares(result: dict[str, Any]) -> dict[str, float | None]:
-    """`{metric: share}` for every metric both models have; benchmark metrics are `TASK/acc` etc."""
+    """`{metric: share}` for every metric both models have; benchmark metrics are `TASK/acc` etc.
+
+    A benchmark's share is measured above chance (`kept_above_chance`), and is None where the teacher is
+    within two standard errors of chance (or the task's chance level is unknown): not meaningful.
+    """
     shares: dict[str, float | None] = {}
     held = result.get("held_out", {})
     if "teacher" in held:
@@ -133,8 +145,12 @@ def kept_shares(result: dict[str, Any]) -> dict[str, float | None]:
             continue
         for metric in ("acc", "acc_norm"):
             if metric in scores["student"]:
-                shares[f"{task}/{metric}"] = kept(
-                    metric, scores["student"][metric], scores["teacher"][metric]
+                teacher = scores["teacher"]
+                stderr = teacher.get(f"{metric}_stderr", math.inf)
+                shares[f"{task}/{metric}"] = (
+                    None
+                    if task not in CHANCE
+                    else kept_above_chance(scores["student"][metric], teacher[metric], CHANCE[task], stderr)
                 )
     return shares
 

@@ -23,6 +23,7 @@ from kdistill.data.tokenize import prompt_text
 from kdistill.errors import KdistillError
 from kdistill.files import cache_root, write_atomic
 from kdistill.models.build import teacher_source
+from kdistill.models.compact import expanded_weights
 
 log = logging.getLogger("kdistill")
 
@@ -98,9 +99,14 @@ def with_teacher_responses(
 
 @torch.inference_mode()
 def generate(
-    model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[dict[str, str]]],
+    max_new_tokens: int,
+    batch_size: int,
+    label: str = "teacher responses",
 ) -> list[str]:
-    """Greedy generations for chat prompts, batched with left padding."""
+    """Greedy generations for chat prompts, batched with left padding; `label` names the progress bar."""
     texts = [prompt_text(p, tokenizer) for p in prompts]
     add_special = not getattr(tokenizer, "chat_template", None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -108,19 +114,20 @@ def generate(
     # Sorting by length keeps each batch's padding small; the order is restored at the end.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     outputs: dict[int, str] = {}
-    for start in tqdm(range(0, len(order), batch_size), desc="teacher responses", unit="batch"):
+    for start in tqdm(range(0, len(order), batch_size), desc=label, unit="batch"):
         index = order[start : start + batch_size]
         encoded = [tokenizer(texts[i], add_special_tokens=add_special)["input_ids"] for i in index]
         width = max(len(ids) for ids in encoded)
         input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded], device=device)
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
-        generated = model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_id,
-        )
+        with expanded_weights(model):  # a compact teacher expands once a batch, not once a token
+            generated = model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+            )
         for row, i in enumerate(index):
             outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
     return [outputs[i] for i in range(len(texts))]
