@@ -16,11 +16,11 @@ from kdistill.data import tokenize_examples
 from kdistill.data.formats import to_examples
 from kdistill.eval.metrics import (
     held_out_metrics,
+    held_out_sums,
     kept,
     kept_above_chance,
     mean_rouge_l,
     rouge_l,
-    top1_matches,
 )
 from kdistill.eval.runner import kept_shares, mean_kept, write_json
 from kdistill.eval.tables import eval_table
@@ -53,16 +53,27 @@ def test_share_kept_by_hand() -> None:
     assert kept("acc", 0.5, 0.0) is None and kept("ppl", float("inf"), 3.0) is None
 
 
-def test_top1_matches_by_hand() -> None:
+def test_held_out_sums_by_hand() -> None:
     head = torch.eye(3)  # student logits are the hidden states themselves
     hidden = torch.tensor([[1.0, 0, 0], [0, 2, 1], [0, 0, 3], [4, 5, 0]])  # arg-max 0, 1, 2, 1
     teacher = torch.tensor([[5.0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 1, 0]])  # arg-max 0, 2, 2, 1
+    labels = torch.tensor([0, 1, 2, 0])
+    s, t = F.log_softmax(hidden, -1), F.log_softmax(teacher, -1)
+    expected = [
+        float(-s[range(4), labels].sum()),  # the student's cross-entropy
+        float((t.exp() * (t - s)).sum()),  # KL(teacher || student)
+        float(-t[range(4), labels].sum()),  # the teacher's cross-entropy
+        3.0,  # rows with the same arg-max
+    ]
     for chunk in (None, 1, 3):
-        assert top1_matches(hidden, head, None, Dense(teacher), chunk) == 3
+        got = held_out_sums(hidden, head, None, labels, Dense(teacher), chunk)
+        assert got.tolist() == pytest.approx(expected, rel=1e-6)
     bias = torch.tensor([0.0, 0.0, 10.0])  # now every student row picks token 2
-    assert top1_matches(hidden, head, bias, Dense(teacher), 2) == 2
+    assert held_out_sums(hidden, head, bias, labels, Dense(teacher), 2)[3] == 2
     as_hidden = DenseHidden(hidden=teacher, head=torch.eye(3))
-    assert top1_matches(hidden, head, None, as_hidden, 2) == 3
+    assert held_out_sums(hidden, head, None, labels, as_hidden, 2)[3] == 3
+    alone = held_out_sums(hidden, head, None, labels, None, 2)
+    assert alone[0] == pytest.approx(expected[0]) and alone[1:].tolist() == [0, 0, 0]
 
 
 def _reference(student: torch.nn.Module, teacher: torch.nn.Module, rows: list) -> dict[str, float]:
@@ -89,16 +100,40 @@ def test_held_out_metrics_match_a_full_logits_reference(tiny: dict) -> None:
     rows, _ = tokenize_examples(to_examples(dolly_rows(10, seed=3), "dolly", "rows"), tokenizer, 64)
     expected = _reference(student, teacher, rows)
     cache: dict[int, object] = {}
-    got = held_out_metrics(student, teacher, rows, tokenizer.pad_token_id, 3, 7, None, cache)
+    got, own = held_out_metrics(student, teacher, rows, tokenizer.pad_token_id, 3, 7, None, cache)
     for key in ("ce", "kl", "top1", "tokens"):
         assert got[key] == pytest.approx(expected[key], rel=1e-4), key
     assert got["ppl"] == pytest.approx(math.exp(expected["ce"]), rel=1e-4)
     assert 0 < got["top1"] < 1 and len(cache) == 4  # 10 rows in batches of 3
+    # The teacher's own perplexity from the same pass equals a pass of the teacher on its own.
+    teacher_alone, none = held_out_metrics(teacher, None, rows, tokenizer.pad_token_id, 3, 7)
+    assert none is None and own["ce"] == pytest.approx(teacher_alone["ce"], rel=1e-5)
+    assert own["tokens"] == teacher_alone["tokens"] and own["ppl"] == pytest.approx(teacher_alone["ppl"])
     teacher.forward = lambda *a, **k: pytest.fail("the cached teacher outputs should be used")
-    again = held_out_metrics(student, teacher, rows, tokenizer.pad_token_id, 3, 7, None, cache)
+    teacher.model.forward = teacher.forward
+    again, _ = held_out_metrics(student, teacher, rows, tokenizer.pad_token_id, 3, 7, None, cache)
     assert again["kl"] == pytest.approx(got["kl"]) and again["top1"] == got["top1"]
-    alone = held_out_metrics(student, None, rows, tokenizer.pad_token_id, 3, 7)
+    alone, _ = held_out_metrics(student, None, rows, tokenizer.pad_token_id, 3, 7)
     assert set(alone) == {"ce", "ppl", "tokens"} and alone["ce"] == pytest.approx(got["ce"], rel=1e-5)
+
+
+def test_held_out_metrics_equal_the_training_loops_evaluation(tiny: dict) -> None:
+    from kdistill.data import Collator
+    from kdistill.objective.batch import StudentLoss
+    from kdistill.objective.quality import held_out_quality
+    from kdistill.teacher.roster import Teacher
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny["teacher"])
+    teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"]).eval()
+    student = shrink(teacher, 2).eval()
+    rows, _ = tokenize_examples(to_examples(dolly_rows(10, seed=4), "dolly", "rows"), tokenizer, 64)
+    ordered = sorted(rows, key=lambda row: len(row.input_ids))
+    collate = Collator(tokenizer.pad_token_id)
+    batches = [collate(ordered[i : i + 4]) for i in range(0, len(ordered), 4)]
+    loop = held_out_quality(StudentLoss(student), [Teacher("t", 1.0, model=teacher)], batches, 7)
+    got, _ = held_out_metrics(student, teacher, rows, tokenizer.pad_token_id, 4, 7)
+    for key in ("ce", "kl", "ppl", "tokens"):
+        assert got[key] == pytest.approx(loop[key], rel=1e-5), key
 
 
 def test_kept_above_chance_with_hand_made_numbers() -> None:

@@ -82,20 +82,26 @@ def held_out_section(models: EvalModels, s: EvalSettings) -> tuple[dict[str, Any
         "held-out: %d rows (%d dropped for length) from %s", len(rows), dropped, models.validation_source
     )
     section: dict[str, Any] = {"source": models.validation_source, "rows": len(rows)}
-    section["student"] = held_out_metrics(
-        models.student, models.teacher, rows, pad, **common, cross=cross, progress="held-out pass: student"
+    both = "student and teacher" if models.teacher is not None and cross is None else "student"
+    section["student"], teacher_own = held_out_metrics(
+        models.student, models.teacher, rows, pad, **common, cross=cross, progress=f"held-out pass: {both}"
     )
     if models.teacher is not None:
-        # The teacher on its own tokens (its own template): its perplexity is per teacher token.
-        own = rows if cross is None else tokenize_examples(examples, t_tok, models.max_length)[0]
-        section["teacher"] = held_out_metrics(
-            models.teacher, None, own, t_tok.pad_token_id, **common, progress="held-out pass: teacher"
-        )
+        # The teacher on its own tokens (its own template): its perplexity is per teacher token. With the
+        # student's tokenizer those are the same rows, measured in the student's pass.
+        if teacher_own is None:
+            own = tokenize_examples(examples, t_tok, models.max_length)[0]
+            pad_t = t_tok.pad_token_id
+            teacher_own, _ = held_out_metrics(
+                models.teacher, None, own, pad_t, **common, progress="held-out pass: teacher"
+            )
+        section["teacher"] = teacher_own
     generated = models.validation[: s.rouge_rows]
     references = [e.response for e in generated]
-    outputs = {"student": greedy_responses(models.student, models.tokenizer, generated, s.max_new_tokens)}
-    if models.teacher is not None:
-        outputs["teacher"] = greedy_responses(models.teacher, t_tok, generated, s.max_new_tokens)
+    outputs = {
+        who: greedy_responses(model, tok, generated, s.max_new_tokens, s.batch_size, f"generating: {who}")
+        for who, model, tok in _each_model(models)
+    }
     for who, texts in outputs.items():
         section[who]["rouge_l"] = mean_rouge_l(texts, references)
     section["rouge_rows"] = len(generated)
@@ -113,16 +119,24 @@ def held_out_section(models: EvalModels, s: EvalSettings) -> tuple[dict[str, Any
 def benchmark_section(models: EvalModels, s: EvalSettings) -> dict[str, Any]:
     tasks = list(s.tasks)
     run = {"limit": s.limit, "batch_size": s.batch_size, "num_fewshot": s.num_fewshot}
-    per_model = {"student": run_benchmarks(models.student, models.tokenizer, tasks, s.source, **run)}
-    if models.teacher is not None:
-        t_tok = models.teacher_tokenizer or models.tokenizer  # each model scores through its own tokenizer
-        per_model["teacher"] = run_benchmarks(models.teacher, t_tok, tasks, s.source, **run)
+    per_model = {}
+    for who, model, tok in _each_model(models):  # each model scores through its own tokenizer
+        log.info("benchmarks: %s on %s (lm-eval's progress bars follow)", who, ", ".join(tasks))
+        per_model[who] = run_benchmarks(model, tok, tasks, s.source, **run)
     return {
         "data_dir": str(s.source),
         "limit": s.limit,
         "num_fewshot": s.num_fewshot,
         "tasks": {t: {who: scores[t] for who, scores in per_model.items()} for t in tasks},
     }
+
+
+def _each_model(models: EvalModels) -> list[tuple[str, Any, Any]]:
+    """`(who, model, its tokenizer)` for the student and, when there is one, the teacher."""
+    pairs = [("student", models.student, models.tokenizer)]
+    if models.teacher is not None:
+        pairs.append(("teacher", models.teacher, models.teacher_tokenizer or models.tokenizer))
+    return pairs
 
 
 def kept_shares(result: dict[str, Any]) -> dict[str, float | None]:
