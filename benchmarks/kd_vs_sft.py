@@ -121,7 +121,7 @@ class Evaluator:
         model.eval()
         # The teacher against itself fills the cache of its outputs that every student's KL then reads.
         pad = self.tokenizer.pad_token_id
-        held = held_out_metrics(model, self.teacher, self.rows, pad, 8, 512, None, self.teacher_cache)
+        held, _ = held_out_metrics(model, self.teacher, self.rows, pad, 8, 512, None, self.teacher_cache)
         subset = self.examples[: a.rouge_rows]
         texts = greedy_responses(model, self.tokenizer, subset, a.max_new_tokens)
         row = {"model": name, **{k: held[k] for k in ("ppl", "kl", "top1")}}

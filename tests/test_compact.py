@@ -12,7 +12,7 @@ from torch import nn
 
 from conftest import tiny_config, write_config
 from kdistill.cli import main
-from kdistill.models.compact import CompactLinear, compact_frozen, expand_q4, q4_parts
+from kdistill.models.compact import CompactLinear, compact_frozen, expand_q4, expanded_weights, q4_parts
 from kdistill.run.flops import model_shape
 
 
@@ -110,6 +110,31 @@ def test_a_gguf_like_teacher_gives_the_same_logits_and_flops(tiny: dict) -> None
     with torch.no_grad():
         assert torch.equal(teacher(input_ids=ids).logits, before)
     assert model_shape(teacher) == shape  # FLOPs counted as before
+
+
+def test_generation_expands_once_and_writes_the_same_text(tiny: dict, monkeypatch) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kdistill.teacher.responses import generate
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny["teacher"])
+    teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"], dtype=torch.float32).requires_grad_(False)
+    quantize_like_gguf(teacher)
+    prompts = [[{"role": "user", "content": text}] for text in ("Name a colour.", "Why is the sky blue?")]
+    expected = generate(teacher, tokenizer, prompts, 12, batch_size=2)
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        logits = teacher(input_ids=ids).logits
+    compact_frozen(teacher)
+    expansions = []
+    original = CompactLinear.expand
+    counted = lambda self, out=None: expansions.append(1) or original(self, out)  # noqa: E731
+    monkeypatch.setattr(CompactLinear, "expand", counted)
+    assert generate(teacher, tokenizer, prompts, 12, batch_size=2, label="compact teacher") == expected
+    assert len(expansions) == 4 * 7  # each layer once for the whole batch of 12 tokens, not once a token
+    with torch.inference_mode(), expanded_weights(teacher):
+        assert torch.equal(teacher(input_ids=ids).logits, logits)
+    assert all(m.held is None for m in teacher.modules() if isinstance(m, CompactLinear))  # freed on exit
 
 
 def _gguf_like_teacher(tiny: dict, folder: Path) -> Path:

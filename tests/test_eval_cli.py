@@ -60,7 +60,11 @@ def test_eval_run_folder(tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixtu
     data = benchmark_dir(tmp_path / "bench")
     capsys.readouterr()
     assert _eval(run, "--data-dir", str(data), "--tasks", "arc_easy,winogrande", "--limit", "4") == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    # Every phase's progress bar says what it does, and for which model.
+    for phase in ("held-out pass: student and teacher", "generating: student", "generating: teacher"):
+        assert phase in captured.err, phase
     result = json.loads((run / "eval.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
     held = result["held_out"]

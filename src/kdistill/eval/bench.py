@@ -30,6 +30,7 @@ from kdistill.config import load_config
 from kdistill.errors import KdistillError
 from kdistill.eval.load import load_bench_teacher, run_folder
 from kdistill.files import RunFiles
+from kdistill.models.compact import expanded_weights
 from kdistill.models.parts import default_device, for_inference
 
 
@@ -186,14 +187,15 @@ def _timed(work: Any, repeats: int, device: torch.device) -> float:
 def _generate(model: Any, ids: torch.Tensor, new_tokens: int) -> Any:
     pad = model.config.eos_token_id if model.config.pad_token_id is None else model.config.pad_token_id
     pad = pad[0] if isinstance(pad, list) else pad
-    return model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        pad_token_id=pad,
-    )
+    with expanded_weights(model):  # a compact teacher expands once, not once a token
+        return model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
 
 
 def _peak_memory(device: torch.device) -> int:

@@ -1,8 +1,11 @@
 """Held-out metrics of what the student kept: perplexity, KL and top-1 agreement with the teacher,
 ROUGE-L of greedy generations against the reference responses, and the share of the teacher kept.
 
-Perplexity, cross-entropy and KL come from `held_out_quality`, the chunked loss the training loop
-evaluates with; top-1 agreement reuses the hidden states and teacher outputs of that same pass.
+One pass gives every held-out number: per batch the teacher's forward (as training runs it, under
+inference mode, stopping at its final hidden states at the response rows) and the student's, then
+each chunk of rows goes through both heads once for the student's cross-entropy, its KL to the
+teacher, top-1 agreement and the teacher's own cross-entropy. The formulas are the training loss's,
+at T = 1, so the numbers match the training loop's evaluation (`objective.quality.held_out_quality`).
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from kdistill.data import Collator, Example, Tokenized, trained_rows
-from kdistill.losses import DEFAULT_CHUNK_SIZE, Dense, DenseHidden, VocabMap
-from kdistill.models.parts import output_head
+from kdistill.losses import DEFAULT_CHUNK_SIZE, DIVERGENCES, Dense, DenseHidden, VocabMap
+from kdistill.losses.chunked import chunk_rows
+from kdistill.losses.signal import softcap_logits
+from kdistill.models.parts import base_model, output_head, softcap
 from kdistill.objective.batch import StudentLoss
 from kdistill.objective.quality import held_out_quality, perplexity
-from kdistill.teacher.forward import TeacherOutputs
+from kdistill.teacher.forward import live_teacher
 from kdistill.teacher.responses import generate
 from kdistill.teacher.roster import Teacher
 
@@ -71,46 +76,58 @@ def kept(metric: str, student: float, teacher: float) -> float | None:
     return numerator / denominator if denominator > 0 else None
 
 
-@torch.no_grad()
-def top1_matches(
+def kept_above_chance(student: float, teacher: float, chance: float, teacher_stderr: float) -> float | None:
+    """The share of the teacher's lead over chance that the student kept.
+
+    `(student - chance) / (teacher - chance)`, accuracies both. A student at chance keeps 0, one below
+    chance a negative share. None where the teacher is within two standard errors of chance: its
+    accuracy is then indistinguishable from guessing, and any share of it would be noise.
+    """
+    if not (math.isfinite(student) and math.isfinite(teacher)):
+        return None
+    lead = teacher - chance
+    if lead <= 2 * (teacher_stderr if math.isfinite(teacher_stderr) else math.inf):
+        return None
+    return (student - chance) / lead
+
+
+def held_out_sums(
     hidden: Tensor,
     head: Tensor,
     bias: Tensor | None,
-    teacher: Dense | DenseHidden,
+    labels: Tensor,
+    teacher: Dense | DenseHidden | None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
-) -> int:
-    """How many of N rows have the same arg-max token for student and teacher.
+    student_softcap: float | None = None,
+) -> Tensor:
+    """`(ce, kl, teacher_ce, top1)` sums over N rows, each row's logits made once for all four.
 
     Args:
-        hidden: `(N, H)` student final hidden states at the trained rows.
+        hidden: `(N, H)` student final hidden states at the trained rows; row i predicts `labels[i]`.
         head, bias: the student's `(V, H)` output head and optional `(V,)` bias.
-        teacher: the teacher's signal for the same N rows.
+        labels: `(N,)` next-token ids.
+        teacher: the teacher's signal for the same N rows; without it `kl`, `teacher_ce` and `top1` are 0.
         chunk_size: rows per chunk, so no `(N, V)` logit matrix is held; `None` does all at once.
-    A final-logit soft-cap is monotonic, so it never changes the arg-max and is not applied.
+    KL(teacher || student) and both cross-entropies are at T = 1, with the training loss's formulas;
+    `top1` counts the rows where student and teacher have the same arg-max token.
     """
-    step = chunk_size or max(hidden.shape[0], 1)
-    matches = 0
+    sums = torch.zeros(4, dtype=torch.float64, device=hidden.device)
+    step = chunk_rows(chunk_size or max(hidden.shape[0], 1), head.shape[0], hidden.device)
     for start in range(0, hidden.shape[0], step):
         end = min(start + step, hidden.shape[0])
-        student_top = F.linear(
-            hidden[start:end].float(), head.float(), None if bias is None else bias.float()
-        )
-        matches += int((student_top.argmax(-1) == teacher.rows(start, end).argmax(-1)).sum())
-    return matches
+        z = softcap_logits(F.linear(hidden[start:end], head, bias).float(), student_softcap)
+        target = labels[start:end, None]
+        sums[0] += (torch.logsumexp(z, -1) - z.gather(-1, target).squeeze(-1)).sum()
+        if teacher is None:
+            continue
+        t = teacher.rows(start, end)
+        sums[1] += DIVERGENCES["forward_kl"](z, t)
+        sums[2] += (torch.logsumexp(t, -1) - t.gather(-1, target).squeeze(-1)).sum()
+        sums[3] += (z.argmax(-1) == t.argmax(-1)).sum()
+    return sums
 
 
-class _KeepFinal(StudentLoss):
-    """The student as `held_out_quality` calls it, keeping the last batch's final states for top-1."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        self.last: Tensor | None = None
-
-    def keep_final(self, final: Tensor) -> Tensor:
-        self.last = final
-        return final
-
-
+@torch.inference_mode()
 def held_out_metrics(
     student: nn.Module,
     teacher: nn.Module | None,
@@ -119,49 +136,72 @@ def held_out_metrics(
     batch_size: int = 8,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     vocab_size: int | None = None,
-    teacher_cache: dict[int, TeacherOutputs] | None = None,
+    teacher_cache: dict[int, DenseHidden] | None = None,
     cross: CrossTeacher | None = None,
     progress: str | None = None,
-) -> dict[str, float]:
-    """`{"ce", "ppl", "tokens"}` on the response tokens of `rows`, plus `"kl"` and `"top1"` with a teacher.
+) -> tuple[dict[str, float], dict[str, float] | None]:
+    """The student's and the teacher's metrics on the response tokens of `rows`, from one pass.
 
-    `teacher_cache` keeps the teacher's outputs per batch, so several students evaluated on the same
-    rows run the teacher once. Batches go through `held_out_quality` one at a time, so that top-1
-    agreement reads each batch's hidden states and teacher outputs before the next batch replaces them.
-    With `cross` (a teacher of another tokenizer; `rows` then carry its views as "teacher"), `"kl"` is
-    the aligned KL of training and top-1 agreement, which needs one vocabulary, is not reported.
-    `progress` names a progress bar over the batches.
+    The student's are `{"ce", "ppl", "tokens"}`, plus `"kl"` (to the teacher) and `"top1"` (agreement
+    with it) with a teacher. The teacher's, `{"ce", "ppl", "tokens"}`, come from the same forward pass
+    and head as its KL (None without a teacher). `teacher_cache` keeps the teacher's outputs per batch,
+    so several students evaluated on the same rows run the teacher once. With `cross` (a teacher of
+    another tokenizer; `rows` then carry its views as "teacher"), `"kl"` is the aligned KL of training,
+    top-1 agreement, which needs one vocabulary, is not reported, and neither is the teacher's own
+    perplexity, which is per teacher token (run it on the teacher's own rows). `progress` names a
+    progress bar over the batches.
     """
-    wrapped = _KeepFinal(student)
-    cache = {} if teacher_cache is None or cross is not None else teacher_cache
+    if cross is not None:
+        return _aligned_metrics(student, teacher, rows, pad_id, batch_size, chunk_size, cross, progress), None
+    cache = {} if teacher_cache is None else teacher_cache
     head, bias = output_head(student, vocab_size)
-    mapping = cross.mapping if cross is not None else None
-    teachers = [Teacher("teacher", 1.0, model=teacher, mapping=mapping)] if teacher is not None else []
-    pads = {"teacher": cross.pad_id} if cross is not None else {}
-    alignment = cross.alignment if cross is not None else "span"
-    totals = {"ce": 0.0, "kl": 0.0, "top1": 0.0, "tokens": 0.0}
-    batches = _batches(rows, pad_id, batch_size, pads)
+    decoder, cap = base_model(student).get_decoder(), softcap(student)
+    was_training = student.training
+    student.eval()
+    sums, tokens = torch.zeros(4, dtype=torch.float64), 0
+    batches = _batches(rows, pad_id, batch_size)
     for index, batch in enumerate(tqdm(batches, desc=progress, unit="batch", disable=progress is None)):
-        one = {0: cache[index]} if index in cache else {}  # held_out_quality's memo of one batch
-        result = held_out_quality(
-            wrapped, teachers, [batch], chunk_size, vocab_size, one, alignment=alignment
-        )
-        if not result:
+        mask, targets = trained_rows(batch["labels"])
+        if not mask.any():
             continue
-        for key in ("ce", "kl"):
-            totals[key] += result.get(key, 0.0) * result["tokens"]  # per-token means back to sums
-        totals["tokens"] += result["tokens"]
-        if teachers and cross is None:
-            cache[index] = one[0]
-            mask, _ = trained_rows(batch["labels"])
-            totals["top1"] += top1_matches(wrapped.last[:, :-1][mask], head, bias, one[0].signal, chunk_size)
-    if totals["tokens"] == 0:
-        return {}
-    mean = {k: v / totals["tokens"] for k, v in totals.items() if k != "tokens"}
-    metrics = {"ce": mean["ce"], "ppl": perplexity(mean["ce"]), "tokens": totals["tokens"]}
+        signal = None
+        if teacher is not None:
+            if index not in cache:
+                cache[index] = live_teacher(teacher, batch, mask, vocab_size)[0]
+            signal = cache[index]
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        final = decoder(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
+        sums += held_out_sums(final[:, :-1][mask], head, bias, targets, signal, chunk_size, cap).cpu()
+        tokens += targets.numel()
+    student.train(was_training)
+    if tokens == 0:
+        return {}, None
+    ce, kl, teacher_ce, top1 = (float(v) / tokens for v in sums)
+    metrics = {"ce": ce, "ppl": perplexity(ce), "tokens": float(tokens)}
     if teacher is None:
-        return metrics
-    return metrics | ({"kl": mean["kl"]} if cross is not None else {"kl": mean["kl"], "top1": mean["top1"]})
+        return metrics, None
+    own = {"ce": teacher_ce, "ppl": perplexity(teacher_ce), "tokens": float(tokens)}
+    return metrics | {"kl": kl, "top1": top1}, own
+
+
+def _aligned_metrics(
+    student: nn.Module,
+    teacher: nn.Module,
+    rows: list[Tokenized],
+    pad_id: int,
+    batch_size: int,
+    chunk_size: int | None,
+    cross: CrossTeacher,
+    progress: str | None,
+) -> dict[str, float]:
+    """The student's CE, perplexity and aligned KL to a teacher of another tokenizer, as training
+    evaluates them."""
+    teachers = [Teacher("teacher", 1.0, model=teacher, mapping=cross.mapping)]
+    batches = _batches(rows, pad_id, batch_size, {"teacher": cross.pad_id})
+    wrapped = StudentLoss(student)
+    return held_out_quality(
+        wrapped, teachers, batches, chunk_size, None, alignment=cross.alignment, progress=progress
+    )
 
 
 @dataclass(frozen=True)
@@ -184,13 +224,19 @@ def _batches(
 
 
 def greedy_responses(
-    model: nn.Module, tokenizer: Any, examples: list[Example], max_new_tokens: int, batch_size: int = 8
+    model: nn.Module,
+    tokenizer: Any,
+    examples: list[Example],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    label: str = "generating",
 ) -> list[str]:
-    """The model's greedy response to each example's prompt (the reference response is not shown)."""
+    """The model's greedy response to each example's prompt (the reference response is not shown);
+    `label` names the progress bar."""
     if not examples:
         return []
     was_training = model.training
     model.eval()
-    texts = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens, batch_size)
+    texts = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens, batch_size, label)
     model.train(was_training)
     return texts

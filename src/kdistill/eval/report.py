@@ -148,7 +148,11 @@ def _eval_note(evaluation: dict[str, Any]) -> str:
     if bench:
         items = f"the first {bench['limit']}" if bench.get("limit") else "all"
         parts.append(f"Benchmarks: {items} items of each task, ± standard error.")
-    parts.append("Kept: student / teacher (teacher / student for perplexity).")
+    parts.append(
+        "Kept: student / teacher (teacher / student for perplexity); for a benchmark, the share of the "
+        "teacher's accuracy above chance, n/m (not meaningful) where the teacher is within two standard "
+        "errors of chance."
+    )
     return " ".join(parts)
 
 

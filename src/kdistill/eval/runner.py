@@ -6,7 +6,7 @@ The result is one JSON-able dict (written to `eval.json`):
      "held_out": {"source", "rows", "student": {ppl, ce, kl, top1, rouge_l, tokens}, "teacher": {...}},
      "benchmarks": {"data_dir", "limit", "tasks": {TASK: {"student": {acc, acc_stderr, n}, "teacher": ...}}},
      "generations": [{"prompt", "reference", "student", "teacher"}],
-     "kept": {METRIC: share of the teacher's value}}
+     "kept": {METRIC: share of the teacher's value; benchmarks above chance, null if not meaningful}}
 """
 
 from __future__ import annotations
@@ -22,7 +22,15 @@ from typing import Any
 from kdistill.data import tokenize_examples, tokenize_with_views
 from kdistill.eval.harness import run_benchmarks
 from kdistill.eval.load import EvalModels
-from kdistill.eval.metrics import CrossTeacher, greedy_responses, held_out_metrics, kept, mean_rouge_l
+from kdistill.eval.metrics import (
+    CrossTeacher,
+    greedy_responses,
+    held_out_metrics,
+    kept,
+    kept_above_chance,
+    mean_rouge_l,
+)
+from kdistill.eval.tasks import CHANCE
 from kdistill.files import write_atomic
 
 log = logging.getLogger("kdistill")
@@ -74,20 +82,26 @@ def held_out_section(models: EvalModels, s: EvalSettings) -> tuple[dict[str, Any
         "held-out: %d rows (%d dropped for length) from %s", len(rows), dropped, models.validation_source
     )
     section: dict[str, Any] = {"source": models.validation_source, "rows": len(rows)}
-    section["student"] = held_out_metrics(
-        models.student, models.teacher, rows, pad, **common, cross=cross, progress="held-out pass: student"
+    both = "student and teacher" if models.teacher is not None and cross is None else "student"
+    section["student"], teacher_own = held_out_metrics(
+        models.student, models.teacher, rows, pad, **common, cross=cross, progress=f"held-out pass: {both}"
     )
     if models.teacher is not None:
-        # The teacher on its own tokens (its own template): its perplexity is per teacher token.
-        own = rows if cross is None else tokenize_examples(examples, t_tok, models.max_length)[0]
-        section["teacher"] = held_out_metrics(
-            models.teacher, None, own, t_tok.pad_token_id, **common, progress="held-out pass: teacher"
-        )
+        # The teacher on its own tokens (its own template): its perplexity is per teacher token. With the
+        # student's tokenizer those are the same rows, measured in the student's pass.
+        if teacher_own is None:
+            own = tokenize_examples(examples, t_tok, models.max_length)[0]
+            pad_t = t_tok.pad_token_id
+            teacher_own, _ = held_out_metrics(
+                models.teacher, None, own, pad_t, **common, progress="held-out pass: teacher"
+            )
+        section["teacher"] = teacher_own
     generated = models.validation[: s.rouge_rows]
     references = [e.response for e in generated]
-    outputs = {"student": greedy_responses(models.student, models.tokenizer, generated, s.max_new_tokens)}
-    if models.teacher is not None:
-        outputs["teacher"] = greedy_responses(models.teacher, t_tok, generated, s.max_new_tokens)
+    outputs = {
+        who: greedy_responses(model, tok, generated, s.max_new_tokens, s.batch_size, f"generating: {who}")
+        for who, model, tok in _each_model(models)
+    }
     for who, texts in outputs.items():
         section[who]["rouge_l"] = mean_rouge_l(texts, references)
     section["rouge_rows"] = len(generated)
@@ -105,10 +119,10 @@ def held_out_section(models: EvalModels, s: EvalSettings) -> tuple[dict[str, Any
 def benchmark_section(models: EvalModels, s: EvalSettings) -> dict[str, Any]:
     tasks = list(s.tasks)
     run = {"limit": s.limit, "batch_size": s.batch_size, "num_fewshot": s.num_fewshot}
-    per_model = {"student": run_benchmarks(models.student, models.tokenizer, tasks, s.source, **run)}
-    if models.teacher is not None:
-        t_tok = models.teacher_tokenizer or models.tokenizer  # each model scores through its own tokenizer
-        per_model["teacher"] = run_benchmarks(models.teacher, t_tok, tasks, s.source, **run)
+    per_model = {}
+    for who, model, tok in _each_model(models):  # each model scores through its own tokenizer
+        log.info("benchmarks: %s on %s (lm-eval's progress bars follow)", who, ", ".join(tasks))
+        per_model[who] = run_benchmarks(model, tok, tasks, s.source, **run)
     return {
         "data_dir": str(s.source),
         "limit": s.limit,
@@ -117,8 +131,20 @@ def benchmark_section(models: EvalModels, s: EvalSettings) -> dict[str, Any]:
     }
 
 
+def _each_model(models: EvalModels) -> list[tuple[str, Any, Any]]:
+    """`(who, model, its tokenizer)` for the student and, when there is one, the teacher."""
+    pairs = [("student", models.student, models.tokenizer)]
+    if models.teacher is not None:
+        pairs.append(("teacher", models.teacher, models.teacher_tokenizer or models.tokenizer))
+    return pairs
+
+
 def kept_shares(result: dict[str, Any]) -> dict[str, float | None]:
-    """`{metric: share}` for every metric both models have; benchmark metrics are `TASK/acc` etc."""
+    """`{metric: share}` for every metric both models have; benchmark metrics are `TASK/acc` etc.
+
+    A benchmark's share is measured above chance (`kept_above_chance`), and is None where the teacher is
+    within two standard errors of chance (or the task's chance level is unknown): not meaningful.
+    """
     shares: dict[str, float | None] = {}
     held = result.get("held_out", {})
     if "teacher" in held:
@@ -133,8 +159,12 @@ def kept_shares(result: dict[str, Any]) -> dict[str, float | None]:
             continue
         for metric in ("acc", "acc_norm"):
             if metric in scores["student"]:
-                shares[f"{task}/{metric}"] = kept(
-                    metric, scores["student"][metric], scores["teacher"][metric]
+                teacher = scores["teacher"]
+                stderr = teacher.get(f"{metric}_stderr", math.inf)
+                shares[f"{task}/{metric}"] = (
+                    None
+                    if task not in CHANCE
+                    else kept_above_chance(scores["student"][metric], teacher[metric], CHANCE[task], stderr)
                 )
     return shares
 

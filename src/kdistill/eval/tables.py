@@ -35,6 +35,9 @@ def share(value: float | None) -> str:
     return "—" if value is None else f"{value:.1%}"
 
 
+NOT_MEANINGFUL = "n/m"  # a benchmark share where the teacher is within two standard errors of chance
+
+
 def eval_table(result: dict[str, Any]) -> Table:
     """metric | student | teacher | kept, for the held-out metrics and every benchmark accuracy."""
     kept = result.get("kept", {})
@@ -61,13 +64,18 @@ def eval_table(result: dict[str, Any]) -> Table:
                         label,
                         _with_stderr(scores["student"], metric),
                         _with_stderr(teacher, metric) if teacher else "—",
-                        share(kept.get(f"{task}/{metric}")),
+                        _benchmark_share(kept, f"{task}/{metric}"),
                     ]
                 )
     overall = mean_kept(kept)
     if overall is not None:
         rows.append(["mean share kept over benchmarks", "", "", share(overall)])
     return ["metric", "student", "teacher", "kept"], rows
+
+
+def _benchmark_share(kept: dict[str, float | None], key: str) -> str:
+    # A key present with no value is a share measured and found not meaningful.
+    return NOT_MEANINGFUL if key in kept and kept[key] is None else share(kept.get(key))
 
 
 def _with_stderr(scores: dict[str, float], metric: str) -> str:

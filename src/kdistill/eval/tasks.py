@@ -44,6 +44,18 @@ _MULTIPLE_CHOICE: dict[str, tuple[str, str, tuple[str, ...]]] = {
 TASK_NAMES = (*_MULTIPLE_CHOICE, "winogrande", "hellaswag", "mmlu")
 # lm-eval's names of the same benchmarks, for its own tasks (read from the hub)
 LM_EVAL_NAMES = {name: name for name in TASK_NAMES} | {"openbook_qa": "openbookqa"}
+# The accuracy of a uniform random pick: 1 / choices (ARC has 3-5 choices, almost all 4).
+CHANCE = {
+    "arc_easy": 0.25,
+    "piqa": 0.5,
+    "commonsense_qa": 0.2,
+    "boolq": 0.5,
+    "openbook_qa": 0.25,
+    "copa": 0.5,
+    "winogrande": 0.5,
+    "hellaswag": 0.25,
+    "mmlu": 0.25,
+}
 EVAL_DATA_ENV = "KDISTILL_EVAL_DATA"
 LM_EVAL_HUB = "lm-eval"  # the source that means lm-eval's own tasks
 NO_DATA = (

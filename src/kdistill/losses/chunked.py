@@ -285,10 +285,7 @@ def distill_loss_sums(
     )
     if chunk_size is None:
         return _naive(student_hidden, student_head, student_bias, spec)
-    if student_hidden.device.type == "cpu":
-        # No chunk's fp32 logits above 24 MB: then neither its logits nor the teacher's take a fresh
-        # mapping of their own (see _block_rows), and a chunk holds two such buffers, not 2 x (512, V).
-        chunk_size = min(chunk_size, max(1, _CPU_CHUNK_BYTES // (4 * student_head.shape[0])))
+    chunk_size = chunk_rows(chunk_size, student_head.shape[0], student_hidden.device)
     inputs = (student_hidden, student_head, student_bias)
     needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in inputs)
     direct = head_grad_scale is not None and student_head.is_leaf and student_head.dtype == torch.float32
@@ -297,6 +294,17 @@ def distill_loss_sums(
         student_hidden, student_head, student_bias, spec, chunk_size, needs, scale
     )
     return LossSums(total=total, kd=kd, ce=ce, kd_parts=parts if _num_parts(spec) else None)
+
+
+def chunk_rows(chunk_size: int, vocab: int, device: torch.device) -> int:
+    """Rows per chunk of `(rows, vocab)` logits: `chunk_size`, and on CPU no more than 24 MB of fp32.
+
+    Then neither the student's logits nor the teacher's take a fresh mapping of their own (see
+    `_block_rows`), and a chunk holds two such buffers, not 2 x (512, V).
+    """
+    if device.type != "cpu":
+        return chunk_size
+    return min(chunk_size, max(1, _CPU_CHUNK_BYTES // (4 * vocab)))
 
 
 def _num_parts(spec: _Spec) -> int:

@@ -10,12 +10,16 @@ On CPU a teacher computes in fp32, but its fp32 weights often hold far fewer bit
 Such a weight is stored here in that form (5 or 16 bits a weight instead of 32) and expanded to
 the very same fp32 tensor each time its layer runs. The numbers are unchanged: the expansion repeats
 the conversion's arithmetic, and a weight is compacted only when its expansion equals it bit for
-bit. Expanding a layer costs far less than its matmul (for SmolLM2-135M about 1% of a forward pass).
-Only frozen fp32 `nn.Linear` layers are touched, never the output head, which the loss reads directly.
+bit. Expanding a layer costs far less than its matmul over a batch of tokens (for SmolLM2-135M about
+1% of a forward pass), but not in decoding, where each forward is one token a row: `expanded_weights`
+holds every layer's fp32 weight for the duration of a `generate` call instead. Only frozen fp32
+`nn.Linear` layers are touched, never the output head, which the loss reads directly.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +58,7 @@ class CompactLinear(nn.Module):
         for name, tensor in parts.items():
             self.register_buffer(name, tensor)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.held: torch.Tensor | None = None  # the fp32 weight, inside `expanded_weights` only
 
     def weight_numel(self) -> int:
         return self.in_features * self.out_features
@@ -65,6 +70,8 @@ class CompactLinear(nn.Module):
         return expand_q4(self.codes, self.scale, self.offset, (self.out_features, self.in_features), out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.held is not None:
+            return F.linear(x, self.held, self.bias)
         if torch.is_grad_enabled():  # autograd may keep the weight for backward: a tensor of its own
             return F.linear(x, self.expand(), self.bias)
         # Without autograd the weight is dead once the product is made, so the layers of one shape
@@ -79,6 +86,26 @@ class CompactLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, form={self.form}"
+
+
+@contextlib.contextmanager
+def expanded_weights(model: nn.Module) -> Iterator[None]:
+    """Every `CompactLinear` of `model` runs on its fp32 weight, expanded once on entry and freed on exit.
+
+    For decoding, where a forward pass is one token a row and expanding the weights at each would cost
+    more than the matmuls. The model's memory is that of its fp32 weights meanwhile. A model without
+    compact layers is left as it is.
+    """
+    layers = [m for m in model.modules() if isinstance(m, CompactLinear)]
+    # Ordinary tensors even when entered under inference mode, so any mode may use them.
+    with torch.inference_mode(False), torch.no_grad():
+        for layer in layers:
+            layer.held = layer.expand()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.held = None
 
 
 def expand_q4(

@@ -97,7 +97,7 @@ class StudentLoss(nn.Module):
         decoder = base_model(self.model).get_decoder()
         extra = {"output_hidden_states": layers} if layers else {}
         out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
-        final = self.keep_final(out.last_hidden_state)
+        final = out.last_hidden_state
         use_teacher = teachers is not None and bool(teachers.names) and settings.alpha > 0
         signal = teachers.signal if use_teacher else None
         weight, bias = output_head(self.model, settings.vocab_size)
@@ -120,10 +120,6 @@ class StudentLoss(nn.Module):
         if use_teacher and teachers.aligned:
             sums = self._with_aligned(sums, final, teachers, settings)
         return self._with_hidden(sums, out.hidden_states, mask, teachers, settings) if hidden else sums
-
-    def keep_final(self, final: torch.Tensor) -> torch.Tensor:
-        """The student's final hidden states `(B, T, H)` as the loss reads them (evaluation keeps them)."""
-        return final
 
     def _with_aligned(
         self, sums: LossSums, final: torch.Tensor, teachers: TeacherOutputs, settings: LossSettings

@@ -28,6 +28,7 @@ from kdistill.data.tokenize import prompt_text
 from kdistill.errors import KdistillError, ResumableInterrupt
 from kdistill.files import cache_root, write_atomic
 from kdistill.models.build import teacher_source
+from kdistill.models.compact import expanded_weights
 
 log = logging.getLogger("kdistill")
 
@@ -175,11 +176,11 @@ def generate(
     prompts: list[list[dict[str, str]]],
     max_new_tokens: int,
     batch_size: int,
-    desc: str = "teacher responses",
+    label: str = "teacher responses",
 ) -> list[str]:
-    """Greedy generations for chat prompts, in their order, with a progress bar named `desc`."""
+    """Greedy generations for chat prompts, in their order, with a progress bar named `label`."""
     outputs: dict[int, str] = {}
-    with tqdm(total=len(prompts), desc=desc, unit="response") as bar:
+    with tqdm(total=len(prompts), desc=label, unit="response") as bar:
         for index, texts in generate_batches(model, tokenizer, prompts, max_new_tokens, batch_size):
             outputs.update(zip(index, texts))
             bar.update(len(index))
@@ -205,11 +206,12 @@ def generate_batches(
         width = max(len(ids) for ids in encoded)
         input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded], device=device)
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
-        generated = model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_id,
-        )
+        with expanded_weights(model):  # a compact teacher expands once a batch, not once a token
+            generated = model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+            )
         yield index, [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in generated]
