@@ -13,6 +13,7 @@ extra matmuls: the head product runs once in forward and twice for the gradients
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -56,6 +57,7 @@ class _Spec:
     divergence: Divergence
     divergence_kwargs: dict = field(default_factory=dict)
     softcap: float | None = None
+    with_labels: bool = False  # the divergence reads each row's label (the sampled on-policy loss)
 
 
 def _rows_loss(logits: Tensor, labels: Tensor, target: Tensor | Sparse | Ensemble | None, spec: _Spec):
@@ -67,16 +69,18 @@ def _rows_loss(logits: Tensor, labels: Tensor, target: Tensor | Sparse | Ensembl
     z = softcap_logits(logits, spec.softcap)
     # logsumexp - z[label] is log-softmax at the label without keeping a second (n, V) tensor alive.
     ce = (torch.logsumexp(z, dim=-1) - z.gather(-1, labels[:, None]).squeeze(-1)).sum()
-    parts = ()
+    parts, params = (), spec.divergence_kwargs
+    if spec.with_labels:
+        params = {**params, "labels": labels}
     if target is None:
         kd = torch.zeros((), device=z.device)
     elif isinstance(target, Ensemble):
         kd, stacked = ensemble_divergence(
-            z, target, spec.divergence, spec.temperature, **spec.divergence_kwargs
+            z, target, spec.divergence, spec.temperature, **params
         )
         parts = tuple(stacked.unbind())
     else:
-        kd = spec.divergence(z, target, temperature=spec.temperature, **spec.divergence_kwargs)
+        kd = spec.divergence(z, target, temperature=spec.temperature, **params)
     return (spec.kd_weight * kd + spec.ce_weight * ce, kd, ce, *parts)
 
 
@@ -279,10 +283,9 @@ def distill_loss_sums(
     """
     check_divergence(divergence, divergence_kwargs)
     _check_inputs(student_hidden, student_head, labels, teacher, kd_weight, chunk_size)
-    params = dict(divergence_kwargs or {})
-    spec = _Spec(
-        labels, teacher, kd_weight, ce_weight, temperature, DIVERGENCES[divergence], params, student_softcap
-    )
+    params, fn = dict(divergence_kwargs or {}), DIVERGENCES[divergence]
+    with_labels = "labels" in inspect.signature(fn).parameters
+    spec = _Spec(labels, teacher, kd_weight, ce_weight, temperature, fn, params, student_softcap, with_labels)
     if chunk_size is None:
         return _naive(student_hidden, student_head, student_bias, spec)
     if student_hidden.device.type == "cpu":

@@ -18,7 +18,14 @@ from kdistill.files import RunFiles
 from kdistill.objective.batch import LossSettings, StudentLoss
 from kdistill.run.accelerator import flat_hparams, mixed_precision, whole_models
 from kdistill.run.checkpoint import check_resume_config, check_writable, save_checkpoint
-from kdistill.run.components import Components, build_components, loss_settings, prepare_output_dir
+from kdistill.run.components import (
+    Components,
+    build_components,
+    loss_settings,
+    prepare_output_dir,
+    sampling_settings,
+)
+from kdistill.run.generate import Sampling
 from kdistill.run.guards import OomBackoff, SkipNonFinite, oom_advice
 from kdistill.run.health import HealthMonitor, build_health
 from kdistill.run.held_out import HeldOut
@@ -51,6 +58,7 @@ class Run:
     monitor: HealthMonitor
     total_steps: int
     windows_per_epoch: int
+    sampling: Sampling | None = None  # training.on_policy: how the student writes its responses
 
     def projections(self) -> list[tuple[str, Any]]:
         """Each teacher's name with its hidden-state projections; empty without loss.hidden."""
@@ -109,7 +117,7 @@ def start_run(cfg: RunConfig, resume: bool, overwrite: bool, config_path: str) -
     settings = loss_settings(cfg, parts.vocab_size)
     return Run(
         cfg, out, accelerator, parts, settings, model, optimizer, guarded, scheduler, collator, metrics,
-        held_out, backoff, monitor, total_steps, windows_per_epoch,
+        held_out, backoff, monitor, total_steps, windows_per_epoch, sampling_settings(cfg, parts.tokenizer),
     )  # fmt: skip
 
 
