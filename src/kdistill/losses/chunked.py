@@ -75,9 +75,7 @@ def _rows_loss(logits: Tensor, labels: Tensor, target: Tensor | Sparse | Ensembl
     if target is None:
         kd = torch.zeros((), device=z.device)
     elif isinstance(target, Ensemble):
-        kd, stacked = ensemble_divergence(
-            z, target, spec.divergence, spec.temperature, **params
-        )
+        kd, stacked = ensemble_divergence(z, target, spec.divergence, spec.temperature, **params)
         parts = tuple(stacked.unbind())
     else:
         kd = spec.divergence(z, target, temperature=spec.temperature, **params)

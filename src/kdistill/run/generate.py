@@ -111,9 +111,7 @@ def generated_window(
     for i, batch in enumerate(window):
         rows = prompts(batch, sampling.max_prompt_length)
         written = sample(student, rows, sampling, seed * 1009 + i)
-        items = [
-            Tokenized(p + r, [IGNORE_INDEX] * len(p) + r) for p, r in zip(rows, written)
-        ]
+        items = [Tokenized(p + r, [IGNORE_INDEX] * len(p) + r) for p, r in zip(rows, written)]
         device = batch["input_ids"].device
         batches.append({k: v.to(device) for k, v in collator.pad(items, collator.pad_token_id).items()})
         tokens += sum(len(r) for r in written)
