@@ -24,6 +24,7 @@ from torch.autograd.function import once_differentiable
 
 from kdistill.losses.divergences import DIVERGENCES, Divergence, check_divergence
 from kdistill.losses.ensemble import ensemble_divergence
+from kdistill.losses.policy import POLICY_LOSSES
 from kdistill.losses.signal import Dense, DenseHidden, Ensemble, Sparse, softcap_logits
 
 # Rows per chunk: the matmuls with the heads run on this many rows at once. A chunk holds two
@@ -267,7 +268,8 @@ def distill_loss_sums(
         kd_weight, ce_weight: the weights of the two terms; the objective passes ``alpha * T**2`` and
             ``1 - alpha``.
         temperature: divides student and teacher logits inside the divergence (CE always uses T = 1).
-        divergence: a key of ``DIVERGENCES``; ``divergence_kwargs`` go to it (``beta=``, ``skew=``).
+        divergence: a key of ``DIVERGENCES``; ``divergence_kwargs`` go to it (``beta=``, ``skew=``). Or
+            a key of ``losses.policy.POLICY_LOSSES``, which also reads each row's label.
         chunk_size: rows per chunk; ``None`` runs the naive unchunked reference path.
         student_bias, student_softcap: the head's optional ``(V,)`` bias (Phi-2 has one) and Gemma-2
             final-logit soft-cap ``cap * tanh(z / cap)``.
@@ -279,9 +281,10 @@ def distill_loss_sums(
     Returns ``LossSums``: ``total`` is differentiable, ``kd`` and ``ce`` are detached, all fp32 scalars;
     gradients reach the inputs in their own dtypes.
     """
-    check_divergence(divergence, divergence_kwargs)
+    if divergence not in POLICY_LOSSES:
+        check_divergence(divergence, divergence_kwargs)
     _check_inputs(student_hidden, student_head, labels, teacher, kd_weight, chunk_size)
-    params, fn = dict(divergence_kwargs or {}), DIVERGENCES[divergence]
+    params, fn = dict(divergence_kwargs or {}), POLICY_LOSSES.get(divergence) or DIVERGENCES[divergence]
     with_labels = "labels" in inspect.signature(fn).parameters
     spec = _Spec(labels, teacher, kd_weight, ce_weight, temperature, fn, params, student_softcap, with_labels)
     if chunk_size is None:

@@ -27,7 +27,6 @@ import torch
 from torch import Tensor
 
 from kdistill.errors import KdistillError
-from kdistill.losses.policy import sampled_reverse_kl
 from kdistill.losses.signal import Sparse
 
 
@@ -176,8 +175,6 @@ DIVERGENCES: dict[str, Divergence] = {
     "skew_kl": skew_kl,
     "skew_reverse_kl": skew_reverse_kl,
     "tvd": tvd,
-    # On-policy batches only (training.on_policy.mode: sampled): it reads each row's sampled token.
-    "sampled_reverse_kl": sampled_reverse_kl,
 }
 
 
@@ -185,8 +182,9 @@ def check_divergence(name: str, params: dict | None = None) -> None:
     """Unknown names and parameters are config mistakes: say which and what is accepted."""
     if name not in DIVERGENCES:
         raise KdistillError(f"unknown divergence {name!r}; expected one of {', '.join(sorted(DIVERGENCES))}")
-    given = ("student_logits", "teacher", "labels")  # the loss passes these itself
-    accepted = [p for p in inspect.signature(DIVERGENCES[name]).parameters if p not in given]
+    accepted = [
+        p for p in inspect.signature(DIVERGENCES[name]).parameters if p not in ("student_logits", "teacher")
+    ]
     unknown = sorted(set(params or {}) - set(accepted))
     if unknown:
         raise KdistillError(f"divergence {name!r} takes no parameter {unknown[0]!r}; it takes {accepted}")
