@@ -164,3 +164,33 @@ def test_several_live_teachers_score_generated_batches(tmp_path: Path, tiny: dic
     assert main(["train", str(write_config(tmp_path / "run.yaml", config))]) == 0
     steps = [r for r in _metrics(tmp_path / "out") if "loss" in r]
     assert all(r["loss/kd/a"] > 0 and r["loss/kd/b"] > 0 and r["gen/rows"] == 4 for r in steps)
+
+
+def test_lora_student_samples_with_its_adapters(tmp_path: Path, tiny: dict) -> None:
+    student = {
+        "model": str(tiny["student"]),
+        "from_teacher": None,
+        "finetune": "lora",
+        "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1},
+    }
+    code, out = _run(tmp_path, tiny, student=student, training={"max_steps": 2, "on_policy": ON})
+    assert code == 0 and (out / "adapter_model.safetensors").exists()
+    assert all(r["gen/rows"] == 4 for r in _metrics(out) if "loss" in r)
+
+
+def test_a_cached_teacher_teaches_the_off_policy_steps(tmp_path: Path, tiny: dict) -> None:
+    config = tiny_config(tiny, tmp_path / "out", training={"max_steps": 6, "on_policy": {**ON, "lmbda": 0.5}})
+    del config["teacher"]
+    config["teachers"] = [
+        {"model": str(tiny["teacher"]), "cache": str(tmp_path / "cache"), "name": "a"},
+        {"model": str(tiny["teacher"]), "name": "b"},
+    ]
+    config["student"] = {"model": str(tiny["student"]), "finetune": "full"}
+    path = write_config(tmp_path / "run.yaml", config)
+    assert main(["cache", str(path)]) == 0
+    assert main(["train", str(path)]) == 0
+    steps = [r for r in _metrics(tmp_path / "out") if "loss" in r]
+    generated = [r for r in steps if "gen/rows" in r]
+    assert 0 < len(generated) < len(steps)
+    assert all("loss/kd/a" not in r for r in generated)  # a cache cannot score the student's samples
+    assert all(r["loss/kd/a"] > 0 for r in steps if "gen/rows" not in r)

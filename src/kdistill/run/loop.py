@@ -106,7 +106,9 @@ def _step(run: Run, window: list[dict[str, Any]], generated: bool = False) -> di
     """
     max_norm, teachers, settings = run.cfg.training.max_grad_norm, run.parts.teachers, run.settings
     if generated:
-        teachers = [x for x in teachers if x.cache is None]
+        live = [x for x in teachers if x.cache is None]
+        share = sum(x.weight for x in live)  # the live teachers share the whole weight
+        teachers = [replace(x, weight=x.weight / share) for x in live]
         settings = replace(settings, ce=False)
         if run.cfg.training.on_policy.mode == "sampled":
             settings = replace(settings, divergence="sampled_reverse_kl", divergence_kwargs={})
