@@ -194,3 +194,8 @@ def test_a_cached_teacher_teaches_the_off_policy_steps(tmp_path: Path, tiny: dic
     assert 0 < len(generated) < len(steps)
     assert all("loss/kd/a" not in r for r in generated)  # a cache cannot score the student's samples
     assert all(r["loss/kd/a"] > 0 for r in steps if "gen/rows" not in r)
+
+
+def test_the_shipped_on_policy_config_loads() -> None:
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "on-policy.yaml")
+    assert cfg.training.on_policy.lmbda == 0.5 and cfg.loss.divergence == "reverse_kl"
