@@ -36,7 +36,11 @@ def _parser() -> argparse.ArgumentParser:
         )
         return sub
 
-    train = with_config("train", "Distil the student described by CONFIG into its output_dir.")
+    train = with_config(
+        "train",
+        "Distil the student described by CONFIG into its output_dir (on the student's own samples too, "
+        "with training.on_policy.lmbda > 0).",
+    )
     start = train.add_mutually_exclusive_group()
     start.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in output_dir"

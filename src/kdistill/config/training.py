@@ -109,6 +109,29 @@ class HealthConfig(Strict):
     )
 
 
+class OnPolicyConfig(Strict):
+    lmbda: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Probability that an optimizer step trains on responses the student writes itself "
+        "(GKD's lambda); otherwise the step trains on the configured responses (data.responses). "
+        "0 is off-policy training exactly; 1 is on-policy only.",
+    )
+    mode: Literal["divergence", "sampled"] = Field(
+        "divergence",
+        description="Loss on a generated batch: `divergence` applies loss.divergence at every generated "
+        "position (alpha weighs it; no CE term); `sampled` uses only the teacher's log-probability of each "
+        "sampled token, the reward log p - log q in a policy gradient (what a served teacher can give).",
+    )
+    max_new_tokens: int = Field(128, gt=0, description="Most tokens the student writes per response.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the student's responses.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the tokens of this mass.")
+    max_prompt_length: int = Field(
+        256, gt=0, description="Prompt tokens kept (the last ones) when the student writes a response."
+    )
+
+
 class TrainingConfig(Strict):
     num_epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
     batch_size: int = Field(4, gt=0, description="Rows per micro-batch on each process.")
@@ -146,6 +169,11 @@ class TrainingConfig(Strict):
     )
     health: HealthConfig = Field(
         default_factory=HealthConfig, description="Loss health checks and the NaN guard."
+    )
+    on_policy: OnPolicyConfig = Field(
+        default_factory=OnPolicyConfig,
+        description="On-policy distillation: how often the student trains on its own sampled responses, "
+        "and how it samples them (see docs/on-policy.md).",
     )
     # The flat keys of the KD guide behind configs/seed.yaml: accepted here and moved to `loss` by the loader.
     temperature: float | None = Field(

@@ -13,6 +13,7 @@ extra matmuls: the head product runs once in forward and twice for the gradients
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ from torch.autograd.function import once_differentiable
 
 from kdistill.losses.divergences import DIVERGENCES, Divergence, check_divergence
 from kdistill.losses.ensemble import ensemble_divergence
+from kdistill.losses.policy import POLICY_LOSSES
 from kdistill.losses.signal import Dense, DenseHidden, Ensemble, Sparse, softcap_logits
 
 # Rows per chunk: the matmuls with the heads run on this many rows at once. A chunk holds two
@@ -56,6 +58,7 @@ class _Spec:
     divergence: Divergence
     divergence_kwargs: dict = field(default_factory=dict)
     softcap: float | None = None
+    with_labels: bool = False  # the divergence reads each row's label (the sampled on-policy loss)
 
 
 def _rows_loss(logits: Tensor, labels: Tensor, target: Tensor | Sparse | Ensemble | None, spec: _Spec):
@@ -67,16 +70,16 @@ def _rows_loss(logits: Tensor, labels: Tensor, target: Tensor | Sparse | Ensembl
     z = softcap_logits(logits, spec.softcap)
     # logsumexp - z[label] is log-softmax at the label without keeping a second (n, V) tensor alive.
     ce = (torch.logsumexp(z, dim=-1) - z.gather(-1, labels[:, None]).squeeze(-1)).sum()
-    parts = ()
+    parts, params = (), spec.divergence_kwargs
+    if spec.with_labels:
+        params = {**params, "labels": labels}
     if target is None:
         kd = torch.zeros((), device=z.device)
     elif isinstance(target, Ensemble):
-        kd, stacked = ensemble_divergence(
-            z, target, spec.divergence, spec.temperature, **spec.divergence_kwargs
-        )
+        kd, stacked = ensemble_divergence(z, target, spec.divergence, spec.temperature, **params)
         parts = tuple(stacked.unbind())
     else:
-        kd = spec.divergence(z, target, temperature=spec.temperature, **spec.divergence_kwargs)
+        kd = spec.divergence(z, target, temperature=spec.temperature, **params)
     return (spec.kd_weight * kd + spec.ce_weight * ce, kd, ce, *parts)
 
 
@@ -265,7 +268,8 @@ def distill_loss_sums(
         kd_weight, ce_weight: the weights of the two terms; the objective passes ``alpha * T**2`` and
             ``1 - alpha``.
         temperature: divides student and teacher logits inside the divergence (CE always uses T = 1).
-        divergence: a key of ``DIVERGENCES``; ``divergence_kwargs`` go to it (``beta=``, ``skew=``).
+        divergence: a key of ``DIVERGENCES``; ``divergence_kwargs`` go to it (``beta=``, ``skew=``). Or
+            a key of ``losses.policy.POLICY_LOSSES``, which also reads each row's label.
         chunk_size: rows per chunk; ``None`` runs the naive unchunked reference path.
         student_bias, student_softcap: the head's optional ``(V,)`` bias (Phi-2 has one) and Gemma-2
             final-logit soft-cap ``cap * tanh(z / cap)``.
@@ -277,12 +281,12 @@ def distill_loss_sums(
     Returns ``LossSums``: ``total`` is differentiable, ``kd`` and ``ce`` are detached, all fp32 scalars;
     gradients reach the inputs in their own dtypes.
     """
-    check_divergence(divergence, divergence_kwargs)
+    if divergence not in POLICY_LOSSES:
+        check_divergence(divergence, divergence_kwargs)
     _check_inputs(student_hidden, student_head, labels, teacher, kd_weight, chunk_size)
-    params = dict(divergence_kwargs or {})
-    spec = _Spec(
-        labels, teacher, kd_weight, ce_weight, temperature, DIVERGENCES[divergence], params, student_softcap
-    )
+    params, fn = dict(divergence_kwargs or {}), POLICY_LOSSES.get(divergence) or DIVERGENCES[divergence]
+    with_labels = "labels" in inspect.signature(fn).parameters
+    spec = _Spec(labels, teacher, kd_weight, ce_weight, temperature, fn, params, student_softcap, with_labels)
     if chunk_size is None:
         return _naive(student_hidden, student_head, student_bias, spec)
     chunk_size = chunk_rows(chunk_size, student_head.shape[0], student_hidden.device)

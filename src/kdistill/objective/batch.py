@@ -43,6 +43,7 @@ class LossSettings:
     hidden_weight: float = 0.0  # loss.hidden.weight; 0: no hidden-state term and no layers kept
     hidden_distance: str = "mse"  # mse | cosine
     alignment: str = "span"  # teachers of another tokenizer: span (mapped KL + ULD fallback) | uld
+    ce: bool = True  # False on a batch the student wrote itself: no gold label, the divergence alone
 
 
 @dataclass
@@ -108,7 +109,7 @@ class StudentLoss(nn.Module):
             signal,
             # Only teachers of another tokenizer (no same-vocabulary signal): their KD is added below.
             kd_weight=settings.alpha * settings.temperature**2 if signal is not None else 0.0,
-            ce_weight=1.0 - settings.alpha if use_teacher else 1.0,
+            ce_weight=(1.0 - settings.alpha if use_teacher else 1.0) if settings.ce else 0.0,
             temperature=settings.temperature,
             divergence=settings.divergence,
             divergence_kwargs=settings.divergence_kwargs,

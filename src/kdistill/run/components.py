@@ -27,6 +27,7 @@ from kdistill.losses.hidden import (
 from kdistill.models.build import build_student, full_precision, keep_indices, load_teacher
 from kdistill.models.parts import base_model, depth_and_width
 from kdistill.objective.batch import LossSettings
+from kdistill.run.generate import Sampling
 from kdistill.teacher.responses import load_data
 from kdistill.teacher.roster import Teacher, build_teachers, compact_teachers, load_live_teachers
 from kdistill.teacher.vocabularies import load_vocabularies
@@ -48,7 +49,9 @@ class Components:
 def build_components(cfg: RunConfig, device: torch.device, config_path: str = "CONFIG") -> Components:
     """Load tokenizers, check the vocabularies, then the models, the data and any teacher caches."""
     check_hidden_teachers(cfg)  # before anything loads: it needs no model to fail
+    check_on_policy(cfg)
     vocabs = load_vocabularies(cfg)
+    check_on_policy_vocabularies(cfg, vocabs.cross)  # tokenizers only, before any weights
     tokenizer, vocab_size = vocabs.tokenizer, vocabs.width
     student, live = load_student_and_teachers(cfg, device)
     first_name = cfg.teacher_list()[0][0]
@@ -95,6 +98,53 @@ def check_hidden_teachers(cfg: RunConfig) -> None:
                     f"({teacher.server[0]}): a server gives top-k log-probs, not hidden states. Remove "
                     "teacher.server so that it runs live, or set loss.hidden.weight: 0"
                 )
+
+
+def check_on_policy(cfg: RunConfig) -> None:
+    """On-policy steps need a live teacher: a cache holds only the sequences it was built from."""
+    lmbda = cfg.training.on_policy.lmbda
+    if lmbda == 0:
+        return
+    cached = [name for name, t in cfg.teacher_list() if t.cache is not None]
+    if len(cached) == len(cfg.teacher_list()):
+        raise KdistillError(
+            f"training.on_policy.lmbda={lmbda:g} trains on responses the student writes during training, "
+            "but every teacher is a cache, which can only score the sequences it was built from; give a "
+            "live teacher (teacher.model without teacher.cache) or set training.on_policy.lmbda: 0"
+        )
+    if cached and lmbda == 1:
+        raise KdistillError(
+            f"training.on_policy.lmbda=1 leaves no step for the cached teacher(s) {', '.join(cached)} "
+            "(a cache cannot score the student's own responses, and only off-policy steps read it); "
+            "use lmbda < 1 or remove those teachers"
+        )
+    if cfg.loss.alpha == 0:
+        raise KdistillError(
+            "training.on_policy.lmbda > 0 with loss.alpha=0: a generated batch has no CE term, so it would "
+            "train nothing; set loss.alpha > 0"
+        )
+
+
+def check_on_policy_vocabularies(cfg: RunConfig, cross: dict[str, Any]) -> None:
+    """Teachers of another tokenizer are not supported on generated batches yet."""
+    if cfg.training.on_policy.lmbda > 0 and cross:
+        raise KdistillError(
+            "training.on_policy.lmbda > 0 with teacher(s) of another tokenizer "
+            f"({', '.join(sorted(cross))}): their view of a generated response would have to be "
+            "re-tokenized and re-aligned at every step, which kdistill does not do yet; use "
+            "same-tokenizer teachers or lmbda: 0"
+        )
+
+
+def sampling_settings(cfg: RunConfig, tokenizer: Any) -> Sampling | None:
+    """`training.on_policy`'s generation settings as plain values; None while it is off."""
+    o = cfg.training.on_policy
+    if o.lmbda == 0:
+        return None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Sampling(
+        o.lmbda, o.max_new_tokens, o.temperature, o.top_p, o.max_prompt_length, tokenizer.eos_token_id, pad
+    )
 
 
 def hidden_pairs(

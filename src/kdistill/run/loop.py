@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -21,6 +21,7 @@ from kdistill.run.batches import epoch_loader, windows
 from kdistill.run.checkpoint import latest_checkpoint, load_checkpoint, remove_partial
 from kdistill.run.export import export_student
 from kdistill.run.flops import model_shape
+from kdistill.run.generate import generated_window, is_on_policy
 from kdistill.run.metrics import LogWindow
 from kdistill.run.start import Run, start_run
 from kdistill.run.step import optimizer_step
@@ -76,7 +77,10 @@ def _steps(run: Run, step: int, epoch: int, skip: int) -> int:
             for index, window in enumerate(windows(loader, t.gradient_accumulation_steps)):
                 if index < skip:
                     continue  # already trained before the checkpoint we resumed from
-                stats = run.backoff.run(lambda w: _step(run, w), window, step + 1)
+                window, generated = _on_policy(run, window, step + 1)
+                on = bool(generated)
+                stats = run.backoff.run(lambda w, on=on: _step(run, w, on), window, step + 1)
+                stats.update(generated)
                 run.scheduler.step()
                 step += 1
                 bar.update(1)
@@ -102,12 +106,32 @@ def _steps(run: Run, step: int, epoch: int, skip: int) -> int:
     return step
 
 
-def _step(run: Run, window: list[dict[str, Any]]) -> dict[str, float]:
-    """One optimizer step over `window` (the out-of-memory back-off may have cut it finer)."""
-    max_norm = run.cfg.training.max_grad_norm
-    return optimizer_step(
-        run.accelerator, run.model, run.parts.teachers, window, run.settings, run.guarded, max_norm
-    )
+def _step(run: Run, window: list[dict[str, Any]], generated: bool = False) -> dict[str, float]:
+    """One optimizer step over `window` (the out-of-memory back-off may have cut it finer).
+
+    On a window the student wrote (`generated`), only live teachers score it (a cache cannot) and
+    there is no CE term; `sampled` mode swaps the divergence for the policy-gradient estimate.
+    """
+    max_norm, teachers, settings = run.cfg.training.max_grad_norm, run.parts.teachers, run.settings
+    if generated:
+        live = [x for x in teachers if x.cache is None]
+        share = sum(x.weight for x in live)  # the live teachers share the whole weight
+        teachers = [replace(x, weight=x.weight / share) for x in live]
+        settings = replace(settings, ce=False)
+        if run.cfg.training.on_policy.mode == "sampled":
+            settings = replace(settings, divergence="sampled_reverse_kl", divergence_kwargs={})
+    return optimizer_step(run.accelerator, run.model, teachers, window, settings, run.guarded, max_norm)
+
+
+def _on_policy(run: Run, window: list[dict[str, Any]], step: int) -> tuple[list[dict[str, Any]], dict]:
+    """`window` with the student's own responses on an on-policy step (and the generation's sums)."""
+    seed = run.cfg.training.seed
+    if run.sampling is None or not is_on_policy(run.sampling.lmbda, seed, step):
+        return window, {}
+    student = run.accelerator.unwrap_model(run.model).model
+    # The samples differ per step and per process (each process writes for its own rows).
+    sample_seed = (seed * 100_003 + step) * 1_009 + run.accelerator.process_index
+    return generated_window(student, window, run.sampling, run.collator, sample_seed)
 
 
 def _starting_point(run: Run, resume: bool) -> tuple[int, int, int]:
@@ -155,9 +179,13 @@ def _finish(run: Run, step: int, started: float) -> RunSummary:
 
 
 def _postfix(record: dict[str, float]) -> dict[str, str]:
-    return {
+    postfix = {
         "loss": f"{record['loss']:.3f}",
         "kd": f"{record['loss/kd']:.3f}",
         "ce": f"{record['loss/ce']:.3f}",
         "tok_s": f"{record['tokens_per_s']:.0f}",
     }
+    if "gen/tokens_per_s" in record:  # on-policy steps: generation speed and its share of the time
+        postfix["gen_tok_s"] = f"{record['gen/tokens_per_s']:.0f}"
+        postfix["gen_share"] = f"{record['gen/time_share']:.0%}"
+    return postfix

@@ -36,7 +36,7 @@ class LogWindow:
 
     def add(self, stats: dict[str, float]) -> None:
         # Optional sums join when a step has them: several teachers (`kd/NAME`), loss.hidden (`hidden...`).
-        optional = ("kd/", "hidden")
+        optional = ("kd/", "hidden", "gen_")
         for key in (*self.sums, *(k for k in stats if k.startswith(optional) and k not in self.sums)):
             self.sums[key] = self.sums.get(key, 0.0) + stats.get(key, 0)
         self.grad_norm = stats.get("grad_norm", self.grad_norm)
@@ -66,10 +66,23 @@ class LogWindow:
             # alpha T^2; among several teachers, `loss/kd/NAME` and `loss/hidden/NAME` are each one's own.
             if key.startswith(("kd/", "hidden")):
                 record[f"loss/{key}"] = sums[key] / trained
+        if sums.get("gen_rows"):  # on-policy steps: what the student's generation cost
+            record.update(generation_record(sums, seconds * accelerator.num_processes))
         if self.grad_norm is not None:
             record["grad_norm"] = self.grad_norm
         self.reset()
         return record
+
+
+def generation_record(sums: dict[str, float], seconds: float) -> dict[str, float]:
+    """`gen/tokens_per_s`, `gen/time_share` (of the window's process-seconds), `gen/mean_length`."""
+    spent = max(sums["gen_seconds"], 1e-9)
+    return {
+        "gen/tokens_per_s": sums["gen_tokens"] / spent,
+        "gen/time_share": sums["gen_seconds"] / max(seconds, 1e-9),
+        "gen/mean_length": sums["gen_tokens"] / sums["gen_rows"],
+        "gen/rows": int(sums["gen_rows"]),
+    }
 
 
 class MetricsFile:

@@ -18,8 +18,15 @@ from kdistill.files import RunFiles
 from kdistill.objective.batch import LossSettings, StudentLoss
 from kdistill.run.accelerator import flat_hparams, mixed_precision, whole_models
 from kdistill.run.checkpoint import check_resume_config, check_writable, save_checkpoint
-from kdistill.run.components import Components, build_components, loss_settings, prepare_output_dir
+from kdistill.run.components import (
+    Components,
+    build_components,
+    loss_settings,
+    prepare_output_dir,
+    sampling_settings,
+)
 from kdistill.run.folder_lock import FolderLock, lock_run_folder
+from kdistill.run.generate import Sampling
 from kdistill.run.guards import OomBackoff, SkipNonFinite, oom_advice
 from kdistill.run.health import HealthMonitor, build_health
 from kdistill.run.held_out import HeldOut
@@ -53,6 +60,7 @@ class Run:
     total_steps: int
     windows_per_epoch: int
     lock: FolderLock  # one run per folder: held until the run ends
+    sampling: Sampling | None = None  # training.on_policy: how the student writes its responses
 
     def projections(self) -> list[tuple[str, Any]]:
         """Each teacher's name with its hidden-state projections; empty without loss.hidden."""
@@ -133,9 +141,10 @@ def _build_run(
     )
     guarded = SkipNonFinite(optimizer, held_out.reduce)
     settings = loss_settings(cfg, parts.vocab_size)
+    sampling = sampling_settings(cfg, parts.tokenizer)
     return Run(
         cfg, out, accelerator, parts, settings, model, optimizer, guarded, scheduler, collator, metrics,
-        held_out, backoff, monitor, total_steps, windows_per_epoch, lock,
+        held_out, backoff, monitor, total_steps, windows_per_epoch, lock, sampling,
     )  # fmt: skip
 
 

@@ -1,0 +1,120 @@
+"""On-policy steps: the student writes the responses of a window, which is then trained like any other.
+
+Whether a step is on-policy, and what the student samples, are drawn from generators seeded by
+(seed, step) (and the process for the samples): a run resumed after a kill draws the same coin and the
+same responses, and the global random state that training uses is never touched.
+
+A generated batch is re-collated into the ordinary layout (right padding; the prompt's labels -100,
+the generated tokens as labels, up to and including the first EOS), so the rest of the step is the
+same as for data rows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kdistill.data import IGNORE_INDEX, Collator, Tokenized
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the student writes its responses; plain values from `training.on_policy`."""
+
+    lmbda: float
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    max_prompt_length: int
+    eos_token_id: int
+    pad_token_id: int
+
+
+def is_on_policy(lmbda: float, seed: int, step: int) -> bool:
+    """The step's coin: True with probability `lmbda`, the same on every process and on resume."""
+    if lmbda <= 0:
+        return False
+    if lmbda >= 1:
+        return True
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return bool(torch.rand((), generator=generator) < lmbda)
+
+
+def prompts(batch: dict[str, torch.Tensor], keep: int) -> list[list[int]]:
+    """Each row's prompt tokens (those before its first label), the last `keep` of them (at least one)."""
+    rows = []
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        trained = (labels != IGNORE_INDEX).nonzero()
+        end = int(trained[0]) if len(trained) else int(mask.sum())
+        rows.append(ids[: max(end, 1)][-keep:].tolist())
+    return rows
+
+
+def left_padded(rows: list[list[int]], pad: int, device: torch.device) -> dict[str, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :], mask[i, width - len(row) :] = torch.tensor(row), 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def responses(out: torch.Tensor, eos: int) -> list[list[int]]:
+    """The generated ids `(B, new)` of each row, cut after its first EOS (padding after it dropped)."""
+    cut = []
+    for row in out.tolist():
+        cut.append(row[: row.index(eos) + 1] if eos in row else row)
+    return cut
+
+
+@torch.inference_mode()
+def sample(student: Any, rows: list[list[int]], sampling: Sampling, seed: int) -> list[list[int]]:
+    """The student's sampled responses to `rows` (prompt ids): batched, with its KV cache, left padded,
+    in eval mode (no dropout), LoRA adapters active; the random draws come from `seed` alone."""
+    device = next(student.parameters()).device
+    was_training = student.training
+    student.eval()
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            out = student.generate(
+                **left_padded(rows, sampling.pad_token_id, device),
+                do_sample=True,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=0,
+                max_new_tokens=sampling.max_new_tokens,
+                eos_token_id=sampling.eos_token_id,
+                pad_token_id=sampling.pad_token_id,
+                use_cache=True,  # training turns it off in the model's config
+            )
+    finally:
+        student.train(was_training)
+    width = max(len(r) for r in rows)
+    return responses(out[:, width:], sampling.eos_token_id)
+
+
+def generated_window(
+    student: Any,
+    window: list[dict[str, torch.Tensor]],
+    sampling: Sampling,
+    collator: Collator,
+    seed: int,
+) -> tuple[list[dict[str, torch.Tensor]], dict[str, float]]:
+    """`window` with every batch's responses written by the student, and the generation's sums
+    (`gen_tokens`, `gen_rows`, `gen_seconds`). `seed` differs per step and per process."""
+    started, batches, tokens, count = time.perf_counter(), [], 0, 0
+    for i, batch in enumerate(window):
+        rows = prompts(batch, sampling.max_prompt_length)
+        written = sample(student, rows, sampling, seed * 1009 + i)
+        items = [Tokenized(p + r, [IGNORE_INDEX] * len(p) + r) for p, r in zip(rows, written)]
+        device = batch["input_ids"].device
+        batches.append({k: v.to(device) for k, v in collator.pad(items, collator.pad_token_id).items()})
+        tokens += sum(len(r) for r in written)
+        count += len(written)
+    seconds = time.perf_counter() - started
+    return batches, {"gen_tokens": tokens, "gen_rows": count, "gen_seconds": seconds}
