@@ -161,7 +161,8 @@ def test_validate_reports_without_training(tmp_path: Path, tiny: dict, capsys: p
     config = write_config(tmp_path / "run.yaml", tiny_config(tiny, tmp_path / "out"))
     assert main(["validate", str(config)]) == 0
     printed = capsys.readouterr().out
-    assert "data: 40 training and 8 validation rows, format dolly, 0 dropped" in printed and "OK" in printed
+    assert "data: 40 training rows (0 dropped) and 8 validation rows (0 dropped), format dolly" in printed
+    assert "OK" in printed
     assert not (tmp_path / "out").exists()
 
 

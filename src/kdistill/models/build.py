@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from kdistill.config import StudentConfig, TeacherConfig
+from kdistill.config.schema import LoraSettings
 from kdistill.errors import KdistillError
 from kdistill.models.loading import ModelSource, load_model, resolve
 from kdistill.models.parts import for_inference
@@ -38,17 +39,23 @@ def student_source(cfg: StudentConfig) -> ModelSource | None:
 def load_teacher(cfg: TeacherConfig, device: torch.device) -> Any:
     """The teacher: frozen, in eval mode, optionally 4/8-bit through bitsandbytes."""
     source = teacher_source(cfg)
-    kwargs = {}
-    if cfg.quantization != "none":
-        kwargs = {
-            "quantization_config": quantization_config(cfg.quantization, device),
-            "device_map": {"": device},
-        }
-        if source.gguf_file:
-            raise KdistillError(
-                "teacher.quantization applies to safetensors models; a GGUF teacher is already quantized"
-            )
+    kwargs = quantization_kwargs(cfg, source, device)
     return for_inference(load_model(source, pick_dtype(cfg.dtype, device), device, **kwargs))
+
+
+def quantization_kwargs(cfg: TeacherConfig, source: ModelSource, device: torch.device) -> dict[str, Any]:
+    """`from_pretrained`'s arguments for `teacher.quantization`, or a clear error where it cannot run."""
+    if cfg.quantization == "none":
+        return {}
+    kwargs = {
+        "quantization_config": quantization_config(cfg.quantization, device),
+        "device_map": {"": device},
+    }
+    if source.gguf_file:
+        raise KdistillError(
+            "teacher.quantization applies to safetensors models; a GGUF teacher is already quantized"
+        )
+    return kwargs
 
 
 def quantization_config(kind: str, device: torch.device) -> Any:
@@ -91,16 +98,41 @@ def build_student(cfg: StudentConfig, teacher: Any | None, device: torch.device)
     if cfg.finetune == "full":
         model.requires_grad_(True)
         return model
+    return with_lora(model, cfg.lora)
+
+
+def with_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
+    """`model` wrapped by peft with LoRA adapters; target modules that match nothing are named."""
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.lora_alpha,
-        lora_dropout=cfg.lora.lora_dropout,
-        target_modules=cfg.lora.target_modules,
+        r=settings.r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=settings.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as err:  # peft's NoMatchingPeftModuleError and unsupported module types
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise KdistillError(
+            f"student.lora.target_modules={settings.target_modules!r}: {str(err).splitlines()[0][:200]} "
+            f"The student's linear layers are named {', '.join(linear)}"
+        ) from None
+
+
+def meta_model(config: Any, num_layers: int | None = None) -> nn.Module:
+    """A model of `config`'s architecture on the meta device: its modules, no weights, no memory.
+
+    `num_layers` keeps that many decoder layers, as a `from_teacher` student does.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if num_layers is not None:
+        config = _fewer_layers(config, keep_indices(config.num_hidden_layers, num_layers))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def keep_indices(total: int, keep: int) -> list[int]:
@@ -119,20 +151,12 @@ def shrink(teacher: nn.Module, num_layers: int) -> nn.Module:
     """
     from transformers import AutoModelForCausalLM
 
-    config = teacher.config
-    total = config.num_hidden_layers
-    if getattr(config, "quantization_config", None) is not None:
+    if getattr(teacher.config, "quantization_config", None) is not None:
         raise KdistillError(
             "student.from_teacher needs an unquantized teacher; set teacher.quantization: none"
         )
-    if not 1 <= num_layers <= total:
-        raise KdistillError(f"student.from_teacher.num_layers={num_layers}: the teacher has {total} layers")
-    prefix = _layer_list_name(teacher, total)
-    kept = keep_indices(total, num_layers)
-    small_config = copy.deepcopy(config)
-    small_config.num_hidden_layers = len(kept)
-    if isinstance(getattr(config, "layer_types", None), list):
-        small_config.layer_types = [config.layer_types[i] for i in kept]
+    prefix, kept = check_shrinkable(teacher, num_layers)
+    small_config = _fewer_layers(teacher.config, kept)
     student = AutoModelForCausalLM.from_config(small_config, dtype=next(teacher.parameters()).dtype)
     renumber = {old: new for new, old in enumerate(kept)}
     pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
@@ -145,6 +169,25 @@ def shrink(teacher: nn.Module, num_layers: int) -> nn.Module:
             state[pattern.sub(f"{prefix}.{renumber[int(match.group(1))]}.", key)] = value.detach().clone()
     student.load_state_dict(state, strict=True)
     return student
+
+
+def check_shrinkable(teacher: nn.Module, num_layers: int) -> tuple[str, list[int]]:
+    """The name of `teacher`'s list of decoder layers and the indices a `num_layers` student keeps.
+
+    `teacher` may be a meta-device model (`meta_model`): this reads its modules, not its weights.
+    """
+    total = teacher.config.num_hidden_layers
+    if not 1 <= num_layers <= total:
+        raise KdistillError(f"student.from_teacher.num_layers={num_layers}: the teacher has {total} layers")
+    return _layer_list_name(teacher, total), keep_indices(total, num_layers)
+
+
+def _fewer_layers(config: Any, kept: list[int]) -> Any:
+    small = copy.deepcopy(config)
+    small.num_hidden_layers = len(kept)
+    if isinstance(getattr(config, "layer_types", None), list):
+        small.layer_types = [config.layer_types[i] for i in kept]
+    return small
 
 
 def _layer_list_name(model: nn.Module, total: int) -> str:

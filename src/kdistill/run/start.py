@@ -17,7 +17,7 @@ from kdistill.data import Collator
 from kdistill.files import RunFiles
 from kdistill.objective.batch import LossSettings, StudentLoss
 from kdistill.run.accelerator import flat_hparams, mixed_precision, whole_models
-from kdistill.run.checkpoint import check_resume_config, check_writable, save_checkpoint
+from kdistill.run.checkpoint import check_resume_config, save_checkpoint
 from kdistill.run.components import Components, build_components, loss_settings, prepare_output_dir
 from kdistill.run.guards import OomBackoff, SkipNonFinite, oom_advice
 from kdistill.run.health import HealthMonitor, build_health
@@ -80,8 +80,6 @@ def start_run(cfg: RunConfig, resume: bool, overwrite: bool, config_path: str) -
         project_dir=str(out / "logs"),
     )
     set_seed(t.seed)
-    if accelerator.is_main_process:
-        check_writable(out)  # before the models load: a read-only folder should not cost minutes
     with whole_models(accelerator):  # everything that can fail on bad input happens here
         parts = build_components(cfg, accelerator.device, config_path)
     _open_run_folder(cfg, out, accelerator, resume, overwrite)
