@@ -42,9 +42,16 @@ class Dropped:
         return self.empty + self.length
 
     def describe(self) -> str:
-        """`3 dropped (1 empty response, 2 too long)`, or `0 dropped`."""
-        why = [f"{n} {what}" for n, what in ((self.empty, "empty response"), (self.length, "too long")) if n]
-        return f"{self.total} dropped" + (f" ({', '.join(why)})" if why else "")
+        """`3 dropped: 1 with an empty response, 2 with no response token within data.max_length`."""
+        why = [
+            f"{n} with {what}"
+            for n, what in (
+                (self.empty, "an empty response"),
+                (self.length, "no response token within data.max_length"),
+            )
+            if n
+        ]
+        return f"{self.total} dropped" + (f": {', '.join(why)}" if why else "")
 
 
 @dataclass
@@ -62,11 +69,11 @@ class DataSplits:
     def describe(self) -> str:
         """One line on the rows each split keeps and drops, naming an empty held-out split."""
         line = (
-            f"{len(self.train)} training rows ({self.dropped_train.describe()}) and {len(self.validation)} "
+            f"{len(self.train)} training rows ({self.dropped_train.describe()}), {len(self.validation)} "
             f"validation rows ({self.dropped_validation.describe()}), format {self.format}"
         )
         if not self.validation:
-            line += "; no validation row is left, so no held-out metrics (eval/...) will be computed"
+            line += "; every validation row was dropped, so there will be no held-out metrics (eval/...)"
         return line
 
 

@@ -66,9 +66,8 @@ def load_data(
         data = ready
     else:
         data = build_datasets(cfg.data, tokenizer, cfg.training.seed, respond, cross)
-    log.info("data: %s", data.describe())
-    if not data.validation:
-        log.warning("data: every validation row was dropped; training goes on without held-out metrics")
+    say = log.info if data.validation else log.warning  # an empty held-out split is said before training
+    say("data: %s", data.describe())
     return data
 
 
