@@ -248,3 +248,25 @@ def test_chat_roles_other_than_system_user_assistant_are_refused(tmp_path: Path)
     assert (
         str(err.value) == f"{path}: row 1, message 1: role 'function' is not one of system, user, assistant"
     )
+
+
+def test_a_chat_template_that_refuses_a_conversation_is_named(tiny: dict[str, Path]) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny["teacher"])
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    system = Example([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "Hello")
+    with pytest.raises(KdistillError) as err:
+        tokenize_examples([system], tokenizer, max_length=64)
+    assert str(err.value) == (
+        "the tokenizer's chat template refuses the conversation starting 'Be brief.' (roles system, user): "
+        "System role not supported"
+    )
+
+
+def test_a_csv_field_longer_than_the_csv_module_default_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "a.csv"
+    path.write_text("instruction,output\nSummarise.," + "word " * 40_000 + "\n")  # 200 KB, past 128 KiB
+    assert len(load_rows(str(path))[0]["output"]) == 200_000

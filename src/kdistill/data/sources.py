@@ -86,7 +86,14 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8-sig", newline="") as handle:  # else a BOM joins the first column name
-        return list(csv.DictReader(handle))
+        reader = csv.DictReader(handle)
+        limit = csv.field_size_limit(2**31 - 1)  # the default, 128 KiB a field, refuses long documents
+        try:
+            return list(reader)
+        except csv.Error as err:
+            raise KdistillError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
+        finally:
+            csv.field_size_limit(limit)
 
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:

@@ -122,17 +122,24 @@ def with_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
         ) from None
 
 
-def meta_model(config: Any, num_layers: int | None = None) -> nn.Module:
+def meta_model(
+    config: Any, num_layers: int | None = None, trust_remote_code: bool = False
+) -> nn.Module | None:
     """A model of `config`'s architecture on the meta device: its modules, no weights, no memory.
 
-    `num_layers` keeps that many decoder layers, as a `from_teacher` student does.
+    `num_layers` keeps that many decoder layers, as a `from_teacher` student does. None where the
+    architecture cannot be built so (custom code that computes on its weights while it builds):
+    checks on its modules are then left to the real load.
     """
     from transformers import AutoModelForCausalLM
 
     if num_layers is not None:
         config = _fewer_layers(config, keep_indices(config.num_hidden_layers, num_layers))
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # any architecture's own code may fail on meta tensors; the real load still checks
+        return None
 
 
 def keep_indices(total: int, keep: int) -> list[int]:

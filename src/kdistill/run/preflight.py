@@ -91,7 +91,7 @@ def responses_teacher_live(plan: Plan) -> None:
 
 def vocabularies_match(plan: Plan) -> None:
     """Tokenizers load, same-vocabulary heads are wide enough, cross-tokenizer options are possible."""
-    plan.vocabs = load_vocabularies(plan.cfg)
+    plan.vocabs = load_vocabularies(plan.cfg, plan.config_of)
 
 
 def student_from_teacher(plan: Plan) -> None:
@@ -108,7 +108,10 @@ def student_from_teacher(plan: Plan) -> None:
         raise KdistillError(
             "student.from_teacher needs an unquantized teacher; set teacher.quantization: none"
         )
-    check_shrinkable(meta_model(plan.config_of(teacher_source(cfg.teacher))), shrink.num_layers)
+    source = teacher_source(cfg.teacher)
+    teacher = meta_model(plan.config_of(source), trust_remote_code=source.trust_remote_code)
+    if teacher is not None:
+        check_shrinkable(teacher, shrink.num_layers)
 
 
 def max_length_fits(plan: Plan) -> None:
@@ -130,7 +133,9 @@ def lora_targets_match(plan: Plan) -> None:
     student = plan.cfg.student
     if student.finetune == "lora":
         layers = student.from_teacher.num_layers if student.from_teacher is not None else None
-        with_lora(meta_model(plan.student_config()[1], layers), student.lora)
+        model = meta_model(plan.student_config()[1], layers, student.trust_remote_code)
+        if model is not None:
+            with_lora(model, student.lora)
 
 
 def hidden_layers_resolve(plan: Plan) -> None:

@@ -52,6 +52,7 @@ def validate_run(cfg: RunConfig) -> list[str]:
         check_cross_options(cfg, [name for name, line in known.items() if "loss.alignment" in line])
         return [
             *_config_lines(cfg, None),
+            *machine_lines(plan),
             *known.values(),
             f"not checked here, as the hub cannot be reached: {err}",
         ]
