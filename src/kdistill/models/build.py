@@ -159,9 +159,7 @@ def shrink(teacher: nn.Module, num_layers: int) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     if getattr(teacher.config, "quantization_config", None) is not None:
-        raise KdistillError(
-            "student.from_teacher needs an unquantized teacher; set teacher.quantization: none"
-        )
+        raise KdistillError(NEEDS_UNQUANTIZED)
     prefix, kept = check_shrinkable(teacher, num_layers)
     small_config = _fewer_layers(teacher.config, kept)
     student = AutoModelForCausalLM.from_config(small_config, dtype=next(teacher.parameters()).dtype)
@@ -176,6 +174,9 @@ def shrink(teacher: nn.Module, num_layers: int) -> nn.Module:
             state[pattern.sub(f"{prefix}.{renumber[int(match.group(1))]}.", key)] = value.detach().clone()
     student.load_state_dict(state, strict=True)
     return student
+
+
+NEEDS_UNQUANTIZED = "student.from_teacher needs an unquantized teacher; set teacher.quantization: none"
 
 
 def check_shrinkable(teacher: nn.Module, num_layers: int) -> tuple[str, list[int]]:

@@ -18,6 +18,7 @@ from kdistill.data import DataSplits, Example, build_datasets
 from kdistill.errors import KdistillError
 from kdistill.losses.hidden import LayerPairs, copied_layer_pairs, require_live_teacher, resolve_layer_pairs
 from kdistill.models.build import (
+    NEEDS_UNQUANTIZED,
     check_shrinkable,
     keep_indices,
     meta_model,
@@ -105,9 +106,7 @@ def student_from_teacher(plan: Plan) -> None:
             "give teacher.model beside teacher.cache"
         )
     if cfg.teacher.quantization != "none":
-        raise KdistillError(
-            "student.from_teacher needs an unquantized teacher; set teacher.quantization: none"
-        )
+        raise KdistillError(NEEDS_UNQUANTIZED)
     source = teacher_source(cfg.teacher)
     teacher = meta_model(plan.config_of(source), trust_remote_code=source.trust_remote_code)
     if teacher is not None:
