@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,16 @@ def _unshrinkable(case: Case) -> list[str]:
     return case.train(teacher={"model": str(folder)})
 
 
+def _broken_model(case: Case, name: str, text: str) -> list[str]:
+    """A teacher folder with the tiny tokenizer and `name` holding `text` (a damaged model file)."""
+    from transformers import AutoTokenizer
+
+    folder = case.tmp / "broken"
+    AutoTokenizer.from_pretrained(case.tiny["teacher"]).save_pretrained(folder)
+    case.file(f"broken/{name}", text)
+    return case.train(teacher={"model": str(folder)})
+
+
 def _cache_is_a_file(case: Case) -> list[str]:
     os.environ["KDISTILL_CACHE"] = str(case.file("cache", "x"))  # the test restores it
     return case.train(data={"responses": "teacher", "generation": {"max_new_tokens": 2}})
@@ -144,6 +155,23 @@ CASES = [
         "data-chat-ends-with-user",
         lambda c: c.data(c.rows("d.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])),
         "TMP/d.jsonl: row 0: the last message must be the assistant's (it is the response to learn)",
+    ),
+    Bad(
+        "data-unknown-role",
+        lambda c: c.data(
+            c.rows(
+                "d.jsonl",
+                [{"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "a"}]}],
+            )
+        ),
+        "TMP/d.jsonl: row 0, message 0: role 'bot' is not one of system, user, assistant",
+    ),
+    Bad(
+        "data-every-response-empty",
+        lambda c: c.data(
+            c.rows("d.jsonl", [{**row, "response": " \n"} for row in dolly_rows(12)]), validation_size=2
+        ),
+        "TMP/d.jsonl: every training row has an empty response; nothing to learn",
     ),
     Bad(
         "data-prompt-longer-than-max-length",
@@ -247,7 +275,52 @@ CASES = [
         lambda c: [*c.train(), "--set", "training.learning_rate"],
         "--set 'training.learning_rate': expected KEY=VALUE, e.g. --set training.learning_rate=1e-5",
     ),
+    Bad(
+        "config-set-not-yaml",
+        lambda c: [*c.train(), "--set", "data.max_length=[1,"],
+        "--set 'data.max_length=[1,': the value '[1,' is not valid YAML (expected the node content, but "
+        "found '<stream end>'); quote it to give it as text, e.g. --set 'data.max_length=\"[1,\"'",
+    ),
+    Bad(
+        "config-not-utf8",
+        lambda c: ["train", str(c.file("run.yaml", b"teacher: caf\xe9\n"))],
+        "TMP/run.yaml: not UTF-8 text; save the config as UTF-8",
+    ),
     # models
+    Bad(
+        "model-gguf-file-not-in-folder",
+        lambda c: c.train(
+            files={"broken/a.gguf": ""}, teacher={"model": str(c.tmp / "broken"), "gguf_file": "b.gguf"}
+        ),
+        "model 'TMP/broken': gguf_file 'b.gguf' is not in TMP/broken; its .gguf files: ['a.gguf']",
+    ),
+    Bad(
+        "model-damaged-gguf",
+        lambda c: c.train(files={"broken/model.gguf": "not gguf"}, teacher={"model": str(c.tmp / "broken")}),
+        "model 'TMP/broken' cannot be loaded (local folder): TMP/broken/model.gguf does not start with the "
+        "GGUF magic bytes, so it is not a GGUF file. Check the id or path; hub models need network access or "
+        "a local copy in the HF cache",
+    ),
+    Bad(
+        "model-damaged-config",
+        lambda c: _broken_model(c, "config.json", '{"model_type": "llama",'),
+        "model 'TMP/broken' cannot be loaded (local folder): It looks like the config file at "
+        "'TMP/broken/config.json' is not a valid JSON file. Check the id or path; hub models need network "
+        "access or a local copy in the HF cache",
+    ),
+    Bad(
+        "model-lora-matches-nothing",
+        lambda c: c.train(student={"finetune": "lora", "lora": {"target_modules": ["attn"]}}),
+        "student.lora.target_modules=['attn']: Target modules {'attn'} not found in the base model. Please "
+        "check the target modules and try again. The student's linear layers are named down_proj, gate_proj, "
+        "k_proj, lm_head, o_proj, q_proj, up_proj, v_proj",
+    ),
+    Bad(
+        "model-context-too-short",
+        lambda c: c.train(data={"max_length": 1024}),
+        "data.max_length=1024 is beyond the context of the teacher copied by student.from_teacher (256 "
+        "positions, its max_position_embeddings); set data.max_length to at most 256",
+    ),
     Bad(
         "model-missing",
         lambda c: c.train(teacher={"model": str(c.tmp / "none")}),
@@ -352,3 +425,13 @@ def test_bad_input(
     marker = next(m for m in ("kdistill: error: ", "kdistill train: error: ") if m in err)
     assert err[err.index(marker) + len(marker) :].rstrip("\n") == bad.message.replace("TMP", str(tmp_path))
     assert _files(tmp_path) == before  # nothing written, nothing half-written
+
+
+def test_a_malformed_set_value_prints_no_traceback(tmp_path: Path, tiny: dict) -> None:
+    """A real process: the message alone on stderr, exit status 2, for a --set value PyYAML cannot parse."""
+    config = write_config(tmp_path / "run.yaml", tiny_config(tiny, tmp_path / "out"))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    command = [sys.executable, "-m", "kdistill.cli", "validate", str(config), "--set", "training.seed=[1,"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("kdistill: error: --set 'training.seed=[1,': the value '[1,' is not valid")

@@ -185,3 +185,10 @@ def test_teacher_needs_a_model_or_a_cache(tmp_path) -> None:
     path.write_text("teacher: {model: a}\nteachers: [{model: b}]\nstudent: {model: x}\n")
     with pytest.raises(KdistillError, match="give `teacher` or a `teachers` list, not both"):
         load_config(path)
+
+
+def test_a_byte_order_mark_is_valid_in_yaml_and_json_configs(tmp_path: Path) -> None:
+    (tmp_path / "run.yaml").write_text("\ufeff" + yaml.safe_dump(BASE), encoding="utf-8")
+    (tmp_path / "run.json").write_text("\ufeff" + json.dumps(BASE), encoding="utf-8")
+    for name in ("run.yaml", "run.json"):
+        assert load_config(tmp_path / name).teacher.model == BASE["teacher"]["model"]

@@ -204,3 +204,69 @@ def test_structured_text_fields_are_joined_or_refused(tmp_path: Path) -> None:
     assert str(info.value) == (
         f'{path}: row 1: column `instruction` holds a dict ({{"text": "Add."}}); expected text'
     )
+
+
+def test_a_byte_order_mark_is_valid_in_every_text_format(tmp_path: Path) -> None:
+    rows = [{"instruction": "Name a fruit.", "input": "", "output": "Apple."}] * 2
+    bom = "\ufeff"
+    (tmp_path / "a.jsonl").write_text(bom + "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (tmp_path / "a.json").write_text(bom + json.dumps(rows), encoding="utf-8")
+    (tmp_path / "a.csv").write_text(
+        bom + "instruction,input,output\nName a fruit.,,Apple.\n", encoding="utf-8"
+    )
+    for name in ("a.jsonl", "a.json", "a.csv"):
+        examples, fmt = load_examples(str(tmp_path / name))
+        assert fmt == "alpaca" and examples[0].prompt[0]["content"] == "Name a fruit.", name
+
+
+def test_empty_responses_are_dropped_and_counted_per_split(tiny: dict[str, Path], tokenizer) -> None:
+    rows = [{"instruction": f"say {i}", "response": "an answer"} for i in range(10)]
+    for i in (1, 4):
+        rows[i]["response"] = " \n\t"  # would train on the end-of-turn token alone
+    rows[7]["response"] = ""
+    path = _jsonl(tiny["root"] / "empty.jsonl", rows)
+    long_prompt = _jsonl(tiny["root"] / "held.jsonl", [{"instruction": "a " * 80, "response": "x"}, rows[1]])
+    cfg = DataConfig(source=str(path), validation_source=str(long_prompt), max_length=32)
+    data = build_datasets(cfg, tokenizer, seed=0)
+    assert (len(data.train), data.dropped_train.empty, data.dropped_train.length) == (7, 3, 0)
+    assert (len(data.validation), data.dropped_validation.empty, data.dropped_validation.length) == (0, 1, 1)
+    assert data.describe() == (
+        "7 training rows (3 dropped: 3 with an empty response), 0 validation rows (2 dropped: 1 with an "
+        "empty response, 1 with no response token within data.max_length), format dolly; every validation "
+        "row was dropped, so there will be no held-out metrics (eval/...)"
+    )
+
+
+def test_chat_roles_other_than_system_user_assistant_are_refused(tmp_path: Path) -> None:
+    good = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}
+    good["messages"].append({"role": "assistant", "content": "Hello"})
+    odd = {"messages": [{"role": "user", "content": "Hi"}, {"role": "function", "content": "{}"}]}
+    odd["messages"].append({"role": "assistant", "content": "Hello"})
+    path = _jsonl(tmp_path / "chat.jsonl", [good, odd])
+    with pytest.raises(KdistillError) as err:
+        load_examples(str(path))
+    assert (
+        str(err.value) == f"{path}: row 1, message 1: role 'function' is not one of system, user, assistant"
+    )
+
+
+def test_a_chat_template_that_refuses_a_conversation_is_named(tiny: dict[str, Path]) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny["teacher"])
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    system = Example([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "Hello")
+    with pytest.raises(KdistillError) as err:
+        tokenize_examples([system], tokenizer, max_length=64)
+    assert str(err.value) == (
+        "the tokenizer's chat template refuses the conversation starting 'Be brief.' (roles system, user): "
+        "System role not supported"
+    )
+
+
+def test_a_csv_field_longer_than_the_csv_module_default_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "a.csv"
+    path.write_text("instruction,output\nSummarise.," + "word " * 40_000 + "\n")  # 200 KB, past 128 KiB
+    assert len(load_rows(str(path))[0]["output"]) == 200_000

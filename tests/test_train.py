@@ -161,7 +161,8 @@ def test_validate_reports_without_training(tmp_path: Path, tiny: dict, capsys: p
     config = write_config(tmp_path / "run.yaml", tiny_config(tiny, tmp_path / "out"))
     assert main(["validate", str(config)]) == 0
     printed = capsys.readouterr().out
-    assert "data: 40 training and 8 validation rows, format dolly, 0 dropped" in printed and "OK" in printed
+    assert "data: 40 training rows (0 dropped), 8 validation rows (0 dropped), format dolly" in printed
+    assert "OK" in printed
     assert not (tmp_path / "out").exists()
 
 
@@ -245,3 +246,17 @@ def test_teacher_responses_through_the_cli(tmp_path: Path, tiny: dict) -> None:
     assert code == 0
     cached = list((Path(os.environ["KDISTILL_CACHE"]) / "responses").glob("*.json"))
     assert len(cached) == 1 and len(json.loads(cached[0].read_text())) == 40  # the training rows only
+
+
+def test_every_validation_row_dropped_is_said_before_training(
+    tmp_path: Path, tiny: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"instruction": "say nothing", "response": "  "}) + "\n")
+    data = {"validation_source": str(held)}
+    config = tiny_config(tiny, tmp_path / "out", data=data, training={"max_steps": 1})
+    with caplog.at_level("INFO", logger="kdistill"):
+        assert main(["train", str(write_config(tmp_path / "run.yaml", config))]) == 0
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "kdistill"]
+    warned = [m for level, m in said if level == "WARNING" and "every validation row was dropped" in m]
+    assert len(warned) == 1 and "0 validation rows (1 dropped: 1 with an empty response)" in warned[0]

@@ -47,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     start.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
     with_config(
-        "validate", "Check CONFIG, its data, the models and how their vocabularies are matched; no training."
+        "validate",
+        "Check CONFIG, its data, the models and how their vocabularies are matched: every check train makes "
+        "before it loads weights; no training.",
     )
     with_config(
         "cache",

@@ -55,7 +55,12 @@ def save_config(config: RunConfig, path: str | Path) -> None:
 def _read_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise KdistillError(f"config file not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # "-sig": a byte-order mark is allowed
+    except UnicodeDecodeError:
+        raise KdistillError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
+    except OSError as err:
+        raise KdistillError(f"{path}: cannot be read ({err.strerror})") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
@@ -93,7 +98,14 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise KdistillError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.learning_rate=1e-5")
-    value = yaml.safe_load(text) if text else None
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise KdistillError(
+            f"--set {item!r}: the value {text!r} is not valid YAML ({problem}); "
+            f"quote it to give it as text, e.g. --set '{key}=\"{text}\"'"
+        ) from None
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:

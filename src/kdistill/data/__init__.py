@@ -18,6 +18,7 @@ __all__ = [
     "IGNORE_INDEX",
     "Collator",
     "DataSplits",
+    "Dropped",
     "Example",
     "Tokenized",
     "build_datasets",
@@ -29,12 +30,51 @@ __all__ = [
 ]
 
 
+@dataclass(frozen=True)
+class Dropped:
+    """Rows of one split that have nothing to learn, and why."""
+
+    empty: int = 0  # the response is empty or only whitespace
+    length: int = 0  # no response token left within data.max_length
+
+    @property
+    def total(self) -> int:
+        return self.empty + self.length
+
+    def describe(self) -> str:
+        """`3 dropped: 1 with an empty response, 2 with no response token within data.max_length`."""
+        why = [
+            f"{n} with {what}"
+            for n, what in (
+                (self.empty, "an empty response"),
+                (self.length, "no response token within data.max_length"),
+            )
+            if n
+        ]
+        return f"{self.total} dropped" + (f": {', '.join(why)}" if why else "")
+
+
 @dataclass
 class DataSplits:
     train: list[Tokenized]
     validation: list[Tokenized]
-    dropped: int  # rows with no response token left after truncation
+    dropped_train: Dropped
+    dropped_validation: Dropped
     format: str
+
+    @property
+    def dropped(self) -> int:
+        return self.dropped_train.total + self.dropped_validation.total
+
+    def describe(self) -> str:
+        """One line on the rows each split keeps and drops, naming an empty held-out split."""
+        line = (
+            f"{len(self.train)} training rows ({self.dropped_train.describe()}), {len(self.validation)} "
+            f"validation rows ({self.dropped_validation.describe()}), format {self.format}"
+        )
+        if not self.validation:
+            line += "; every validation row was dropped, so there will be no held-out metrics (eval/...)"
+        return line
 
 
 def load_examples(source: str, split: str = "train", fmt: str = "auto") -> tuple[list[Example], str]:
@@ -66,8 +106,12 @@ def build_datasets(
     if respond is not None:
         train = respond(train)
     views = teacher_tokenizers or {}
-    train_tok, dropped_train = tokenize_with_views(train, tokenizer, cfg.max_length, views)
-    val_tok, dropped_val = tokenize_with_views(validation, tokenizer, cfg.max_length, views)
+    train, empty_train = with_response(train)
+    validation, empty_val = with_response(validation)
+    if not train:
+        raise KdistillError(f"{cfg.source}: every training row has an empty response; nothing to learn")
+    train_tok, long_train = tokenize_with_views(train, tokenizer, cfg.max_length, views)
+    val_tok, long_val = tokenize_with_views(validation, tokenizer, cfg.max_length, views)
     if not train_tok:
         raise KdistillError(
             f"{cfg.source}: no training row has a response token left within "
@@ -76,7 +120,14 @@ def build_datasets(
         )
     train_tok = [replace(row, index=i) for i, row in enumerate(train_tok)]
     val_tok = [replace(row, index=i) for i, row in enumerate(val_tok)]
-    return DataSplits(train_tok, val_tok, dropped_train + dropped_val, fmt)
+    return DataSplits(train_tok, val_tok, Dropped(empty_train, long_train), Dropped(empty_val, long_val), fmt)
+
+
+def with_response(examples: list[Example]) -> tuple[list[Example], int]:
+    """The examples whose response has text, and how many had none: those would train on an
+    end-of-turn token alone."""
+    kept = [e for e in examples if e.response.strip()]
+    return kept, len(examples) - len(kept)
 
 
 def tokenize_with_views(

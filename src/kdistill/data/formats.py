@@ -16,6 +16,8 @@ FORMAT_COLUMNS = {
     "text": ("text",),
 }
 
+CHAT_ROLES = ("system", "user", "assistant")  # what every chat template renders
+
 
 @dataclass(frozen=True)
 class Example:
@@ -95,9 +97,13 @@ def _chat(row: dict[str, Any], where: str) -> Example:
     messages = row["messages"]
     if not isinstance(messages, list) or not messages:
         raise KdistillError(f"{where}: `messages` must be a non-empty list of {{role, content}}")
-    for message in messages:
+    for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise KdistillError(f"{where}: each message needs `role` and `content`, got {message!r}"[:300])
+        if message["role"] not in CHAT_ROLES:
+            raise KdistillError(
+                f"{where}, message {i}: role {message['role']!r} is not one of {', '.join(CHAT_ROLES)}"[:300]
+            )
     if messages[-1]["role"] != "assistant":
         raise KdistillError(
             f"{where}: the last message must be the assistant's (it is the response to learn)"

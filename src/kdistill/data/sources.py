@@ -53,7 +53,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte-order mark is allowed
             except UnicodeDecodeError:
                 raise KdistillError(f"{path}:{number}: not UTF-8 text; save the file as UTF-8") from None
             if not line.strip():
@@ -72,7 +72,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # "-sig": a byte-order mark is allowed
     except json.JSONDecodeError as err:
         raise KdistillError(
             f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})"
@@ -85,8 +85,15 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8", newline="") as handle:
-        return list(csv.DictReader(handle))
+    with open(path, encoding="utf-8-sig", newline="") as handle:  # else a BOM joins the first column name
+        reader = csv.DictReader(handle)
+        limit = csv.field_size_limit(2**31 - 1)  # the default, 128 KiB a field, refuses long documents
+        try:
+            return list(reader)
+        except csv.Error as err:
+            raise KdistillError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
+        finally:
+            csv.field_size_limit(limit)
 
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:

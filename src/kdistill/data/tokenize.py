@@ -46,15 +46,30 @@ def render(example: Example, tokenizer: Any) -> tuple[str, str]:
     if not example.prompt:
         return "", example.response + (tokenizer.eos_token or "")
     if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(example.prompt, add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(
-            [*example.prompt, {"role": "assistant", "content": example.response}], tokenize=False
+        prompt = _chat_template(tokenizer, example.prompt, add_generation_prompt=True)
+        full = _chat_template(
+            tokenizer, [*example.prompt, {"role": "assistant", "content": example.response}]
         )
         if full.startswith(prompt):
             return prompt, full[len(prompt) :]
         return prompt, example.response + (tokenizer.eos_token or "")
     turns = "\n\n".join(m["content"] for m in example.prompt)
     return PLAIN_PROMPT.format(instruction=turns), example.response + (tokenizer.eos_token or "")
+
+
+def _chat_template(
+    tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False
+) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+    except Exception as err:  # jinja2's TemplateError from a template's raise_exception, or its own bugs
+        roles, start = ", ".join(m["role"] for m in messages), messages[0]["content"][:60]
+        raise KdistillError(
+            f"the tokenizer's chat template refuses the conversation starting {start!r} "
+            f"(roles {roles}): {(str(err).splitlines() or [type(err).__name__])[0][:200]}"
+        ) from None
 
 
 def prompt_text(prompt: list[dict[str, str]], tokenizer: Any) -> str:

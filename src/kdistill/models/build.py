@@ -13,6 +13,7 @@ from packaging.version import Version
 from torch import nn
 
 from kdistill.config import StudentConfig, TeacherConfig
+from kdistill.config.schema import LoraSettings
 from kdistill.errors import KdistillError
 from kdistill.models.loading import ModelSource, load_model, resolve
 from kdistill.models.parts import for_inference
@@ -43,13 +44,9 @@ def load_teacher(cfg: TeacherConfig, device: torch.device) -> Any:
     A GGUF teacher is quantized from its fp32 conversion (`models.loading`): bitsandbytes then
     re-quantizes weights that GGUF had already dequantized.
     """
-    kwargs = {}
-    if cfg.quantization != "none":
-        kwargs = {
-            "quantization_config": quantization_config(cfg.quantization, device),
-            "device_map": {"": device},
-        }
-    return for_inference(load_model(teacher_source(cfg), pick_dtype(cfg.dtype, device), device, **kwargs))
+    source = teacher_source(cfg)
+    kwargs = quantization_kwargs(cfg, source, device)
+    return for_inference(load_model(source, pick_dtype(cfg.dtype, device), device, **kwargs))
 
 
 def full_precision(cfg: TeacherConfig) -> TeacherConfig:
@@ -60,6 +57,17 @@ def full_precision(cfg: TeacherConfig) -> TeacherConfig:
 # transformers accepts bitsandbytes from this version on; 4-bit and 8-bit layers run on CPU with every
 # release from it to BNB_TESTED (checked on a tiny Llama, NF4 with and without double quantization).
 BNB_MINIMUM, BNB_TESTED = "0.46.1", "0.50.2"
+
+
+def quantization_kwargs(cfg: TeacherConfig, source: ModelSource, device: torch.device) -> dict[str, Any]:
+    """`from_pretrained`'s arguments for `teacher.quantization`, or a clear error where it cannot run."""
+    if cfg.quantization == "none":
+        return {}
+    kwargs = {
+        "quantization_config": quantization_config(cfg.quantization, device),
+        "device_map": {"": device},
+    }
+    return kwargs
 
 
 def quantization_config(kind: str, device: torch.device) -> Any:
@@ -121,16 +129,48 @@ def build_student(cfg: StudentConfig, teacher: Any | None, device: torch.device)
     if cfg.finetune == "full":
         model.requires_grad_(True)
         return model
+    return with_lora(model, cfg.lora)
+
+
+def with_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
+    """`model` wrapped by peft with LoRA adapters; target modules that match nothing are named."""
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.lora_alpha,
-        lora_dropout=cfg.lora.lora_dropout,
-        target_modules=cfg.lora.target_modules,
+        r=settings.r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=settings.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as err:  # peft's NoMatchingPeftModuleError and unsupported module types
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise KdistillError(
+            f"student.lora.target_modules={settings.target_modules!r}: {str(err).splitlines()[0][:200]} "
+            f"The student's linear layers are named {', '.join(linear)}"
+        ) from None
+
+
+def meta_model(
+    config: Any, num_layers: int | None = None, trust_remote_code: bool = False
+) -> nn.Module | None:
+    """A model of `config`'s architecture on the meta device: its modules, no weights, no memory.
+
+    `num_layers` keeps that many decoder layers, as a `from_teacher` student does. None where the
+    architecture cannot be built so (custom code that computes on its weights while it builds):
+    checks on its modules are then left to the real load.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if num_layers is not None:
+        config = _fewer_layers(config, keep_indices(config.num_hidden_layers, num_layers))
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # any architecture's own code may fail on meta tensors; the real load still checks
+        return None
 
 
 def keep_indices(total: int, keep: int) -> list[int]:
@@ -149,21 +189,10 @@ def shrink(teacher: nn.Module, num_layers: int) -> nn.Module:
     """
     from transformers import AutoModelForCausalLM
 
-    config = teacher.config
-    total = config.num_hidden_layers
-    if getattr(config, "quantization_config", None) is not None:
-        raise KdistillError(
-            "student.from_teacher copies the teacher's layers, and quantized layers cannot be copied: "
-            "cut the student from the teacher loaded with teacher.quantization: none"
-        )
-    if not 1 <= num_layers <= total:
-        raise KdistillError(f"student.from_teacher.num_layers={num_layers}: the teacher has {total} layers")
-    prefix = _layer_list_name(teacher, total)
-    kept = keep_indices(total, num_layers)
-    small_config = copy.deepcopy(config)
-    small_config.num_hidden_layers = len(kept)
-    if isinstance(getattr(config, "layer_types", None), list):
-        small_config.layer_types = [config.layer_types[i] for i in kept]
+    if getattr(teacher.config, "quantization_config", None) is not None:
+        raise KdistillError(NEEDS_UNQUANTIZED)
+    prefix, kept = check_shrinkable(teacher, num_layers)
+    small_config = _fewer_layers(teacher.config, kept)
     student = AutoModelForCausalLM.from_config(small_config, dtype=next(teacher.parameters()).dtype)
     renumber = {old: new for new, old in enumerate(kept)}
     pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
@@ -176,6 +205,28 @@ def shrink(teacher: nn.Module, num_layers: int) -> nn.Module:
             state[pattern.sub(f"{prefix}.{renumber[int(match.group(1))]}.", key)] = value.detach().clone()
     student.load_state_dict(state, strict=True)
     return student
+
+
+NEEDS_UNQUANTIZED = "student.from_teacher needs an unquantized teacher; set teacher.quantization: none"
+
+
+def check_shrinkable(teacher: nn.Module, num_layers: int) -> tuple[str, list[int]]:
+    """The name of `teacher`'s list of decoder layers and the indices a `num_layers` student keeps.
+
+    `teacher` may be a meta-device model (`meta_model`): this reads its modules, not its weights.
+    """
+    total = teacher.config.num_hidden_layers
+    if not 1 <= num_layers <= total:
+        raise KdistillError(f"student.from_teacher.num_layers={num_layers}: the teacher has {total} layers")
+    return _layer_list_name(teacher, total), keep_indices(total, num_layers)
+
+
+def _fewer_layers(config: Any, kept: list[int]) -> Any:
+    small = copy.deepcopy(config)
+    small.num_hidden_layers = len(kept)
+    if isinstance(getattr(config, "layer_types", None), list):
+        small.layer_types = [config.layer_types[i] for i in kept]
+    return small
 
 
 def _layer_list_name(model: nn.Module, total: int) -> str:

@@ -73,6 +73,12 @@ def resolve(
         path = str(Path(spec).expanduser())
         if not os.path.isdir(path):
             raise KdistillError(f"model folder not found: {spec}")
+    if os.path.isdir(path) and gguf_file is not None and not os.path.isfile(os.path.join(path, gguf_file)):
+        present = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        raise KdistillError(
+            f"model '{spec}': gguf_file '{gguf_file}' is not in {path}; "
+            + (f"its .gguf files: {present}" if present else "it holds no .gguf file")
+        )
     if os.path.isdir(path) and gguf_file is None and not os.path.isfile(os.path.join(path, "config.json")):
         ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
         if len(ggufs) == 1:
@@ -119,7 +125,10 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device | s
     from transformers import AutoModelForCausalLM
 
     if source.gguf_file is not None and _converted_folder(source) is None:
-        _convert_gguf(source)
+        try:
+            _convert_gguf(source)
+        except Exception as err:  # a damaged or unsupported GGUF file: gguf and transformers raise many types
+            raise _not_found(source, err) from None
     model = _from_pretrained(AutoModelForCausalLM, source, dtype=dtype, **kwargs)
     if "quantization_config" not in kwargs and "device_map" not in kwargs:
         model = model.to(device)
@@ -169,14 +178,17 @@ def _from_pretrained(auto_class: Any, source: ModelSource, **kwargs: Any) -> Any
             trust_remote_code=source.trust_remote_code,
             **kwargs,
         )
-    except (OSError, ValueError) as err:
+    except KdistillError:
+        raise
+    except Exception as err:  # transformers, gguf, tokenizers and the file system all raise their own types
         raise _not_found(source, err) from None
 
 
 def _not_found(source: ModelSource, err: Exception) -> KdistillError:
     where = "local folder" if os.path.isdir(source.path) else "hub id"
+    first = (str(err).splitlines() or [""])[0][:240].rstrip(".") or type(err).__name__
     return KdistillError(
-        f"model '{source.spec}' cannot be loaded ({where}): {str(err).splitlines()[0][:240]}. "
+        f"model '{source.spec}' cannot be loaded ({where}): {first}. "
         "Check the id or path; hub models need network access or a local copy in the HF cache"
     )
 

@@ -17,20 +17,14 @@ from kdistill.config import RunConfig
 from kdistill.data import DataSplits
 from kdistill.errors import KdistillError
 from kdistill.files import RunFiles
-from kdistill.losses.hidden import (
-    HiddenProjections,
-    LayerPairs,
-    copied_layer_pairs,
-    require_live_teacher,
-    resolve_layer_pairs,
-)
-from kdistill.models.build import build_student, full_precision, keep_indices, load_teacher
+from kdistill.losses.hidden import HiddenProjections
+from kdistill.models.build import build_student, full_precision, load_teacher
 from kdistill.models.parts import base_model, depth_and_width
 from kdistill.objective.batch import LossSettings
 from kdistill.run.generate import Sampling
+from kdistill.run.preflight import hidden_pairs, run_checks
 from kdistill.teacher.responses import load_data
 from kdistill.teacher.roster import Teacher, build_teachers, compact_teachers, load_live_teachers
-from kdistill.teacher.vocabularies import load_vocabularies
 
 log = logging.getLogger("kdistill")
 
@@ -47,16 +41,16 @@ class Components:
 
 
 def build_components(cfg: RunConfig, device: torch.device, config_path: str = "CONFIG") -> Components:
-    """Load tokenizers, check the vocabularies, then the models, the data and any teacher caches."""
-    check_hidden_teachers(cfg)  # before anything loads: it needs no model to fail
+    """Make validate's checks (`run/preflight.py`), then load the models, the data and any teacher caches."""
+    plan = run_checks(cfg)  # every refusal that needs no weights, before any weight loads
     check_on_policy(cfg)
-    vocabs = load_vocabularies(cfg)
-    check_on_policy_vocabularies(cfg, vocabs.cross)  # tokenizers only, before any weights
+    vocabs = plan.vocabs
+    check_on_policy_vocabularies(cfg, vocabs.cross)
     tokenizer, vocab_size = vocabs.tokenizer, vocabs.width
     student, live = load_student_and_teachers(cfg, device)
     first_name = cfg.teacher_list()[0][0]
     compact_teachers(cfg, live)  # after the student has copied any teacher layers
-    data = load_data(cfg, tokenizer, live.get(first_name), vocabs.cross)
+    data = load_data(cfg, tokenizer, live.get(first_name), vocabs.cross, ready=plan.data)
     teachers = build_teachers(cfg, live, vocabs, data, config_path)
     projections = build_projections(cfg, live, student, device)
     pads = {name: tok.pad_token_id for name, tok in vocabs.cross.items()}
@@ -85,19 +79,6 @@ def load_student_and_teachers(cfg: RunConfig, device: torch.device) -> tuple[Any
     if copies and base is None:
         base = load_teacher(first, device)  # only to copy its layers; it teaches from elsewhere
     return build_student(cfg.student, base, device), live
-
-
-def check_hidden_teachers(cfg: RunConfig) -> None:
-    """loss.hidden needs every teacher live: a teacher cache, or a server, gives no hidden states."""
-    if cfg.loss.hidden.weight > 0:
-        for name, teacher in cfg.teacher_list():
-            require_live_teacher(teacher.cache is not None, str(teacher.cache), name)
-            if teacher.server:
-                raise KdistillError(
-                    f"loss.hidden needs a live teacher, but teacher {name!r} is served "
-                    f"({teacher.server[0]}): a server gives top-k log-probs, not hidden states. Remove "
-                    "teacher.server so that it runs live, or set loss.hidden.weight: 0"
-                )
 
 
 def check_on_policy(cfg: RunConfig) -> None:
@@ -145,29 +126,6 @@ def sampling_settings(cfg: RunConfig, tokenizer: Any) -> Sampling | None:
     return Sampling(
         o.lmbda, o.max_new_tokens, o.temperature, o.top_p, o.max_prompt_length, tokenizer.eos_token_id, pad
     )
-
-
-def hidden_pairs(
-    cfg: RunConfig, teachers: dict[str, tuple[int, int]], student: tuple[int, int]
-) -> list[tuple[str, LayerPairs]]:
-    """Each teacher's `(teacher_layer, student_layer)` pairs for loss.hidden.
-
-    `teachers` maps each teacher's name to its `(layers, hidden size)`, `student` is the student's.
-    `auto` pairs layers at the same relative depth (`auto_layer_pairs`), except that a `from_teacher`
-    student's layers pair with the layers of the first teacher they were copied from (spread evenly too,
-    first and last included): each student layer starts as a copy of the teacher layer it is paired with.
-    """
-    layers, several = cfg.loss.hidden.layers, len(teachers) > 1
-    found = []
-    for index, (name, _) in enumerate(cfg.teacher_list()):
-        depth = teachers[name][0]
-        if layers == "auto" and index == 0 and cfg.student.from_teacher is not None:
-            pairs = copied_layer_pairs(keep_indices(depth, student[0]))
-        else:
-            key = f"loss.hidden.layers (teacher {name!r})" if several else "loss.hidden.layers"
-            pairs = resolve_layer_pairs(layers, depth, student[0], key)
-        found.append((name, pairs))
-    return found
 
 
 def build_projections(

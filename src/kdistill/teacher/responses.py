@@ -33,19 +33,30 @@ from kdistill.models.compact import expanded_weights
 log = logging.getLogger("kdistill")
 
 
+def check_responses_teacher(cfg: RunConfig) -> None:
+    """`data.responses: teacher` needs the first teacher to run as a model."""
+    if cfg.data.responses == "teacher" and cfg.teacher.cache is not None:
+        raise KdistillError(
+            "data.responses: teacher needs a live teacher; give teacher.model without a cache"
+        )
+
+
 def load_data(
-    cfg: RunConfig, tokenizer: Any, teacher: Any | None, cross: dict[str, Any] | None = None
+    cfg: RunConfig,
+    tokenizer: Any,
+    teacher: Any | None,
+    cross: dict[str, Any] | None = None,
+    ready: DataSplits | None = None,
 ) -> DataSplits:
     """The tokenized splits; with `data.responses: teacher` the (live) `teacher` writes the responses.
 
     `cross` names the teachers with another tokenizer (name -> tokenizer): rows get their views.
+    `ready` is the same data with the dataset's responses, already built (by the checks before
+    training): it is used as it is unless the teacher writes the responses.
     """
     respond = None
     if cfg.data.responses == "teacher":
-        if teacher is None:
-            raise KdistillError(
-                "data.responses: teacher needs a live teacher; give teacher.model without a cache"
-            )
+        check_responses_teacher(cfg)
 
         def respond(examples: list[Example]) -> list[Example]:
             return with_teacher_responses(
@@ -58,14 +69,12 @@ def load_data(
                 label=f"teacher responses: {cfg.teacher.model}",
             )
 
-    data = build_datasets(cfg.data, tokenizer, cfg.training.seed, respond, cross)
-    log.info(
-        "data: %d training and %d validation rows (%s format), %d dropped for length",
-        len(data.train),
-        len(data.validation),
-        data.format,
-        data.dropped,
-    )
+    if respond is None and ready is not None:
+        data = ready
+    else:
+        data = build_datasets(cfg.data, tokenizer, cfg.training.seed, respond, cross)
+    say = log.info if data.validation else log.warning  # an empty held-out split is said before training
+    say("data: %s", data.describe())
     return data
 
 

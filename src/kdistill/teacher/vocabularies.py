@@ -8,6 +8,7 @@ both tokenizers read the same text, positions are aligned through character offs
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ from kdistill.data.tokenize import require_fast
 from kdistill.errors import KdistillError
 from kdistill.losses import VocabMap, build_vocab_map
 from kdistill.models.build import student_source, teacher_source
-from kdistill.models.loading import load_config_only, load_tokenizer
+from kdistill.models.loading import ModelSource, load_config_only, load_tokenizer
 from kdistill.models.parts import logit_width
 
 
@@ -46,21 +47,24 @@ class Vocabularies:
         self._maps: dict[str, VocabMap] = {}
 
 
-def load_vocabularies(cfg: RunConfig) -> Vocabularies:
+def load_vocabularies(
+    cfg: RunConfig, config_of: Callable[[ModelSource], Any] = load_config_only
+) -> Vocabularies:
     """Load the tokenizers and model configs, sort teachers into same- and cross-vocabulary ones.
 
     A cache-only teacher is sorted when its cache is opened (its manifest records its tokenizer).
+    `config_of` reads a model's config (the caller's memo: a GGUF file's takes seconds to parse).
     """
     named = [(name, t) for name, t in cfg.teacher_list() if t.model is not None]
     if cfg.student.model is None and not named:
         raise KdistillError("student.from_teacher needs the teacher's model; give teacher.model")
     s_source = student_source(cfg.student) if cfg.student.model is not None else teacher_source(named[0][1])
-    s_tok, s_width = load_tokenizer(s_source), logit_width(load_config_only(s_source))
+    s_tok, s_width = load_tokenizer(s_source), logit_width(config_of(s_source))
     student_name = cfg.student.model or named[0][1].model
     vocabs = Vocabularies(s_tok, s_width)
     for name, teacher in named:
         source = teacher_source(teacher)
-        t_tok, t_width = load_tokenizer(source), logit_width(load_config_only(source))
+        t_tok, t_width = load_tokenizer(source), logit_width(config_of(source))
         if same_vocabulary(t_tok, s_tok):
             vocabs.width = min(
                 vocabs.width, shared_vocab_size(teacher.model, t_tok, t_width, student_name, s_tok, s_width)
