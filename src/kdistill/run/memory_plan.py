@@ -46,6 +46,8 @@ def _teacher_bits(cfg: RunConfig, cpu: bool) -> tuple[float, float, bool]:
     """(bits per decoder-layer weight, bytes per embedding weight, expanded to fp32 while loading)."""
     t = cfg.teacher
     compute = 4 if cpu else 2
+    if t.model is None or t.cache:  # a teacher cache: no weights
+        return 0.0, 0, False
     if t.quantization == "4bit":  # NF4: 4 bits and a 32-bit absmax per 64 (8 bits per 256 on GPU)
         return (4.5 if cpu else 4.13), compute, False
     if t.quantization == "8bit":
