@@ -8,6 +8,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from kdistill.errors import KdistillError, ResumableInterrupt
 from kdistill.files import RunFiles
@@ -46,11 +47,12 @@ def _parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from the newest checkpoint in output_dir"
     )
     start.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
-    with_config(
+    validate = with_config(
         "validate",
         "Check CONFIG, its data, the models and how their vocabularies are matched: every check train makes "
         "before it loads weights; no training.",
     )
+    _memory_options(validate)
     with_config(
         "cache",
         "Run every teacher that has both `model` and `cache` over the data once and write its top-k "
@@ -74,6 +76,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     _eval_commands(commands)
     return parser
+
+
+def _memory_options(validate: argparse.ArgumentParser) -> None:
+    memory = validate.add_argument_group("memory pre-flight (from config.json files; loads no weights)")
+    memory.add_argument(
+        "--memory",
+        action="store_true",
+        help="estimate the run's peak memory, part by part, and whether it fits",
+    )
+    memory.add_argument(
+        "--device-memory",
+        metavar="SIZE|GPU",
+        help="a GPU's memory (24GB, 80GiB) or name (L4, A100-40GB, H100, RTX4090); "
+        "default: this machine's RAM, the run on CPU",
+    )
+    memory.add_argument("--processes", type=int, default=1, help="training processes (GPUs), default 1")
+    memory.add_argument(
+        "--strategy",
+        default="ddp",
+        choices=["ddp", "fsdp", "zero2", "zero3"],
+        help="how the student is shared among processes: replicated (ddp), or sharded (fsdp, zero3: weights, "
+        "gradients and AdamW state; zero2: gradients and AdamW state)",
+    )
 
 
 def _eval_commands(commands: argparse._SubParsersAction) -> None:
@@ -218,6 +243,9 @@ def _validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     for line in validate_run(cfg):
         print(line)
+    if args.memory:
+        for line in _memory(cfg, args):
+            print(line)
     print(f"{args.config}: OK")
     return 0
 
@@ -248,6 +276,18 @@ def _serve(args: argparse.Namespace) -> int:
             print("stopping the servers", flush=True)
             return 0
     raise KdistillError(f"a server stopped by itself; see the logs in {logs}")
+
+
+def _memory(cfg: Any, args: argparse.Namespace) -> list[str]:
+    from kdistill.run.memory_plan import longest_row, machine_memory, memory_lines, memory_plan
+    from kdistill.run.memory_shapes import device_bytes
+
+    if args.processes < 1:
+        raise KdistillError(f"--processes {args.processes}: expected 1 or more")
+    budget = device_bytes(args.device_memory) if args.device_memory else None
+    plan = memory_plan(cfg, budget, args.processes, args.strategy, longest_row(cfg))
+    name = args.device_memory or "this machine's RAM (CPU run)"
+    return memory_lines(cfg, plan, budget or machine_memory(), name)
 
 
 def _rank() -> int:

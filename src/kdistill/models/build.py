@@ -173,6 +173,21 @@ def meta_model(
         return None
 
 
+def checkpoint_student(model: Any) -> None:
+    """Gradient checkpointing of the student's decoder layers, through transformers.
+
+    Non-reentrant checkpointing recomputes each layer in backward wherever the decoder is called
+    from (the loss calls it directly), and gives the same gradients. A LoRA student's frozen
+    embeddings still get an output that requires grad, so the recomputed layers see one.
+    transformers checkpoints a layer only in training mode, so the student is put in it (the run
+    trains in it anyway: held-out evaluation restores the wrapper's training mode).
+    """
+    model.train()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "peft_config"):
+        model.enable_input_require_grads()
+
+
 def keep_indices(total: int, keep: int) -> list[int]:
     """`keep` layer indices evenly spaced over `total`, first and last included."""
     if keep == 1:

@@ -15,6 +15,7 @@ from transformers import get_cosine_schedule_with_warmup
 from kdistill.config import RunConfig, save_config
 from kdistill.data import Collator
 from kdistill.files import RunFiles
+from kdistill.models.build import checkpoint_student
 from kdistill.objective.batch import LossSettings, StudentLoss
 from kdistill.run.accelerator import flat_hparams, mixed_precision, whole_models
 from kdistill.run.checkpoint import check_resume_config, check_writable, save_checkpoint
@@ -120,6 +121,8 @@ def _build_run(
         parts = build_components(cfg, accelerator.device, config_path)
     _open_run_folder(cfg, out, accelerator, resume, overwrite)
     model = StudentLoss(parts.student, parts.projections)
+    if t.gradient_checkpointing:
+        checkpoint_student(parts.student)
     lean_student(parts.student, accelerator)  # one process: leaner gradients and activations
     optimizer = adamw(param_groups(model, t.weight_decay), t.learning_rate)
     rows_per_window = t.batch_size * accelerator.num_processes * t.gradient_accumulation_steps
