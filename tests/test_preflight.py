@@ -7,13 +7,11 @@ case here fails `test_every_check_has_a_case`.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from conftest import tiny_config, write_config
@@ -125,8 +123,8 @@ def test_validate_and_train_refuse_alike_without_loading_weights(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     setup, message = CASES[check.__name__]
-    if check in MACHINE_CHECKS and torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes"):
-        pytest.skip("this machine can load a 4-bit teacher")
+    if check in MACHINE_CHECKS:  # a machine without bitsandbytes, whatever this one has
+        monkeypatch.setattr("kdistill.models.build.bitsandbytes_version", lambda: None)
     sections = setup(tmp_path, tiny)
     out = Path(sections.pop("output_dir", tmp_path / "out"))
     config = write_config(tmp_path / "run.yaml", tiny_config(tiny, out, **sections))

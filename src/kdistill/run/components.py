@@ -42,8 +42,8 @@ class Components:
 
 def build_components(cfg: RunConfig, device: torch.device, config_path: str = "CONFIG") -> Components:
     """Make validate's checks (`run/preflight.py`), then load the models, the data and any teacher caches."""
+    check_on_policy(cfg)  # needs nothing loaded
     plan = run_checks(cfg)  # every refusal that needs no weights, before any weight loads
-    check_on_policy(cfg)
     vocabs = plan.vocabs
     check_on_policy_vocabularies(cfg, vocabs.cross)
     tokenizer, vocab_size = vocabs.tokenizer, vocabs.width

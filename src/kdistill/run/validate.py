@@ -61,8 +61,8 @@ def validate_run(cfg: RunConfig) -> list[str]:
     its keys, the checks that read no model, and from kdistill's table of known models, whether and how
     the vocabularies are aligned. The lines say what could not be loaded.
     """
-    plan = run_checks(cfg, LOCAL_CHECKS)
     check_on_policy(cfg)
+    plan = run_checks(cfg, LOCAL_CHECKS)
     try:
         run_checks(cfg, MODEL_CHECKS, plan)
     except KdistillError as err:
