@@ -115,7 +115,7 @@ def test_two_processes_match_one_with_twice_the_accumulation(tmp_path: Path, tin
         return sorted(str(p.relative_to(out)) for p in out.rglob("*"))
 
     assert listing(tmp_path / "pair") == listing(tmp_path / "single")
-    assert done.stderr.count("data: 40 training and 8 validation rows") == 1
+    assert done.stderr.count("data: 40 training rows (0 dropped), 8 validation rows (0 dropped)") == 1
     assert done.stderr.count("before training: held-out KL") == 1
     assert "student written to" in done.stdout and done.stdout.count("held-out") == 1
 
@@ -264,7 +264,7 @@ def test_deepspeed_matches_one_process(tmp_path: Path, tiny: dict, name: str, se
     )
 
     _assert_same_losses(tmp_path / "single", tmp_path / "pair")
-    assert done.stderr.count("data: 40 training and 8 validation rows") == 1
+    assert done.stderr.count("data: 40 training rows (0 dropped), 8 validation rows (0 dropped)") == 1
     # DeepSpeed ran on both processes: its checkpoint holds one optimizer shard per process.
     shards = tmp_path / "pair" / "checkpoints" / "step-0000004" / "pytorch_model"
     assert sorted(p.name for p in shards.glob("zero_pp_rank_*_optim_states.pt")) == [
