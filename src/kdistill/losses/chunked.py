@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from kdistill.losses.chunk_gradients import accumulate, grad_buffers
 from kdistill.losses.divergences import DIVERGENCES, Divergence, check_divergence
 from kdistill.losses.ensemble import ensemble_divergence
 from kdistill.losses.policy import POLICY_LOSSES
@@ -113,42 +114,6 @@ def _slice_target(target, start: int, end: int) -> Tensor | Sparse | Ensemble | 
     return None if target is None else target[start:end]
 
 
-def _accumulate(
-    grad_logits: Tensor, h: Tensor, w: Tensor, start: int, grad_h, grad_w, grad_b, w_scale: float = 1.0
-) -> None:
-    """Back-propagate one chunk's fp32 logit gradient ``(n, V)`` through the head into the buffers
-    (the head's times ``w_scale``)."""
-    if grad_b is not None:
-        grad_b += grad_logits.sum(0)
-    grad_logits = grad_logits.to(w.dtype)  # the matmul precision autograd would use
-    if grad_h is not None:
-        torch.mm(grad_logits, w, out=grad_h[start : start + h.shape[0]])
-    if grad_w is None:
-        return
-    if w.dtype == grad_w.dtype:
-        grad_w.addmm_(grad_logits.t(), h, alpha=w_scale)  # in place: no (V, H) temporary per chunk
-    else:
-        grad_w += grad_logits.t() @ h
-
-
-def _grad_buffers(ctx, hidden: Tensor, head: Tensor, needs: tuple[bool, bool, bool], head_scale):
-    """The buffers the gradients of `hidden`, the head and its bias are accumulated in, chunk by chunk."""
-    need_h, need_w, need_b = needs
-    # Contiguous, whatever hidden's strides, so each chunk's rows can be written in place.
-    grad_h = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
-    # The head gradient sums over chunks, so it accumulates in fp32 even for bf16 weights; with
-    # `head_scale` it goes straight into the parameter's own gradient, already scaled.
-    ctx.head_scale = head_scale if need_w else None
-    if ctx.head_scale is not None:
-        if head.grad is None:
-            head.grad = torch.zeros_like(head)
-        grad_w = ctx.direct_grad = head.grad
-    else:
-        grad_w = torch.zeros(head.shape, dtype=torch.float32, device=head.device) if need_w else None
-    grad_b = torch.zeros(head.shape[0], dtype=torch.float32, device=head.device) if need_b else None
-    return grad_h, grad_w, grad_b
-
-
 class _ChunkedLoss(torch.autograd.Function):
     """Loss sums whose gradients are computed chunk by chunk during forward; backward only scales them."""
 
@@ -160,7 +125,7 @@ class _ChunkedLoss(torch.autograd.Function):
             None if bias is None else bias.detach(),
             any(needs),
         )
-        grad_h, grad_w, grad_b = _grad_buffers(ctx, hidden, head, needs, head_scale)
+        grad_h, grad_w, grad_b = grad_buffers(ctx, hidden, head, needs, head_scale)
         sums = torch.zeros(3 + _num_parts(spec), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_size):
             end = min(n, start + chunk_size)
@@ -184,7 +149,7 @@ class _ChunkedLoss(torch.autograd.Function):
                 logits[rows] = grad  # the block's logits, no longer needed, become their gradient
             del target
             if want_grad:  # the logits now hold their gradient
-                _accumulate(logits, h, w, start, grad_h, grad_w, grad_b, head_scale or 1.0)
+                accumulate(logits, h, w, start, grad_h, grad_w, grad_b, head_scale or 1.0)
             del logits  # free the chunk before the next one is made
         ctx.grads = (
             grad_h,
