@@ -206,6 +206,11 @@ def peak_after(steps: list[tuple[str, int]]) -> int:
     return steps[-1][1] if steps else 0
 
 
+def _helps(changed: Plan, current: Plan) -> bool:
+    """A change worth suggesting lowers the peak by at least 1 %."""
+    return peak(changed) < 0.99 * peak(current)
+
+
 def suggestions(p: Plan, budget: int, quantizable: bool, cacheable: bool) -> list[tuple[str, int]]:
     """The cheapest changes that make `p` fit in `budget`, in order, each with the peak after it
     (changes accumulate; the list stops at the first that fits)."""
@@ -233,13 +238,15 @@ def suggestions(p: Plan, budget: int, quantizable: bool, cacheable: bool) -> lis
         if peak(current) <= budget:
             return steps
         changed = replace(current, **change)
-        if useful and peak(changed) < peak(current):
+        if useful and _helps(changed, current):
             current = changed
             steps.append((text, peak(current)))
     length = p.length
     while length > 128 and peak(current) > budget:
-        length //= 2
-        current = replace(current, length=length)
+        shorter = replace(current, length=length // 2, trained=current.trained // 2)
+        if not _helps(shorter, current):
+            break  # the peak hardly depends on the length any more
+        current, length = shorter, length // 2
         steps.append((f"data.max_length={length}", peak(current)))
     if peak(current) > budget and p.chunk_rows > 64:
         current = replace(current, chunk_rows=64)
