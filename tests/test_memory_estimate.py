@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PhiConfig
 
 from conftest import tiny_config, write_config
 from kdistill.cli import main
@@ -14,7 +16,7 @@ from kdistill.models.parts import base_model
 from kdistill.run.batches import length_grouped_batches
 from kdistill.run.lean import lean_gated_mlps
 from kdistill.run.memory import GB, PHASES, Model, Plan, layer_activations, parts, peak, phase_totals
-from kdistill.run.memory_plan import memory_plan, suggestions
+from kdistill.run.memory_plan import _teacher_bits, memory_plan, suggestions
 from kdistill.run.memory_shapes import KNOWN_ARCHITECTURES, device_bytes, padded, shape_of, widest_batch
 
 
@@ -35,8 +37,21 @@ def test_device_sizes_and_gpu_names() -> None:
         device_bytes("big")
 
 
-def test_seed_recipe_estimate_and_advice(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No hub: the seed's models come from kdistill's table of known models.
+
+    huggingface_hub reads HF_HUB_OFFLINE once, when it is imported; another test module may have
+    imported it already, and then the variable alone leaves every download retrying for seconds.
+    """
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.mark.usefixtures("offline")
+def test_seed_recipe_estimate_and_advice() -> None:
     cfg = load_config("configs/seed.yaml")
     plan = memory_plan(cfg, 24 * GB)
     split = parts(plan)
@@ -53,8 +68,8 @@ def test_seed_recipe_estimate_and_advice(monkeypatch: pytest.MonkeyPatch) -> Non
     assert peak(sharded) < peak(plan)
 
 
-def test_validate_memory_prints_a_verdict(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.mark.usefixtures("offline")
+def test_validate_memory_prints_a_verdict(capsys) -> None:
     assert main(["validate", "configs/seed.yaml", "--memory", "--device-memory", "L4"]) == 0
     out = capsys.readouterr().out
     assert "teacher weights" in out and "verdict:" in out
@@ -83,9 +98,6 @@ def _saved_bytes(model: torch.nn.Module, rows: int, length: int) -> int:
 
 def _saved_per_token_layer(config, rows: int, length: int, lora_rank: int = 0, lean: bool = False) -> float:
     """Values autograd saves per token and decoder layer: three layers less one."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     saved = []
     for layers in (1, 3):
         torch.manual_seed(0)
@@ -123,9 +135,6 @@ PHI = dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, partial
     [("llama", 0, False), ("llama", 0, True), ("llama", 8, False), ("phi", 0, False), ("phi", 8, False)],
 )
 def test_activations_are_what_autograd_saves(family: str, lora_rank: int, lean: bool) -> None:
-    # Imported here: at module level transformers would read HF_HUB_OFFLINE before the seed tests set it.
-    from transformers import LlamaConfig, PhiConfig
-
     if family == "llama":  # gated MLP, two RMSNorms, grouped key-value heads
         config = LlamaConfig(**LLAMA, vocab_size=128)
     else:  # one LayerNorm, ungated MLP with gelu_new written out in Python
@@ -137,8 +146,8 @@ def test_activations_are_what_autograd_saves(family: str, lora_rank: int, lean: 
         assert estimated == pytest.approx(counted, rel=0.03)
 
 
-def test_on_policy_steps_count_the_generation_kv_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.mark.usefixtures("offline")
+def test_on_policy_steps_count_the_generation_kv_cache() -> None:
     assert parts(memory_plan(load_config("configs/seed.yaml"), 24 * GB))["generation KV cache"] == 0
     sets = ["training.on_policy.lmbda=0.5", "training.on_policy.max_new_tokens=128"]
     sets.append("training.on_policy.max_prompt_length=256")
@@ -156,8 +165,6 @@ def test_on_policy_steps_count_the_generation_kv_cache(monkeypatch: pytest.Monke
 
 
 def test_the_widest_batch_is_among_those_the_run_sees(tiny: dict, tmp_path) -> None:
-    from transformers import AutoTokenizer
-
     config = load_config(write_config(tmp_path / "run.yaml", tiny_config(tiny, tmp_path / "out")))
     data = build_datasets(config.data, AutoTokenizer.from_pretrained(tiny["teacher"]), 0, None)
     lengths = [len(row.input_ids) for row in data.train]
@@ -166,3 +173,19 @@ def test_the_widest_batch_is_among_those_the_run_sees(tiny: dict, tmp_path) -> N
     assert widest_batch(one_step).width == padded(max(lengths[i] for i in first))
     whole = widest_batch(config)
     assert whole.width == padded(max(lengths)) and whole.width % 8 == 0
+
+
+@pytest.mark.parametrize(
+    "file, bits", [("m.Q4_1.gguf", 5.0), ("m.Q4_0.gguf", 5.0), ("m-q4_k_m.gguf", 32.0), ("m-BF16.gguf", 16.0)]
+)
+def test_teacher_weights_on_cpu_by_form(tmp_path, file: str, bits: float) -> None:
+    (tmp_path / file).write_bytes(b"")
+    sections = {"teacher": {"model": str(tmp_path), "gguf_file": file}, "output_dir": str(tmp_path)}
+    sections |= {"student": {"from_teacher": {"num_layers": 1}}, "data": {"source": "builtin:quickstart"}}
+    cfg = load_config(write_config(tmp_path / "run.yaml", sections))
+    # teacher.compact keeps exactly only Q4_0/Q4_1 blocks (and bf16 values); the rest stays fp32
+    assert _teacher_bits(cfg, cpu=True) == (bits, 4, False, True)
+    quantized = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"quantization": "4bit"})})
+    # NF4 layers, and the fp32 checkpoint bitsandbytes quantized from stays mapped
+    assert _teacher_bits(quantized, cpu=True) == (4.13, 0, True, False)
+    assert _teacher_bits(quantized, cpu=False) == (4.13, 2, False, False)
