@@ -74,7 +74,7 @@ class Plan:
     student_bytes: int  # bytes per frozen weight of the student (a LoRA base), 4 if fully trained
     lora_params: int  # 0 when every weight trains
     rows: int  # micro-batch
-    length: int  # tokens per row of the widest batch trained on (at most max_length)
+    length: int  # tokens per row of the widest batch trained on
     checkpointing: bool
     act_bytes: int  # 4 (fp32) on CPU, 2 under bf16 mixed precision
     lean_mlp: bool  # run.lean's gated MLPs (single process, fp32, full student)
@@ -101,9 +101,9 @@ def layer_activations(p: Plan) -> int:
     Pre-norm layers (Llama, Mistral, Qwen, SmolLM2) keep each norm's input, its normalised input (for
     the norm's weight; not when it is frozen) and its output; one-norm layers (Phi) keep about three
     hidden-sized tensors. Attention keeps q, k and v (k and v repeated to every head when padding
-    masks them) and its output, and an fp32 copy of the (T, T) padding mask per row. The MLP keeps
-    `mlp_saved` intermediate-sized tensors (a gated one 4, or 2 in `run.lean`), LoRA the rank-r
-    input of each adapter.
+    masks them) and its output, and torch's copy of the padding mask, (T, T) per row. The MLP keeps
+    `mlp_saved` intermediate-sized tensors (a gated one 4, or 2 in `run.lean`; 5 for a `gelu_new`
+    written out in Python), LoRA the rank-r input of each adapter.
     """
     s = p.student
     norms = 3 if s.parallel else (4 if p.lora_params else 6)
@@ -120,7 +120,7 @@ def _activations(p: Plan) -> int:
 
 
 def _one_layer(p: Plan) -> int:
-    """One decoder layer's activations: what backward holds beside the gradients."""
+    """One decoder layer's activations: the layer backward recomputes under checkpointing."""
     return p.rows * p.length * layer_activations(p) * p.act_bytes
 
 
