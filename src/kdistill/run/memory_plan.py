@@ -92,6 +92,18 @@ def on_policy_widths(cfg: RunConfig, widest: Widest) -> tuple[int, int, int, int
     return max(widest.width, generated), trained, prompt, op.max_new_tokens
 
 
+def _shapes(cfg: RunConfig) -> tuple[Shape | None, Shape, int]:
+    """The teacher's shape (None without its model), the student's, and the student's layers."""
+    t, s = cfg.teacher, cfg.student
+    t_shape = _shape(t.model, teacher_source(t)) if t.model else None
+    if s.from_teacher is None:
+        s_shape = _shape(s.model, student_source(s))
+        return t_shape, s_shape, s_shape.layers
+    if t_shape is None:
+        raise KdistillError("student.from_teacher needs the teacher's model; give teacher.model")
+    return t_shape, t_shape, s.from_teacher.num_layers
+
+
 def memory_plan(
     cfg: RunConfig,
     device: int | None,
@@ -105,14 +117,7 @@ def memory_plan(
     if strategy not in STRATEGIES:
         raise KdistillError(f"--strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
     cpu, t, s, tr, d = device is None, cfg.teacher, cfg.student, cfg.training, cfg.data
-    t_shape = _shape(t.model, teacher_source(t)) if t.model else None
-    if s.from_teacher is not None:
-        if t_shape is None:
-            raise KdistillError("student.from_teacher needs the teacher's model; give teacher.model")
-        s_shape, layers = t_shape, s.from_teacher.num_layers
-    else:
-        s_shape = _shape(s.model, student_source(s))
-        layers = s_shape.layers
+    t_shape, s_shape, layers = _shapes(cfg)
     bits, embed, mapped, expand = _teacher_bits(cfg, cpu)
     rows = tr.micro_batch_size or tr.batch_size
     most = padded(cfg.data.max_length)
@@ -149,9 +154,7 @@ def memory_plan(
         lora_rank=s.lora.r if lora else 0,
         accumulating=tr.gradient_accumulation_steps > 1 or rows < tr.batch_size,
         trained=trained * rows // tr.batch_size,
-        eval_rows=(tr.eval_batch_size or tr.batch_size)
-        if cfg.data.validation_source or d.validation_size
-        else 0,
+        eval_rows=(tr.eval_batch_size or tr.batch_size) if d.validation_source or d.validation_size else 0,
         prompt=prompt,
         new_tokens=new_tokens,
         processes=processes,
