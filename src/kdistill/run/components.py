@@ -99,6 +99,14 @@ def check_on_policy(cfg: RunConfig) -> None:
             "(a cache cannot score the student's own responses, and only off-policy steps read it); "
             "use lmbda < 1 or remove those teachers"
         )
+    served = [name for name, t in cfg.teacher_list() if t.server]
+    if served and cfg.training.on_policy.mode == "sampled" and cfg.loss.temperature != 1.0:
+        raise KdistillError(
+            f"training.on_policy.mode=sampled with the served teacher(s) {', '.join(served)} needs "
+            f"loss.temperature: 1 (got {cfg.loss.temperature:g}): a server gives each sampled token's "
+            "log-prob at T = 1, and a tempered one needs the whole distribution; set loss.temperature: 1 "
+            "or mode: divergence"
+        )
     if cfg.loss.alpha == 0:
         raise KdistillError(
             "training.on_policy.lmbda > 0 with loss.alpha=0: a generated batch has no CE term, so it would "
