@@ -142,7 +142,7 @@ def test_on_policy_training_lowers_reverse_kl_on_own_samples(tmp_path: Path, tin
         tiny,
         tmp_path / "out",
         loss={"divergence": "reverse_kl", "alpha": 1.0, "temperature": 1.0},
-        training={"max_steps": 20, "learning_rate": 3e-3, "on_policy": ON},
+        training={"max_steps": 40, "learning_rate": 3e-3, "on_policy": ON},
     )
     path = write_config(tmp_path / "run.yaml", config)
     parts = build_components(load_config(path), torch.device("cpu"))  # the student as training starts
@@ -151,7 +151,7 @@ def test_on_policy_training_lowers_reverse_kl_on_own_samples(tmp_path: Path, tin
     before = _own_reverse_kl(parts.student, teacher, batch, tokenizer)
     assert main(["train", str(path)]) == 0
     after = _own_reverse_kl(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), teacher, batch, tokenizer)
-    assert after < 0.95 * before  # measured: 1.312 -> 1.175
+    assert after < 0.9 * before  # measured: 1.312 -> 1.096 (40 steps)
 
 
 def test_several_live_teachers_score_generated_batches(tmp_path: Path, tiny: dict) -> None:

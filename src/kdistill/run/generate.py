@@ -104,13 +104,19 @@ def generated_window(
     sampling: Sampling,
     collator: Collator,
     seed: int,
+    process: tuple[int, int] = (0, 1),
 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, float]]:
     """`window` with every batch's responses written by the student, and the generation's sums
-    (`gen_tokens`, `gen_rows`, `gen_seconds`). `seed` differs per step and per process."""
+    (`gen_tokens`, `gen_rows`, `gen_seconds`). `seed` differs per step; `process` is `(index, count)`.
+
+    Each batch samples from its own seed, by its place in the step's global window (`i * count +
+    index`): N processes of one micro-batch each sample what one process accumulating N writes.
+    """
     started, batches, tokens, count = time.perf_counter(), [], 0, 0
+    index, processes = process
     for i, batch in enumerate(window):
         rows = prompts(batch, sampling.max_prompt_length)
-        written = sample(student, rows, sampling, seed * 1009 + i)
+        written = sample(student, rows, sampling, seed * 1009 + i * processes + index)
         items = [Tokenized(p + r, [IGNORE_INDEX] * len(p) + r) for p, r in zip(rows, written)]
         device = batch["input_ids"].device
         batches.append({k: v.to(device) for k, v in collator.pad(items, collator.pad_token_id).items()})

@@ -129,9 +129,9 @@ def _on_policy(run: Run, window: list[dict[str, Any]], step: int) -> tuple[list[
     if run.sampling is None or not is_on_policy(run.sampling.lmbda, seed, step):
         return window, {}
     student = run.accelerator.unwrap_model(run.model).model
-    # The samples differ per step and per process (each process writes for its own rows).
-    sample_seed = (seed * 100_003 + step) * 1_009 + run.accelerator.process_index
-    return generated_window(student, window, run.sampling, run.collator, sample_seed)
+    # The samples differ per step and per batch; each process writes for its own rows.
+    process = (run.accelerator.process_index, run.accelerator.num_processes)
+    return generated_window(student, window, run.sampling, run.collator, seed * 100_003 + step, process)
 
 
 def _starting_point(run: Run, resume: bool) -> tuple[int, int, int]:
