@@ -38,6 +38,7 @@ class Components:
     vocab_size: int
     projections: list[HiddenProjections] = field(default_factory=list)  # per teacher, with loss.hidden
     teacher_pads: dict[str, int] = field(default_factory=dict)  # pad ids of teachers of another tokenizer
+    teacher_tokenizers: dict[str, Any] = field(default_factory=dict)  # the same teachers' tokenizers
 
 
 def build_components(cfg: RunConfig, device: torch.device, config_path: str = "CONFIG") -> Components:
@@ -54,7 +55,7 @@ def build_components(cfg: RunConfig, device: torch.device, config_path: str = "C
     teachers = build_teachers(cfg, live, vocabs, data, config_path)
     projections = build_projections(cfg, live, student, device)
     pads = {name: tok.pad_token_id for name, tok in vocabs.cross.items()}
-    return Components(teachers, student, tokenizer, data, vocab_size, projections, pads)
+    return Components(teachers, student, tokenizer, data, vocab_size, projections, pads, vocabs.cross)
 
 
 def load_student_and_teachers(cfg: RunConfig, device: torch.device) -> tuple[Any, dict[str, Any]]:
@@ -115,13 +116,15 @@ def check_on_policy(cfg: RunConfig) -> None:
 
 
 def check_on_policy_vocabularies(cfg: RunConfig, cross: dict[str, Any]) -> None:
-    """Teachers of another tokenizer are not supported on generated batches yet."""
-    if cfg.training.on_policy.lmbda > 0 and cross:
+    """`sampled` mode reads the teacher's log-prob of each token the student sampled, which a teacher of
+    another tokenizer does not have (it reads other tokens); `divergence` mode re-aligns each response."""
+    on = cfg.training.on_policy
+    if on.lmbda > 0 and on.mode == "sampled" and cross:
         raise KdistillError(
-            "training.on_policy.lmbda > 0 with teacher(s) of another tokenizer "
-            f"({', '.join(sorted(cross))}): their view of a generated response would have to be "
-            "re-tokenized and re-aligned at every step, which kdistill does not do yet; use "
-            "same-tokenizer teachers or lmbda: 0"
+            "training.on_policy.mode=sampled with teacher(s) of another tokenizer "
+            f"({', '.join(sorted(cross))}): that mode needs the teacher's log-prob of each token the "
+            "student sampled, and such a teacher reads the response as other tokens; use mode: divergence "
+            "(each response is re-aligned to the teacher's tokens) or same-tokenizer teachers"
         )
 
 

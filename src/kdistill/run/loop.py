@@ -19,6 +19,7 @@ from kdistill.config import RunConfig
 from kdistill.files import RunFiles
 from kdistill.run.batches import epoch_loader, windows
 from kdistill.run.checkpoint import latest_checkpoint, load_checkpoint, remove_partial
+from kdistill.run.cross_samples import with_teacher_views
 from kdistill.run.export import export_student
 from kdistill.run.flops import model_shape
 from kdistill.run.generate import generated_window, is_on_policy
@@ -131,7 +132,20 @@ def _on_policy(run: Run, window: list[dict[str, Any]], step: int) -> tuple[list[
     student = run.accelerator.unwrap_model(run.model).model
     # The samples differ per step and per batch; each process writes for its own rows.
     process = (run.accelerator.process_index, run.accelerator.num_processes)
-    return generated_window(student, window, run.sampling, run.collator, seed * 100_003 + step, process)
+    written, sums = generated_window(
+        student, window, run.sampling, run.collator, seed * 100_003 + step, process
+    )
+    if run.parts.teacher_tokenizers:  # teachers of another tokenizer read each response re-aligned
+        longest = run.cfg.data.max_length + run.sampling.max_new_tokens
+        args = (
+            run.parts.data.train,
+            run.parts.tokenizer,
+            run.parts.teacher_tokenizers,
+            longest,
+            run.collator,
+        )
+        written = with_teacher_views(window, written, *args)
+    return written, sums
 
 
 def _starting_point(run: Run, resume: bool) -> tuple[int, int, int]:
