@@ -78,10 +78,7 @@ def _steps(run: Run, step: int, epoch: int, skip: int) -> int:
             for index, window in enumerate(windows(loader, t.gradient_accumulation_steps)):
                 if index < skip:
                     continue  # already trained before the checkpoint we resumed from
-                window, generated = _on_policy(run, window, step + 1)
-                on = bool(generated)
-                stats = run.backoff.run(lambda w, on=on: _step(run, w, on), window, step + 1)
-                stats.update(generated)
+                stats = run.backoff.run(lambda w, s=step + 1: _generate_and_step(run, w, s), window, step + 1)
                 run.scheduler.step()
                 step += 1
                 bar.update(1)
@@ -105,6 +102,18 @@ def _steps(run: Run, step: int, epoch: int, skip: int) -> int:
                     break
             epoch, skip = epoch + 1, 0
     return step
+
+
+def _generate_and_step(run: Run, window: list[dict[str, Any]], step: int) -> dict[str, float]:
+    """One optimizer step; on an on-policy step the student first writes the window's responses.
+
+    Both run inside the out-of-memory back-off: a generation that runs out of memory is retried, with
+    the step, on the window cut into smaller micro-batches (each writes for its own rows).
+    """
+    window, generated = _on_policy(run, window, step)
+    stats = _step(run, window, bool(generated))
+    stats.update(generated)
+    return stats
 
 
 def _step(run: Run, window: list[dict[str, Any]], generated: bool = False) -> dict[str, float]:
