@@ -165,7 +165,13 @@ def _cache(args: argparse.Namespace) -> int:
     from kdistill.teacher.precompute import cache_teachers
 
     cfg = load_config(args.config, args.overrides)
-    for name, manifest in cache_teachers(cfg, default_device()):
+    try:
+        built = list(cache_teachers(cfg, default_device()))
+    except KeyboardInterrupt:
+        raise ResumableInterrupt(
+            "cache: interrupted; every shard written so far is kept, and the next run builds only the rest"
+        ) from None
+    for name, manifest in built:
         header = manifest["header"]
         tokens = sum(s["tokens"] for s in manifest["splits"].values())
         size = sum(sh["bytes"] for s in manifest["splits"].values() for sh in s["shards"])
