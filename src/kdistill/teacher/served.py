@@ -159,6 +159,14 @@ class ServedTeacher:
         raise AssertionError("unreachable")
 
 
+def http_json(url: str, body: dict | None, timeout: float) -> dict[str, Any]:
+    """POST `body` (GET when None) and read a JSON answer; one try, errors say the URL and what went wrong."""
+    try:
+        return _http_json(url, body, timeout)
+    except KdistillError as err:
+        raise KdistillError(err.args[0].removeprefix("permanent: ")) from None
+
+
 def _http_json(url: str, body: dict | None, timeout: float) -> dict[str, Any]:
     """POST `body` (GET when None) and read a JSON answer; errors say the URL and what went wrong.
 
