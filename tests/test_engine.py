@@ -90,7 +90,13 @@ def _greedy(model: torch.nn.Module, prompts: list[list[int]], eos: int) -> list[
 
 
 def _engine_greedy(engine: VllmEngine, prompts: list[list[int]], eos: int) -> list[list[int]]:
-    body = {"model": engine.model, "max_tokens": 8, "temperature": 0, "stop_token_ids": [eos]}
+    body = {
+        "model": engine.model,
+        "max_tokens": 8,
+        "temperature": 0,
+        "stop_token_ids": [eos],
+        "return_token_ids": True,
+    }
     answers = [engine._post("/v1/completions", {**body, "prompt": p}) for p in prompts]
     return [a["choices"][0]["token_ids"] for a in answers]
 
@@ -139,9 +145,7 @@ def test_engine_samples_are_seeded_per_row(tiny: dict, tmp_path: Path, fake_on_p
         assert engine.sample([[prompt] * 4], sampling, [6]) != first
 
 
-def test_sync_cadence_and_staleness_are_logged(
-    tmp_path: Path, tiny: dict, fake_on_path: None
-) -> None:
+def test_sync_cadence_and_staleness_are_logged(tmp_path: Path, tiny: dict, fake_on_path: None) -> None:
     config = tiny_config(tiny, tmp_path / "out", training={"max_steps": 5, "on_policy": _on(sync_steps=2)})
     assert main(["train", str(write_config(tmp_path / "run.yaml", config))]) == 0
     steps = [r for r in _metrics(tmp_path / "out") if "loss" in r]
@@ -210,3 +214,18 @@ def test_sigterm_stops_the_engine(tmp_path: Path, tiny: dict, fake_on_path: None
 
 def _text(path: Path) -> str:
     return path.read_text() if path.exists() else ""
+
+
+def test_the_shipped_engine_config_loads() -> None:
+    from kdistill.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "on-policy-vllm.yaml")
+    o = cfg.training.on_policy
+    assert (o.engine, o.sync_steps, o.lmbda, o.vllm.python) == ("vllm", 1, 1.0, ".venv-vllm/bin/python")
+
+
+def test_validate_names_the_engine(tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixture) -> None:
+    on_policy = {**ON, "sync_steps": 3, "vllm": {"server": "http://127.0.0.1:8100"}}
+    config = tiny_config(tiny, tmp_path / "out", training={"on_policy": on_policy})
+    assert main(["validate", str(write_config(tmp_path / "run.yaml", config))]) == 0
+    assert "sampled on http://127.0.0.1:8100, synced every 3 step(s))" in capsys.readouterr().out

@@ -131,7 +131,8 @@ def main() -> None:
         if stop[0] in tokens:
             tokens = tokens[: tokens.index(stop[0]) + 1]
         reason = "stop" if tokens and tokens[-1] == stop[0] else "length"
-        return {"text": tokenizer.decode(tokens), "token_ids": tokens, "finish_reason": reason}
+        ids = tokens if body.get("return_token_ids") else None  # as vLLM: only when asked for
+        return {"text": tokenizer.decode(tokens), "token_ids": ids, "finish_reason": reason}
 
     @torch.inference_mode()
     def _prompt_logprobs(ids: list[int], k: int) -> list:
