@@ -170,8 +170,10 @@ class VllmEngine:
             tokens.append(sampling.eos_token_id)  # an engine that leaves the stop token out
         return responses(torch.tensor([tokens]), sampling.eos_token_id)[0] if tokens else []
 
-    def _post(self, path: str, body: dict) -> dict:
-        return http_json(self.url + path, body, self.settings.timeout)
+    def _post(self, path: str, body: dict) -> Any:
+        """One request to the engine; the adapter endpoints answer plain text, the others JSON."""
+        text = path.endswith("_lora_adapter")
+        return http_json(self.url + path, body, self.settings.timeout, text=text)
 
     def _command(self, base: Path, tied: bool) -> list[str]:
         dtype = str(next(self._student.parameters()).dtype).removeprefix("torch.")

@@ -54,6 +54,14 @@ def main() -> None:
             self.end_headers()
             self.wfile.write(raw)
 
+        def _send_text(self, text: str) -> None:
+            raw = text.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
         def do_GET(self) -> None:
             if self.path == "/health":
                 return self._send(200, {})
@@ -69,7 +77,7 @@ def main() -> None:
             if self.path in ("/collective_rpc", "/reset_prefix_cache") and dev:
                 return self._send(200, _rpc(self.path, body))
             if self.path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter") and lora:
-                return self._send(200, _adapter(self.path, body))
+                return self._send_text(_adapter(self.path, body))  # vLLM answers these in plain text
             if self.path != "/v1/completions":
                 return self._send(404, {"detail": "Not Found"})
             if body.get("model") not in models:
@@ -113,7 +121,7 @@ def main() -> None:
                 base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
                 models[adapter] = PeftModel.from_pretrained(base, body["lora_path"]).eval()
         print(f"fake vLLM: {path.rsplit('/', 1)[1]} {adapter}", file=sys.stderr, flush=True)
-        return "Success"
+        return f"Success: LoRA adapter '{adapter}' done."
 
     @torch.inference_mode()
     def _sample(served: torch.nn.Module, body: dict) -> dict:
