@@ -229,3 +229,18 @@ def test_validate_names_the_engine(tmp_path: Path, tiny: dict, capsys: pytest.Ca
     config = tiny_config(tiny, tmp_path / "out", training={"on_policy": on_policy})
     assert main(["validate", str(write_config(tmp_path / "run.yaml", config))]) == 0
     assert "sampled on http://127.0.0.1:8100, synced every 3 step(s))" in capsys.readouterr().out
+
+
+def test_a_server_that_fails_to_start_says_why(tmp_path: Path) -> None:
+    from kdistill.errors import KdistillError
+    from kdistill.teacher.server_process import ServerProcess
+
+    script = (
+        "import sys; print('WARNING errors like `OSError: [Errno 24]` may follow', file=sys.stderr); "
+        "print('(Worker) ERROR [x.py:1] ValueError: too little memory for the KV cache', file=sys.stderr); "
+        "print('RuntimeError: Engine core initialization failed', file=sys.stderr); sys.exit(1)"
+    )
+    server = ServerProcess([sys.executable, "-c", script], "http://127.0.0.1:9", tmp_path / "server.log", 60)
+    cause = r"while starting: ValueError: too little memory for the KV cache;"
+    with pytest.raises(KdistillError, match=cause):
+        server.__enter__()

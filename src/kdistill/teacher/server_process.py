@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import time
@@ -113,9 +114,10 @@ class ServerProcess:
         with bar:
             while time.monotonic() - started < self.timeout:
                 if self.process.poll() is not None:
-                    tail = self.log_file.read_text(errors="replace")[-1500:]
+                    text = self.log_file.read_text(errors="replace")
                     raise KdistillError(
-                        f"the server exited ({self.process.returncode}) while starting:\n{tail}"
+                        f"the server exited ({self.process.returncode}) while starting{_first_error(text)}; "
+                        f"the end of its log ({self.log_file}):\n{text[-1500:]}"
                     )
                 if _answers(self.url + "/health"):
                     return
@@ -138,6 +140,21 @@ class ServerProcess:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)  # workers the server started, if any outlived it
         self.process.wait()
+
+
+def _first_error(log: str) -> str:
+    """`: EXCEPTION: MESSAGE`, why a server failed to start: the first exception line logged at ERROR
+    level (vLLM's `ValueError: ...`; its traceback ends on a wrapper), else the log's last exception
+    line; empty when the log has none."""
+    found = [
+        (" ERROR " in line, m)
+        for line in log.splitlines()
+        if (m := re.search(r"\b([A-Z]\w*(Error|Exception)): (.+)", line))
+    ]
+    if not found:
+        return ""
+    _, match = next((f for f in found if f[0]), found[-1])
+    return f": {match.group(1)}: {match.group(3)[:300]}"
 
 
 def _answers(url: str) -> bool:
