@@ -21,6 +21,7 @@ from kdistill.losses.hidden import HiddenProjections
 from kdistill.models.build import build_student, full_precision, load_teacher
 from kdistill.models.parts import base_model, depth_and_width
 from kdistill.objective.batch import LossSettings
+from kdistill.run.engine import EngineSettings
 from kdistill.run.generate import Sampling
 from kdistill.run.preflight import hidden_pairs, run_checks
 from kdistill.teacher.responses import load_data
@@ -137,6 +138,16 @@ def sampling_settings(cfg: RunConfig, tokenizer: Any) -> Sampling | None:
     return Sampling(
         o.lmbda, o.max_new_tokens, o.temperature, o.top_p, o.max_prompt_length, tokenizer.eos_token_id, pad
     )
+
+
+def engine_settings(cfg: RunConfig) -> EngineSettings | None:
+    """`training.on_policy.vllm` as plain values when the student samples on vLLM; None otherwise."""
+    o = cfg.training.on_policy
+    if o.lmbda == 0 or o.engine != "vllm":
+        return None
+    v = o.vllm
+    length = o.max_prompt_length + o.max_new_tokens  # the longest sequence the engine holds
+    return EngineSettings(v.python, v.server, v.served_name, v.memory, v.start_timeout, o.sync_steps, length)
 
 
 def build_projections(

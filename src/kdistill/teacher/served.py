@@ -159,8 +159,18 @@ class ServedTeacher:
         raise AssertionError("unreachable")
 
 
-def _http_json(url: str, body: dict | None, timeout: float) -> dict[str, Any]:
-    """POST `body` (GET when None) and read a JSON answer; errors say the URL and what went wrong.
+def http_json(url: str, body: dict | None, timeout: float, text: bool = False) -> Any:
+    """POST `body` (GET when None) and read a JSON answer (with `text`, any answer, as text); one try,
+    errors say the URL and what went wrong."""
+    try:
+        return _http_json(url, body, timeout, text)
+    except KdistillError as err:
+        raise KdistillError(err.args[0].removeprefix("permanent: ")) from None
+
+
+def _http_json(url: str, body: dict | None, timeout: float, text: bool = False) -> Any:
+    """POST `body` (GET when None) and read a JSON answer (or, with `text`, the answer's text); errors
+    say the URL and what went wrong.
 
     An error the server answered (4xx: a wrong model name, too many log-probs asked for) is marked
     permanent: retrying it cannot help.
@@ -169,7 +179,8 @@ def _http_json(url: str, body: dict | None, timeout: float) -> dict[str, Any]:
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
+            answer = response.read()
+            return answer.decode(errors="replace") if text else json.loads(answer)
     except urllib.error.HTTPError as err:
         detail = err.read().decode(errors="replace")[:300]
         kind = "permanent: " if 400 <= err.code < 500 else ""
