@@ -85,8 +85,12 @@ def test_a_signal_while_the_teacher_writes_responses_says_how_to_resume(
     capsys: pytest.CaptureFixture,
     caplog: pytest.LogCaptureFixture,
     stop: signal.Signals,
+    request: pytest.FixtureRequest,
 ) -> None:
     caplog.set_level(logging.INFO, logger="kdistill")
+    # Ctrl-C's own handler, whatever handler an earlier test in this process left installed.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     real, batches = responses.generate_batches, {"n": 0}
 
     def ctrl_c_after_two(*args, **kwargs):
