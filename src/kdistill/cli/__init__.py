@@ -225,13 +225,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _memory(cfg: Any, args: argparse.Namespace) -> list[str]:
-    from kdistill.run.memory_plan import longest_row, machine_memory, memory_lines, memory_plan
-    from kdistill.run.memory_shapes import device_bytes
+    from kdistill.run.memory_plan import machine_memory, memory_lines, memory_plan
+    from kdistill.run.memory_shapes import device_bytes, widest_batch
 
     if args.processes < 1:
         raise KdistillError(f"--processes {args.processes}: expected 1 or more")
     budget = device_bytes(args.device_memory) if args.device_memory else None
-    plan = memory_plan(cfg, budget, args.processes, args.strategy, longest_row(cfg))
+    widest = widest_batch(cfg, args.processes)
+    plan = memory_plan(cfg, budget, args.processes, args.strategy, widest)
     name = args.device_memory or "this machine's RAM (CPU run)"
     return memory_lines(cfg, plan, budget or machine_memory(), name)
 

@@ -1,45 +1,50 @@
 """The peak memory of a training run, part by part, estimated from the models' shapes alone.
 
 Nothing is loaded: the numbers come from each model's config.json (or kdistill's table of known
-models) and the run's settings. The formulas count what the run keeps alive at its peak:
+models) and the run's settings. A process holds some parts all along (the process itself, the
+weights, AdamW's state) and others only during one phase of a step. The peak is the resident parts
+plus the largest phase:
 
-- weights: the teacher at its quantization (fp32, bf16, int8, NF4, or the compact teacher's 5 bits
-  a weight for exactly-4-bit GGUF weights), the student, its LoRA adapters;
-- for what trains: fp32 gradients and AdamW's two fp32 moments;
-- the student's activations kept for backward, per decoder layer and token (all layers, or with
-  gradient checkpointing each layer's input plus one layer recomputed);
-- the teacher's forward pass (one layer alive at a time, under inference mode);
-- the chunked loss: a chunk's student and teacher logits and the blocks of its formula
-  (`losses.chunked`), and the gradient of the trained rows' hidden states;
-- hidden-state projections, their teacher states and optimizer state;
-- on a CPU, the process itself (Python, torch, transformers: `CPU_PROCESS_BYTES`, measured).
+- forward: the student's activations kept for backward, the head's gradient (written during the
+  forward pass by the chunked loss), the chunked loss's buffers, the teachers' outputs, the
+  hidden-state loss, and, when a window holds several micro-batches, the gradients of the earlier
+  ones (the widest runs first, before any gradient exists, but the others are as wide);
+- backward: the gradients, and with gradient checkpointing the one layer recomputed (backward frees
+  each layer's activations as it makes the layer's gradients, so the two are counted apart);
+- teacher forward: one teacher layer's temporaries under inference mode, and the states it returns;
+- generation (on-policy steps): the student's KV cache, its prompt pass and the sampling logits;
+- evaluation: a held-out batch without gradients.
+
+The activations per token and layer count the tensors autograd saves in a transformers decoder
+layer (tests/test_memory_estimate.py checks the count against `saved_tensors_hooks` on tiny models).
 
 On a CPU, loading can be the peak: a GGUF teacher is expanded to fp32 before it is compacted, and
-a `from_teacher` student is copied from it. The CPU constants below were calibrated against measured
-peak resident memory by `benchmarks/memory_estimate.py` (docs/memory.md).
+a `from_teacher` student is copied from the full-precision teacher. `CPU_PROCESS_BYTES` is the
+process besides its tensors, measured (docs/memory.md says how).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 GB = 10**9
-CPU_PROCESS_BYTES = (
-    520 * 2**20
-)  # imports, tokenizers, allocator slack of a `kdistill train` process (measured)
-CUDA_CONTEXT_BYTES = (
-    600 * 2**20
-)  # CUDA context and kernels, outside torch's allocator (typical, not measured)
+# A `kdistill train` process besides its tensors: Python, torch, transformers, the tokenizers and the
+# data, and the heap the allocator keeps after loading. Measured by benchmarks/memory_estimate.py
+# (the quickstart's models and data built, its resident memory less their tensors: 490-500 MiB).
+CPU_PROCESS_BYTES = 500 * 2**20
+# CUDA context and kernels, outside torch's allocator (typical, not measured).
+CUDA_CONTEXT_BYTES = 600 * 2**20
 CPU_CHUNK_BYTES = 24 * 2**20  # losses.chunked: a chunk's fp32 logits on CPU
 CPU_BLOCK_BYTES = 4 * 2**20  # losses.chunked: a block of the loss formula on CPU
 LIVE_BLOCKS = 8  # blocks of the loss formula alive at once
 CROSS_CHUNK_ROWS = 128  # losses.cross_vocab: aligned rows per chunk
 STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
+PHASES = ("forward", "backward", "teacher forward", "generation", "evaluation")
 
 
 @dataclass(frozen=True)
 class Model:
-    """One model's numbers: per-layer weights, embeddings, and activations per token and layer."""
+    """One model's numbers: weights per layer and of the embeddings, and the widths of its tensors."""
 
     layers: int
     layer_params: int
@@ -47,7 +52,11 @@ class Model:
     hidden: int
     intermediate: int
     vocab: int
+    q_width: int  # attention heads x head_dim
+    kv_width: int  # key-value heads x head_dim
     gated: bool = True  # gate, up and down projections (else up and down)
+    mlp_saved: int = 4  # (tokens, intermediate) tensors the MLP keeps for backward
+    parallel: bool = False  # attention and MLP read one norm's output (Phi), else two pre-norms
 
     def params(self) -> int:
         return self.layers * self.layer_params + self.embedding_params
@@ -61,10 +70,11 @@ class Plan:
     teacher: Model | None  # None: a teacher cache (no teacher weights)
     teacher_bits: float  # bits per weight of the teacher's decoder layers
     teacher_embedding_bytes: float  # bytes per weight of its embeddings and head
+    teacher_mapped: bool  # its fp32 checkpoint stays mapped and resident (bitsandbytes on CPU)
     student_bytes: int  # bytes per frozen weight of the student (a LoRA base), 4 if fully trained
     lora_params: int  # 0 when every weight trains
     rows: int  # micro-batch
-    length: int  # tokens per row (the longest row, at most max_length)
+    length: int  # tokens per row of the widest batch trained on (at most max_length)
     checkpointing: bool
     act_bytes: int  # 4 (fp32) on CPU, 2 under bf16 mixed precision
     lean_mlp: bool  # run.lean's gated MLPs (single process, fp32, full student)
@@ -74,45 +84,98 @@ class Plan:
     hidden_pairs: int = 0
     teacher_hidden: int = 0
     cpu: bool = True
-    load_fp32_teacher: bool = False  # a GGUF teacher is expanded to fp32 while loading
-    generation_kv: int = 0  # the on-policy generation KV cache, bytes (0: no on-policy steps)
+    load_fp32_teacher: bool = False  # the teacher is in fp32 while loading (a GGUF, or a student cut)
+    lora_rank: int = 0
+    accumulating: bool = False  # a window of several micro-batches: later ones run beside gradients
+    trained: int = 0  # tokens that train in that micro-batch (0: every token)
+    eval_rows: int = 0  # rows per held-out evaluation batch (0: no held-out evaluation)
+    prompt: int = 0  # on-policy steps: prompt tokens per row while the student writes (0: none)
+    new_tokens: int = 0  # on-policy steps: tokens the student writes per row
     processes: int = 1
     strategy: str = "ddp"
 
 
+def layer_activations(p: Plan) -> int:
+    """Values one student decoder layer keeps for backward, per token of a padded batch.
+
+    Pre-norm layers (Llama, Mistral, Qwen, SmolLM2) keep each norm's input, its normalised input (for
+    the norm's weight; not when it is frozen) and its output; one-norm layers (Phi) keep about three
+    hidden-sized tensors. Attention keeps q, k and v (k and v repeated to every head when padding
+    masks them) and its output, and an fp32 copy of the (T, T) padding mask per row. The MLP keeps
+    `mlp_saved` intermediate-sized tensors (a gated one 4, or 2 in `run.lean`), LoRA the rank-r
+    input of each adapter.
+    """
+    s = p.student
+    norms = 3 if s.parallel else (4 if p.lora_params else 6)
+    mlp = 2 if p.lean_mlp else s.mlp_saved
+    adapters = (7 if s.gated else 6) * p.lora_rank
+    return norms * s.hidden + 4 * s.q_width + p.length + mlp * s.intermediate + adapters
+
+
 def _activations(p: Plan) -> int:
-    """The student's activations kept for backward (per process)."""
+    """The student's activations kept for backward at the end of its forward pass (per process)."""
     s, tokens = p.student, p.rows * p.length
-    per_layer = 10 * s.hidden + (4 if s.gated and not p.lean_mlp else 2) * s.intermediate
-    if p.lora_params:
-        per_layer += (
-            2 * s.hidden
-        )  # LoRA keeps each adapted layer's input again (dropout) and its rank-r output
-    kept = s.layers * s.hidden + per_layer if p.checkpointing else s.layers * per_layer
-    return tokens * (kept + 3 * s.hidden) * p.act_bytes  # plus embeddings, final norm and states
+    per_token = s.layers * (s.hidden if p.checkpointing else layer_activations(p))
+    return tokens * (per_token + 3 * s.hidden) * p.act_bytes  # plus the final norm
 
 
-def _teacher_forward(p: Plan) -> int:
-    """One teacher layer's temporaries and the states it returns, under inference mode."""
+def _one_layer(p: Plan) -> int:
+    """One decoder layer's activations: what backward holds beside the gradients."""
+    return p.rows * p.length * layer_activations(p) * p.act_bytes
+
+
+def _inference_layer(m: Model, rows: int, length: int, act_bytes: int) -> int:
+    """One decoder layer's temporaries under inference mode: the residual, norm, q/k/v and attention
+    output, the MLP's intermediates, and the padding mask."""
+    per_token = 3 * m.hidden + 2 * m.q_width + 2 * m.kv_width + 3 * m.intermediate + length
+    return rows * length * per_token * act_bytes
+
+
+def _trained(p: Plan) -> int:
+    return p.trained or p.rows * p.length
+
+
+def _teacher_forward(p: Plan, rows: int) -> int:
+    """One teacher layer's temporaries under inference mode, and the states it returns: the last
+    (and each paired) layer's output, and their trained rows gathered and copied."""
     t = p.teacher
-    if t is None:
+    if t is None or not rows:
         return 0
-    tokens = p.rows * p.length
-    states = (p.hidden_pairs + 2) * tokens * t.hidden
-    return (tokens * (4 * t.hidden + 3 * t.intermediate) + states) * p.act_bytes
+    trained = _trained(p) * rows // p.rows
+    states = (p.hidden_pairs + 1) * (rows * p.length + 2 * trained) * t.hidden * p.act_bytes
+    return _inference_layer(t, rows, p.length, p.act_bytes) + states
 
 
-def _loss(p: Plan) -> int:
-    """The chunked loss: two chunks of logits, the formula's blocks, and the hidden states' gradient."""
+def _loss_buffers(p: Plan) -> int:
+    """The chunked loss's transient buffers: two chunks of logits and the formula's blocks; with a
+    teacher of another tokenizer, a chunk of aligned rows through both vocabularies (logits, a copy,
+    softmax, and ULD's sorted values and int64 indices: six of each, counted as if every row took ULD)."""
     chunk = p.chunk_rows * p.loss_vocab * 4
     blocks = LIVE_BLOCKS * (CPU_BLOCK_BYTES if p.cpu else chunk)
-    trained = p.rows * p.length * p.student.hidden * 4 * 2
     cross = 6 * CROSS_CHUNK_ROWS * (p.cross_vocab + p.loss_vocab) * 4 if p.cross_vocab else 0
-    return 2 * chunk + blocks + trained + cross
+    return 2 * chunk + blocks + cross
+
+
+def _evaluation(p: Plan) -> int:
+    """A held-out batch without gradients: one student and one teacher layer, and the loss's buffers."""
+    if not p.eval_rows:
+        return 0
+    student = _inference_layer(p.student, p.eval_rows, p.length, p.act_bytes)
+    return student + _teacher_forward(p, p.eval_rows) + _loss_buffers(p)
+
+
+def _generation(p: Plan) -> tuple[int, int]:
+    """On-policy steps: the student's KV cache at its longest, and its prompt pass with the sampling
+    logits (fp32 logits, processed scores and probabilities of the last position)."""
+    if not p.new_tokens:
+        return 0, 0
+    s, grown = p.student, p.prompt + p.new_tokens
+    kv = 2 * s.layers * s.kv_width * p.rows * grown * p.act_bytes
+    return kv, _inference_layer(s, p.rows, p.prompt, p.act_bytes) + 3 * p.rows * s.vocab * 4
 
 
 def parts(p: Plan) -> dict[str, int]:
-    """Bytes per part of the training peak of one process."""
+    """Bytes per part of one process's peak; `PHASE_OF` says when each part is alive."""
     s, t = p.student, p.teacher
     shard = p.processes if p.strategy in ("fsdp", "zero3") else 1
     opt_shard = p.processes if p.strategy != "ddp" else 1
@@ -121,23 +184,64 @@ def parts(p: Plan) -> dict[str, int]:
     teacher = 0.0
     if t is not None:
         teacher = (
-            t.layers * t.layer_params * p.teacher_bits / 8 + t.embedding_params * p.teacher_embedding_bytes
+            t.layers * t.layer_params * p.teacher_bits / 8
+            + t.embedding_params * p.teacher_embedding_bytes
+            + (t.params() * 4 if p.teacher_mapped else 0)
         )
+    head_grad = 0 if p.lora_params else s.vocab * s.hidden * 4 // shard
+    # DDP all-reduces through buckets that hold a second copy of the gradients.
+    grads = 4 * (trainable + projection) // opt_shard * (2 if p.processes > 1 and p.strategy == "ddp" else 1)
+    kv, prompt_pass = _generation(p)
     out = {
         "process": CPU_PROCESS_BYTES if p.cpu else CUDA_CONTEXT_BYTES,
         "teacher weights": int(teacher),
         "student weights": (s.params() * (4 if not p.lora_params else p.student_bytes) + 4 * p.lora_params)
         // shard,
-        "gradients": 4 * (trainable + projection) // opt_shard,
         "AdamW state": 8 * (trainable + projection) // opt_shard,
+        "hidden projections": 4 * projection // shard,
         "activations": _activations(p),
-        "teacher forward": _teacher_forward(p),
-        "chunked loss": _loss(p),
-        "hidden projections": 4 * projection // shard
-        + 8 * p.hidden_pairs * p.rows * p.length * p.teacher_hidden,
-        "generation KV cache": p.generation_kv,
+        "head gradient": head_grad,
+        # plus the gradient of the trained rows' hidden states and the teacher's final states there
+        "chunked loss": _loss_buffers(p) + _trained(p) * (s.hidden + (t.hidden if t else 0)) * 4,
+        "hidden-state loss": 4 * p.hidden_pairs * _trained(p) * (s.hidden + 2 * p.teacher_hidden),
+        "gradients (accumulating)": (grads - head_grad) if p.accumulating else 0,
+        "gradients": grads,
+        "recomputed layer": _one_layer(p) if p.checkpointing else 0,
+        "teacher forward": _teacher_forward(p, p.rows),
+        "held-out batch": _evaluation(p),
+        "generation KV cache": kv,
+        "prompt pass and logits": prompt_pass,
     }
     return {name: int(value) for name, value in out.items()}
+
+
+PHASE_OF = {
+    "activations": "forward",
+    "head gradient": "forward",
+    "chunked loss": "forward",
+    "hidden-state loss": "forward",
+    "gradients (accumulating)": "forward",
+    "gradients": "backward",
+    "recomputed layer": "backward",
+    "teacher forward": "teacher forward",
+    "held-out batch": "evaluation",
+    "generation KV cache": "generation",
+    "prompt pass and logits": "generation",
+}  # every other part is resident
+
+
+def phase_totals(p: Plan) -> dict[str, int]:
+    """Bytes of the resident parts, and of each phase's own parts."""
+    totals = dict.fromkeys(("resident", *PHASES), 0)
+    for name, size in parts(p).items():
+        totals[PHASE_OF.get(name, "resident")] += size
+    return totals
+
+
+def training_peak(p: Plan) -> int:
+    """The resident parts plus the largest phase."""
+    totals = phase_totals(p)
+    return totals["resident"] + max(totals[phase] for phase in PHASES)
 
 
 def load_peak(p: Plan) -> int:
@@ -150,40 +254,4 @@ def load_peak(p: Plan) -> int:
 
 
 def peak(p: Plan) -> int:
-    return max(sum(parts(p).values()), load_peak(p))
-
-
-def suggestions(p: Plan, budget: int, quantizable: bool, cacheable: bool) -> list[tuple[str, int]]:
-    """The cheapest changes that make `p` fit in `budget`, in order, each with the peak after it
-    (changes accumulate; the list stops at the first that fits)."""
-    steps = []
-    current = p
-    rows = p.rows
-    while rows > 1 and peak(current) > budget:
-        rows = max(1, rows // 2)
-        current = replace(current, rows=rows)
-        steps.append((f"training.micro_batch_size={rows}", peak(current)))
-    candidates = [
-        ("training.gradient_checkpointing=true", not p.checkpointing, {"checkpointing": True}),
-        ("teacher.quantization=4bit", quantizable and p.teacher_bits > 4.5, {"teacher_bits": 4.13}),
-        (
-            "a teacher cache (`kdistill cache`; teacher.cache)",
-            cacheable,
-            {"teacher": None, "hidden_pairs": 0},
-        ),
-    ]
-    for text, useful, change in candidates:
-        if peak(current) <= budget:
-            return steps
-        if useful:
-            current = replace(current, **change)
-            steps.append((text, peak(current)))
-    length = p.length
-    while length > 128 and peak(current) > budget:
-        length //= 2
-        current = replace(current, length=length)
-        steps.append((f"data.max_length={length}", peak(current)))
-    if peak(current) > budget and p.chunk_rows > 64:
-        current = replace(current, chunk_rows=64)
-        steps.append(("loss.chunk_size=64", peak(current)))
-    return steps
+    return max(training_peak(p), load_peak(p))

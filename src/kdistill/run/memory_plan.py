@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
 from kdistill.config import RunConfig
 from kdistill.errors import KdistillError
 from kdistill.models.build import student_source, teacher_source
-from kdistill.models.loading import load_config_only
+from kdistill.models.loading import gguf_type, load_config_only
 from kdistill.run.memory import (
     CPU_CHUNK_BYTES,
     GB,
+    PHASE_OF,
+    PHASES,
     STRATEGIES,
     Model,
     Plan,
     load_peak,
     parts,
     peak,
-    suggestions,
+    phase_totals,
 )
-from kdistill.run.memory_shapes import KNOWN_ARCHITECTURES, Shape, shape_of
+from kdistill.run.memory_shapes import KNOWN_ARCHITECTURES, Shape, Widest, padded, shape_of
 
 
 def _shape(spec: str, source: Any) -> Shape:
@@ -38,26 +41,32 @@ def _shape(spec: str, source: Any) -> Shape:
 
 def _model(shape: Shape, layers: int | None = None) -> Model:
     n = shape.layers if layers is None else layers
-    args = (shape.layer_params(), shape.embedding_params(), shape.hidden, shape.intermediate, shape.vocab)
-    return Model(n, *args, gated=shape.gated)
+    return Model(
+        n, shape.layer_params(), shape.embedding_params(), shape.hidden, shape.intermediate, shape.vocab,
+        q_width=shape.heads * shape.head_dim, kv_width=shape.kv_heads * shape.head_dim, gated=shape.gated,
+        mlp_saved=shape.mlp_saved(), parallel=shape.parallel,
+    )  # fmt: skip
 
 
-def _teacher_bits(cfg: RunConfig, cpu: bool) -> tuple[float, float, bool]:
-    """(bits per decoder-layer weight, bytes per embedding weight, expanded to fp32 while loading)."""
+def _teacher_bits(cfg: RunConfig, cpu: bool) -> tuple[float, float, bool, bool]:
+    """(bits per decoder-layer weight, bytes per embedding weight, the fp32 checkpoint stays mapped,
+    the teacher is in fp32 while loading)."""
     t = cfg.teacher
     compute = 4 if cpu else 2
     if t.model is None or t.cache:  # a teacher cache: no weights
-        return 0.0, 0, False
-    if t.quantization == "4bit":  # NF4: 4 bits and a 32-bit absmax per 64 (8 bits per 256 on GPU)
-        return (4.5 if cpu else 4.13), compute, False
-    if t.quantization == "8bit":
-        return 8.1, compute, False
-    gguf = teacher_source(t).gguf_file
-    if gguf and cpu:  # converted to fp32; compact keeps exactly-4-bit weights at 5 bits
-        return (5.0 if t.compact and "q4" in gguf.lower() else 32.0), 4, True
+        return 0.0, 0, False, False
+    gguf = gguf_type(teacher_source(t)) if cpu else None
+    if t.quantization != "none":  # NF4 with double quantization: 4.13 bits; LLM.int8: 8 and a scale
+        bits = 4.13 if t.quantization == "4bit" else 8.1
+        # On CPU bitsandbytes quantizes from transformers' mapping of the fp32 checkpoint, and the
+        # unquantized embeddings keep pointing into it: every page it read stays resident.
+        return bits, (0 if cpu else compute), cpu, False
+    if gguf:  # converted to fp32; `teacher.compact` keeps exact Q4_0/Q4_1 blocks at 5 bits, BF16 at 16
+        compact = {"Q4_0": 5.0, "Q4_1": 5.0, "BF16": 16.0}.get(gguf, 32.0) if t.compact else 32.0
+        return compact, 4, False, True
     if t.dtype in ("bfloat16", "float16") or (t.dtype == "auto" and not cpu):
-        return 16.0, 2, False
-    return 32.0, 4, False
+        return 16.0, 2, False, False
+    return 32.0, 4, False, False
 
 
 def _lora_params(cfg: RunConfig, shape: Shape, layers: int) -> int:
@@ -69,22 +78,33 @@ def _lora_params(cfg: RunConfig, shape: Shape, layers: int) -> int:
     return int(share * layers * sum(r * (i + o) for i, o in linears))
 
 
-def on_policy_tokens(cfg: RunConfig) -> int | None:
-    """Hook for on-policy distillation: tokens a row grows to while the student generates; None
-    while the config has no on-policy settings (then no generation KV cache is counted)."""
-    settings = getattr(cfg.training, "on_policy", None) or getattr(cfg, "on_policy", None)
-    new = getattr(settings, "max_new_tokens", None)
-    return None if new is None else cfg.data.max_length + int(new)
+def on_policy_widths(cfg: RunConfig, widest: Widest) -> tuple[int, int, int, int]:
+    """(tokens per row and trained tokens of the widest batch trained on, prompt tokens and new tokens
+    per row while the student writes; both 0 without on-policy steps)."""
+    op, rows = cfg.training.on_policy, cfg.training.batch_size
+    if op.lmbda <= 0:
+        return widest.width, widest.trained, 0, 0
+    prompt = min(op.max_prompt_length, widest.prompt)
+    generated = padded(prompt + op.max_new_tokens)  # may exceed max_length: a prompt's tail and a response
+    if op.lmbda >= 1:
+        return generated, rows * op.max_new_tokens, prompt, op.max_new_tokens
+    trained = max(widest.trained, rows * op.max_new_tokens)
+    return max(widest.width, generated), trained, prompt, op.max_new_tokens
 
 
 def memory_plan(
-    cfg: RunConfig, device: int | None, processes: int = 1, strategy: str = "ddp", length: int | None = None
+    cfg: RunConfig,
+    device: int | None,
+    processes: int = 1,
+    strategy: str = "ddp",
+    widest: Widest | None = None,
 ) -> Plan:
     """The estimate's inputs from `cfg`: on a GPU of `device` bytes, or on this CPU when None.
-    `length`: the longest row of the data, if known (else data.max_length)."""
+    `widest`: the widest batch the run trains on, if known (`widest_batch`); else every row of
+    data.max_length tokens, all of them trained."""
     if strategy not in STRATEGIES:
         raise KdistillError(f"--strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
-    cpu, t, s, tr = device is None, cfg.teacher, cfg.student, cfg.training
+    cpu, t, s, tr, d = device is None, cfg.teacher, cfg.student, cfg.training, cfg.data
     t_shape = _shape(t.model, teacher_source(t)) if t.model else None
     if s.from_teacher is not None:
         if t_shape is None:
@@ -93,28 +113,26 @@ def memory_plan(
     else:
         s_shape = _shape(s.model, student_source(s))
         layers = s_shape.layers
-    bits, embed, expand = _teacher_bits(cfg, cpu)
+    bits, embed, mapped, expand = _teacher_bits(cfg, cpu)
     rows = tr.micro_batch_size or tr.batch_size
-    length = min(length or cfg.data.max_length, cfg.data.max_length)
+    most = padded(cfg.data.max_length)
+    widest = widest or Widest(most, cfg.data.max_length, tr.batch_size * most)
+    length, trained, prompt, new_tokens = on_policy_widths(cfg, widest)
     chunk = cfg.loss.chunk_size or rows * length
     if cpu:
         chunk = min(chunk, max(1, CPU_CHUNK_BYTES // (4 * s_shape.vocab)))
     live = t_shape if not t.cache else None
     cross = live is not None and live.vocab != s_shape.vocab
-    grown = on_policy_tokens(cfg)
-    kv = (
-        0
-        if grown is None
-        else 2 * layers * s_shape.kv_heads * s_shape.head_dim * rows * grown * (4 if cpu else 2)
-    )
     hidden = cfg.loss.hidden.weight > 0 and live is not None
+    lora = _lora_params(cfg, s_shape, layers)
     return Plan(
         student=_model(s_shape, layers),
         teacher=_model(live) if live else None,
         teacher_bits=bits,
         teacher_embedding_bytes=embed,
+        teacher_mapped=mapped,
         student_bytes=4 if cpu else 2,
-        lora_params=_lora_params(cfg, s_shape, layers),
+        lora_params=lora,
         rows=rows,
         length=length,
         checkpointing=tr.gradient_checkpointing,
@@ -126,28 +144,19 @@ def memory_plan(
         hidden_pairs=layers if hidden else 0,
         teacher_hidden=live.hidden if hidden else 0,
         cpu=cpu,
-        load_fp32_teacher=expand and live is not None,
-        generation_kv=kv,
+        # a from_teacher student is cut from the full-precision teacher before bitsandbytes loads it
+        load_fp32_teacher=live is not None and (expand or (cpu and s.from_teacher is not None)),
+        lora_rank=s.lora.r if lora else 0,
+        accumulating=tr.gradient_accumulation_steps > 1 or rows < tr.batch_size,
+        trained=trained * rows // tr.batch_size,
+        eval_rows=(tr.eval_batch_size or tr.batch_size)
+        if cfg.data.validation_source or d.validation_size
+        else 0,
+        prompt=prompt,
+        new_tokens=new_tokens,
         processes=processes,
         strategy=strategy,
     )
-
-
-def longest_row(cfg: RunConfig) -> int | None:
-    """Tokens in the data's longest training row (what the widest padded batch holds), or None when
-    the tokenizer or the data cannot be read here (the estimate then assumes data.max_length)."""
-    from kdistill.data import build_datasets
-    from kdistill.teacher.vocabularies import load_vocabularies
-
-    try:
-        vocabs = load_vocabularies(cfg)
-        data = build_datasets(
-            cfg.data.model_copy(update={"responses": "dataset"}), vocabs.tokenizer, cfg.training.seed, None,
-            vocabs.cross,
-        )  # fmt: skip
-    except (KdistillError, OSError):
-        return None
-    return max((len(row.input_ids) for row in data.train), default=None)
 
 
 def machine_memory() -> int:
@@ -162,11 +171,18 @@ def memory_lines(cfg: RunConfig, plan: Plan, budget: int, device_name: str) -> l
         f"memory ({where}, {plan.processes} x {plan.strategy}; micro-batch {plan.rows} x {plan.length} "
         f"tokens, checkpointing {'on' if plan.checkpointing else 'off'}):"
     ]
-    lines += [f"  {name:<20} {size / GB:7.2f} GB" for name, size in parts(plan).items() if size]
-    total, loading = sum(parts(plan).values()), load_peak(plan)
-    lines.append(f"  {'training peak':<20} {total / GB:7.2f} GB")
+    phases = phase_totals(plan)
+    for name, size in parts(plan).items():
+        if size:
+            lines.append(f"  {name:<24} {size / GB:7.2f} GB  {PHASE_OF.get(name, 'resident')}")
+    largest = max(PHASES, key=lambda phase: phases[phase])
+    total, loading = phases["resident"] + phases[largest], load_peak(plan)
+    lines.append(
+        f"  {'training peak':<24} {total / GB:7.2f} GB  resident {phases['resident'] / GB:.2f} + "
+        f"{largest} {phases[largest] / GB:.2f} (the largest phase)"
+    )
     if loading > total:
-        lines.append(f"  {'loading peak':<20} {loading / GB:7.2f} GB (the GGUF teacher expanded to fp32)")
+        lines.append(f"  {'loading peak':<24} {loading / GB:7.2f} GB  the teacher in fp32 while loading")
     fits = peak(plan) <= budget
     lines.append(
         f"verdict: {'fits' if fits else 'does NOT fit'} on {device_name} ({budget / GB:.1f} GB): "
@@ -188,3 +204,51 @@ def memory_lines(cfg: RunConfig, plan: Plan, budget: int, device_name: str) -> l
 
 def peak_after(steps: list[tuple[str, int]]) -> int:
     return steps[-1][1] if steps else 0
+
+
+def _helps(changed: Plan, current: Plan) -> bool:
+    """A change worth suggesting lowers the peak by at least 1 %."""
+    return peak(changed) < 0.99 * peak(current)
+
+
+def suggestions(p: Plan, budget: int, quantizable: bool, cacheable: bool) -> list[tuple[str, int]]:
+    """The cheapest changes that make `p` fit in `budget`, in order, each with the peak after it
+    (changes accumulate; the list stops at the first that fits)."""
+    steps = []
+    current = p
+    rows = p.rows
+    while rows > 1 and peak(current) > budget:
+        rows = max(1, rows // 2)
+        current = replace(current, rows=rows)
+        steps.append((f"training.micro_batch_size={rows}", peak(current)))
+    candidates = [
+        ("training.gradient_checkpointing=true", not p.checkpointing, {"checkpointing": True}),
+        (
+            "teacher.quantization=4bit",
+            quantizable and p.teacher_bits > 4.5,
+            {"teacher_bits": 4.13, "teacher_mapped": p.cpu, "teacher_embedding_bytes": 0 if p.cpu else 2},
+        ),
+        (
+            "a teacher cache (`kdistill cache`; teacher.cache)",
+            cacheable,
+            {"teacher": None, "hidden_pairs": 0},
+        ),
+    ]
+    for text, useful, change in candidates:
+        if peak(current) <= budget:
+            return steps
+        changed = replace(current, **change)
+        if useful and _helps(changed, current):
+            current = changed
+            steps.append((text, peak(current)))
+    length = p.length
+    while length > 128 and peak(current) > budget:
+        shorter = replace(current, length=length // 2, trained=current.trained // 2)
+        if not _helps(shorter, current):
+            break  # the peak hardly depends on the length any more
+        current, length = shorter, length // 2
+        steps.append((f"data.max_length={length}", peak(current)))
+    if peak(current) > budget and p.chunk_rows > 64:
+        current = replace(current, chunk_rows=64)
+        steps.append(("loss.chunk_size=64", peak(current)))
+    return steps
