@@ -80,9 +80,9 @@ def arms(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def train(config: dict[str, Any], folder: Path) -> dict[str, float]:
     """`kdistill train` in a fresh process: its wall time and the share of the steps spent generating."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder.with_suffix(".yaml")
+    path = folder.parent / f"{folder.name}.yaml"  # not with_suffix: "lmbda-0.5" has a dot
     path.write_text(yaml.safe_dump(config))
-    log = folder.with_suffix(".log")
+    log = folder.parent / f"{folder.name}.log"
     started = time.perf_counter()
     with open(log, "w") as handle:
         command = [sys.executable, "-m", "kdistill", "train", str(path), "--overwrite"]
@@ -139,7 +139,7 @@ class Evaluator:
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         pad = self.tokenizer.pad_token_id
-        held = held_out_metrics(model, self.teacher, self.rows, pad, 8, 512, None, self.teacher_cache)
+        held, _ = held_out_metrics(model, self.teacher, self.rows, pad, 8, 512, None, self.teacher_cache)
         texts = greedy_responses(model, self.tokenizer, self.examples, self.args.eval_tokens)
         return {
             "teacher_nll": self.teacher_nll(texts),
@@ -147,6 +147,7 @@ class Evaluator:
             "rep4": sum(map(repeated_4grams, texts)) / len(texts),
             "kl": held["kl"],
             "mean_words": sum(len(t.split()) for t in texts) / len(texts),
+            "examples": texts[:4],
         }
 
     @torch.inference_mode()
@@ -221,9 +222,9 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"{args.layers}-layer student, {args.steps} steps of {args.batch_size} rows, lr {args.lr:g}, "
         f"{args.divergence}; {args.eval_rows} held-out prompts, {args.eval_tokens} greedy tokens",
         "",
-        "| method | steps | train s | generating | gen tok/s | teacher NLL of own text | ROUGE-L | "
+        "| method | steps | train s | generating | gen tok/s | teacher NLL of own text | words | ROUGE-L | "
         "repeated 4-grams | held-out KL |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = [
@@ -232,7 +233,8 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"{r.get('train_s', 0):.0f}",
             f"{r.get('gen_share', 0):.0%}",
         ]
-        cells += [f"{r.get('gen_tok_s', 0):.0f}", f"{r['teacher_nll']:.3f}", f"{r['rouge_l']:.3f}"]
+        cells += [f"{r.get('gen_tok_s', 0):.0f}", f"{r['teacher_nll']:.3f}", f"{r['mean_words']:.1f}"]
+        cells += [f"{r['rouge_l']:.3f}"]
         cells += [f"{r['rep4']:.1%}", f"{r['kl']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

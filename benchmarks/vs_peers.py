@@ -31,6 +31,12 @@ TRL lives in the benchmark's own environment, never as a kdistill dependency:
     OMP_NUM_THREADS=1 /tmp/peers/bin/python benchmarks/vs_peers.py --setup smollm2 --json # about 12 min
     /tmp/peers/bin/python benchmarks/vs_peers.py --setup smollm2 --profile  # one kdistill step, profiled
 
+`--on-policy` measures the on-policy row instead (`benchmarks/vs_peers_on_policy.py`): kdistill with
+`lmbda` 1 sampling in process (`engine: hf`) and on vLLM (`engine: vllm`, `--vllm-python`) against TRL's
+GKD trainer with `lmbda` 1, trained tokens/s and peak memory:
+
+    OMP_NUM_THREADS=1 /tmp/peers/bin/python benchmarks/vs_peers.py --setup smollm2 --on-policy --reps 1
+
 The setups: `tiny` is a random 4-layer llama teacher on random-word rows (max length 128); `smollm2` is
 SmolLM2-135M-Instruct with a `from_teacher` student of 10 of its 30 layers on the first Dolly training
 rows (max length 512). The student keeps a third of the teacher's layers in both. `--work DIR` keeps the
@@ -494,14 +500,37 @@ def print_table(runs: list[dict], summary: dict, settings: dict) -> None:
 
 
 def worker(args: argparse.Namespace) -> None:
+    import vs_peers_on_policy as on_policy
+
     spec = json.loads(args.spec.read_text())
-    jobs = {"kdistill": run_kdistill, "trl": run_trl}
+    jobs = {
+        "kdistill": run_kdistill,
+        "trl": run_trl,
+        "on-policy-kdistill-hf": lambda spec, out: on_policy.run_kdistill(spec, out, "hf"),
+        "on-policy-kdistill-vllm": lambda spec, out: on_policy.run_kdistill(spec, out, "vllm"),
+        "on-policy-trl": on_policy.run_trl,
+    }
     if args.worker in jobs:
         result = jobs[args.worker](spec, args.out)
     else:
         result = {"fairness": fairness, "profile": profile}[args.worker](spec)
     result["self_peak_rss_mib"] = peak_rss_mib()
     (args.out / "result.json").write_text(json.dumps(result))
+
+
+def on_policy_row(args: argparse.Namespace, spec: dict, spec_path: Path, work: Path) -> None:
+    import vs_peers_on_policy as on_policy
+
+    spec["max_new_tokens"] = args.max_new_tokens
+    if args.vllm_python:
+        spec["vllm_python"] = args.vllm_python
+    spec_path.write_text(json.dumps(spec))
+    result = {**on_policy.compare(spec_path, work, args.reps, spawn), "machine": machine(), "settings": spec}
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"machine: {result['machine']}\nsettings: {spec}")
+        on_policy.print_table(result)
 
 
 def main() -> None:
@@ -516,8 +545,14 @@ def main() -> None:
         "--work", type=Path, default=None, help="keep models and runs here (default: a temp folder)"
     )
     parser.add_argument(
-        "--worker", choices=("kdistill", "trl", "fairness", "profile"), help=argparse.SUPPRESS
+        "--on-policy",
+        action="store_true",
+        help="the on-policy row instead: kdistill lmbda 1 on engine hf and vllm against TRL's GKD lmbda 1 "
+        "(benchmarks/vs_peers_on_policy.py)",
     )
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="on-policy: longest sampled response")
+    parser.add_argument("--vllm-python", default=None, help="on-policy: vLLM's Python (default .venv-vllm)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -545,6 +580,8 @@ def main() -> None:
         report = spawn("profile", spec_path, work / "profile")
         print(json.dumps(report["sections_s"], indent=1) + "\n" + report["top_ops"])
         return
+    if args.on_policy:
+        return on_policy_row(args, spec, spec_path, work)
     peak = matmul_peak()
     check = spawn("fairness", spec_path, work / "fairness")
     runs = []

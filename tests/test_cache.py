@@ -195,3 +195,31 @@ def test_missing_cache_says_how_to_build_it(tmp_path: Path, tiny: dict, capsys) 
     assert (
         f"teacher cache {tmp_path / 'cache'} does not exist; build it with `kdistill cache {config}`" in err
     )
+
+
+def test_a_signal_while_caching_keeps_the_shards_and_says_how_to_resume(
+    tmp_path: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import os
+    import signal
+
+    config = tiny_config(tiny, tmp_path / "run", cache={"rows_per_shard": 8})
+    config["teacher"]["cache"] = str(tmp_path / "cache")
+    path = write_config(tmp_path / "run.yaml", config)
+    real, shards = cache_module.save_atomic, {"n": 0}
+
+    def term_after_two(*args, **kwargs):
+        real(*args, **kwargs)
+        shards["n"] += 1
+        if shards["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's notice mid-build
+
+    monkeypatch.setattr(cache_module, "save_atomic", term_after_two)
+    assert main(["cache", str(path)]) == 130
+    err = capsys.readouterr().err
+    assert "kdistill: cache: interrupted; every shard written so far is kept" in err
+    assert f"kdistill: resume with: kdistill cache {path}" in err
+    monkeypatch.setattr(cache_module, "save_atomic", real)
+    assert main(["cache", str(path)]) == 0
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert sum(s["rows"] for s in manifest["splits"].values()) == 48  # 40 training + 8 validation rows

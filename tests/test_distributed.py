@@ -120,6 +120,28 @@ def test_two_processes_match_one_with_twice_the_accumulation(tmp_path: Path, tin
     assert "student written to" in done.stdout and done.stdout.count("held-out") == 1
 
 
+@pytest.mark.slow  # two fresh processes, each sampling its own rows
+def test_two_processes_on_policy_match_one_with_twice_the_accumulation(tmp_path: Path, tiny: dict) -> None:
+    """Each process samples its own rows, from its batch's seed in the step's global window: two
+    processes write what one process accumulating two batches writes, and train the same weights."""
+    on = {"lmbda": 1.0, "max_new_tokens": 10, "max_prompt_length": 40}
+    training = {**TRAINING, "max_steps": 4, "on_policy": on}
+    loss = {"divergence": "reverse_kl", "temperature": 1.0, "alpha": 1.0}
+    pair = write_config(
+        tmp_path / "pair.yaml", tiny_config(tiny, tmp_path / "pair", training=training, loss=loss)
+    )
+    single = tiny_config(
+        tiny, tmp_path / "single", training={**training, "gradient_accumulation_steps": 2}, loss=loss
+    )
+    assert main(["train", str(write_config(tmp_path / "single.yaml", single))]) == 0
+    _launch(["--multi_gpu"], "-m", "kdistill", "train", str(pair))
+
+    _assert_same_losses(tmp_path / "single", tmp_path / "pair")
+    steps = [r for r in _records(tmp_path / "pair") if "loss" in r]
+    assert len(steps) == 4 and all(r["gen/rows"] == 8 for r in steps)  # both processes' rows counted
+    _assert_same_weights(tmp_path / "single" / "model.safetensors", tmp_path / "pair" / "model.safetensors")
+
+
 _FORCE_FSDP = """
 import sys
 from accelerate import state

@@ -105,9 +105,9 @@ def test_eval_plain_model_with_teacher_and_file(
     tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixture
 ) -> None:
     held = tmp_path / "held.jsonl"
-    held.write_text(
-        "".join(json.dumps({"instruction": f"name a {w}", "response": "the sun"}) + "\n" for w in "ab")
-    )
+    rows = [{"instruction": f"name a {w}", "response": "the sun"} for w in "ab"]
+    rows.append({"instruction": "say nothing", "response": "  "})  # left out, as training leaves it out
+    held.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out.json"
     args = [
         "--teacher",

@@ -15,6 +15,7 @@ from kdistill.cli import main
 from kdistill.config import load_config
 from kdistill.data import Collator
 from kdistill.data.tokenize import trained_rows
+from kdistill.run import generate
 from kdistill.run.components import build_components
 from kdistill.run.generate import Sampling, generated_window
 
@@ -142,7 +143,7 @@ def test_on_policy_training_lowers_reverse_kl_on_own_samples(tmp_path: Path, tin
         tiny,
         tmp_path / "out",
         loss={"divergence": "reverse_kl", "alpha": 1.0, "temperature": 1.0},
-        training={"max_steps": 20, "learning_rate": 3e-3, "on_policy": ON},
+        training={"max_steps": 40, "learning_rate": 3e-3, "on_policy": ON},
     )
     path = write_config(tmp_path / "run.yaml", config)
     parts = build_components(load_config(path), torch.device("cpu"))  # the student as training starts
@@ -151,7 +152,7 @@ def test_on_policy_training_lowers_reverse_kl_on_own_samples(tmp_path: Path, tin
     before = _own_reverse_kl(parts.student, teacher, batch, tokenizer)
     assert main(["train", str(path)]) == 0
     after = _own_reverse_kl(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), teacher, batch, tokenizer)
-    assert after < 0.95 * before  # measured: 1.312 -> 1.175
+    assert after < 0.9 * before  # measured: 1.312 -> 1.096 (40 steps)
 
 
 def test_several_live_teachers_score_generated_batches(tmp_path: Path, tiny: dict) -> None:
@@ -199,3 +200,32 @@ def test_a_cached_teacher_teaches_the_off_policy_steps(tmp_path: Path, tiny: dic
 def test_the_shipped_on_policy_config_loads() -> None:
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "on-policy.yaml")
     assert cfg.training.on_policy.lmbda == 0.5 and cfg.loss.divergence == "reverse_kl"
+
+
+def test_out_of_memory_in_generation_halves_the_micro_batch(
+    tmp_path: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The student's generation runs inside the out-of-memory back-off: a generation that fails is
+    retried with the step on smaller micro-batches, which is then the run with that micro-batch."""
+    training = {"max_steps": 3, "batch_size": 4, "on_policy": ON}
+    (tmp_path / "small").mkdir(), (tmp_path / "backed").mkdir()
+    code, small = _run(tmp_path / "small", tiny, training={**training, "micro_batch_size": 2})
+    assert code == 0
+    real, failed = generate.sample, []
+
+    def sample(student, rows, sampling, seed):
+        if len(rows) > 2:
+            failed.append(len(rows))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real(student, rows, sampling, seed)
+
+    monkeypatch.setattr(generate, "sample", sample)
+    code, backed = _run(tmp_path / "backed", tiny, training=training)
+    assert code == 0 and failed == [4]
+    assert "out of memory at step 1 with a micro-batch of 4 rows" in caplog.text
+    a, b = load_file(small / "model.safetensors"), load_file(backed / "model.safetensors")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    drop = {"tokens_per_s", "flops_per_s", "gen/tokens_per_s", "gen/time_share"}
+    same = lambda out: [{k: v for k, v in r.items() if k not in drop} for r in _metrics(out) if "loss" in r]  # noqa: E731
+    assert same(small) == same(backed)

@@ -68,6 +68,14 @@ CASES: dict[str, tuple[Setup, str]] = {
         },
         "teacher.quantization=4bit needs ",
     ),
+    "engine_python_exists": (
+        lambda tmp, tiny: {
+            "training": {
+                "on_policy": {"lmbda": 1.0, "engine": "vllm", "vllm": {"python": str(tmp / "no-venv/python")}}
+            }
+        },
+        "training.on_policy.vllm.python='TMP/no-venv/python': no Python there to start the student's engine",
+    ),
     "vocabularies_match": (
         lambda tmp, tiny: {
             "teacher": {"model": str(_other_vocabulary(tmp, tiny))},

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -75,20 +77,27 @@ def test_interrupted_responses_are_kept_and_only_the_rest_generated(
     ]
 
 
-def test_ctrl_c_while_the_teacher_writes_responses_says_how_to_resume(
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_teacher_writes_responses_says_how_to_resume(
     tmp_path: Path,
     tiny: dict,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
     caplog: pytest.LogCaptureFixture,
+    stop: signal.Signals,
+    request: pytest.FixtureRequest,
 ) -> None:
     caplog.set_level(logging.INFO, logger="kdistill")
+    # Ctrl-C's own handler, whatever handler an earlier test in this process left installed.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     real, batches = responses.generate_batches, {"n": 0}
 
     def ctrl_c_after_two(*args, **kwargs):
         for batch in real(*args, **kwargs):
             if batches["n"] == 2:
-                raise KeyboardInterrupt
+                os.kill(os.getpid(), stop)  # Ctrl-C, or `kill` / a scheduler's SIGTERM
+                time.sleep(1)  # the handler runs at the next bytecode
             batches["n"] += 1
             yield batch
 

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     if _rank() > 0:  # under `accelerate launch` only the main process reports progress
         logging.getLogger("kdistill").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # SIGTERM stops a command as Ctrl-C does: a long phase that keeps its work says how to resume,
+    # servers are stopped; training installs its own handlers (finish the step, checkpoint).
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         handlers = {
             "train": _train,
@@ -129,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kdistill: interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -159,7 +165,13 @@ def _cache(args: argparse.Namespace) -> int:
     from kdistill.teacher.precompute import cache_teachers
 
     cfg = load_config(args.config, args.overrides)
-    for name, manifest in cache_teachers(cfg, default_device()):
+    try:
+        built = list(cache_teachers(cfg, default_device()))
+    except KeyboardInterrupt:
+        raise ResumableInterrupt(
+            "cache: interrupted; every shard written so far is kept, and the next run builds only the rest"
+        ) from None
+    for name, manifest in built:
         header = manifest["header"]
         tokens = sum(s["tokens"] for s in manifest["splits"].values())
         size = sum(sh["bytes"] for s in manifest["splits"].values() for sh in s["shards"])
@@ -188,7 +200,6 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     import contextlib
-    import signal
     import time
 
     from kdistill.config import load_config
@@ -196,7 +207,6 @@ def _serve(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     commands = serve_commands(cfg, args.python, args.memory)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the servers as Ctrl-C does
     logs = Path(cfg.output_dir) / "logs"
     with contextlib.ExitStack() as stack:
         try:  # a signal at any point, starting included, stops every server started so far

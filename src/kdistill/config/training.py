@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlparse
 
 from pydantic import Field, field_validator, model_validator
 
@@ -109,6 +110,40 @@ class HealthConfig(Strict):
     )
 
 
+class EngineSettings(Strict):
+    python: str = Field(
+        ".venv-vllm/bin/python",
+        description="The Python of vLLM's own environment (`make vllm-env`) that kdistill starts the "
+        "student's engine with.",
+    )
+    server: str | None = Field(
+        None,
+        description="URL of a vLLM server that already serves the student (started as docs/on-policy.md "
+        "shows, on a machine that reads this run's folder); kdistill then starts none.",
+    )
+    served_name: str = Field("student", description="The student's model name on the engine.")
+    memory: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        description="Share of the device's memory vLLM reserves (--gpu-memory-utilization; on its CPU "
+        "backend, of RAM).",
+    )
+    start_timeout: float = Field(
+        900.0, gt=0, description="Seconds the engine may take to start before the run stops."
+    )
+
+    @field_validator("server")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parsed = urlparse(value)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.port is None:
+            raise ValueError(f"expected a URL such as http://127.0.0.1:8100, got {value!r}")
+        return value.rstrip("/")
+
+
 class OnPolicyConfig(Strict):
     lmbda: float = Field(
         0.0,
@@ -130,6 +165,39 @@ class OnPolicyConfig(Strict):
     max_prompt_length: int = Field(
         256, gt=0, description="Prompt tokens kept (the last ones) when the student writes a response."
     )
+    engine: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="What the student samples with: `hf` is transformers' generate in the training "
+        "process, always with the current weights; `vllm` is a vLLM server that kdistill starts on the "
+        "student's weights and updates every `sync_steps` optimizer steps.",
+    )
+    sync_steps: int = Field(
+        1,
+        ge=1,
+        description="engine vllm: optimizer steps between two updates of the engine's weights (LoRA: a new "
+        "adapter; full: a weight reload). Samples between two updates come from weights up to "
+        "sync_steps - 1 steps old (logged as gen/staleness).",
+    )
+    vllm: EngineSettings = Field(
+        default_factory=EngineSettings, description="engine vllm: where and how the engine runs."
+    )
+
+    @model_validator(mode="after")
+    def _engine(self) -> OnPolicyConfig:
+        if self.engine == "hf":
+            if self.sync_steps != 1:
+                raise ValueError(
+                    f"training.on_policy.sync_steps={self.sync_steps} applies to engine: vllm only; the hf "
+                    "engine always samples with the current weights"
+                )
+            if self.vllm != EngineSettings():  # a resolved config writes the defaults out: those pass
+                raise ValueError("training.on_policy.vllm is set, but training.on_policy.engine is hf")
+        elif self.lmbda == 0:
+            raise ValueError(
+                "training.on_policy.engine=vllm with lmbda=0: no step generates, so the engine would "
+                "never be used; set lmbda > 0 or engine: hf"
+            )
+        return self
 
 
 class TrainingConfig(Strict):

@@ -158,6 +158,7 @@ class TeacherView:
     teacher_pos: list[int]
     student_pos: list[int]
     one_to_one: list[bool]
+    prompt: list[dict[str, str]] | None = None  # the example's prompt, for responses written later
 
     def as_row(self, index: int) -> Tokenized:
         """The view as a `Tokenized` row whose trained positions are exactly ``teacher_pos``.
@@ -204,7 +205,50 @@ def teacher_view(
     Both sides are truncated to ``max_length`` as training truncates; a segment counts only when
     all its tokens survive on both sides and both predicting positions exist.
     """
-    s_prompt, s_ids, s_off = _encode(example, student_tokenizer)
+    student = _encode(example, student_tokenizer)
+    return _view(example, student, student_tokenizer, teacher_tokenizer, max_length)
+
+
+def generated_view(
+    prompt: list[dict[str, str]],
+    prompt_ids: list[int],
+    response_ids: list[int],
+    student_tokenizer: Any,
+    teacher_tokenizer: Any,
+    max_length: int,
+) -> TeacherView:
+    """The teacher's view of a response the student wrote: its exact tokens ``response_ids`` after
+    ``prompt_ids`` (the student's prompt, possibly cut), against the teacher's rendering of ``prompt``
+    and of the response's text. The student's side is never re-tokenized: each sampled token keeps
+    its own characters (``_written_offsets``), so the compared positions are those of the row the
+    student trains on, even where it sampled a tokenization its tokenizer would not produce."""
+    text, offsets = _written_offsets(student_tokenizer, response_ids)
+    student = (prompt_ids, response_ids, offsets)
+    return _view(Example(prompt, text), student, student_tokenizer, teacher_tokenizer, max_length)
+
+
+def _written_offsets(tokenizer: Any, ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
+    """The decoded text of ``ids`` (special tokens dropped) and each token's characters within it.
+
+    Decoding a growing prefix gives each token the characters it adds; a token that completes a
+    multi-byte character takes the whole character, and special tokens add none (``(0, 0)``).
+    """
+    offsets, previous = [], 0
+    for n in range(1, len(ids) + 1):
+        end = len(tokenizer.decode(ids[:n], skip_special_tokens=True).rstrip("\ufffd"))
+        offsets.append((previous, end) if end > previous else (0, 0))
+        previous = max(previous, end)
+    return tokenizer.decode(ids, skip_special_tokens=True), offsets
+
+
+def _view(
+    example: Example,
+    student: tuple[list[int], list[int], list[tuple[int, int]]],
+    student_tokenizer: Any,
+    teacher_tokenizer: Any,
+    max_length: int,
+) -> TeacherView:
+    s_prompt, s_ids, s_off = student
     t_prompt, t_ids, t_off = _encode(example, teacher_tokenizer)
     spans = align_offsets(t_off, s_off)
     one_to_one = spans.one_to_one.clone()
@@ -226,6 +270,7 @@ def teacher_view(
         teacher_pos=(t_start[keep] - 1).tolist(),
         student_pos=(s_start[keep] - 1).tolist(),
         one_to_one=one_to_one[keep].tolist(),
+        prompt=example.prompt,
     )
 
 

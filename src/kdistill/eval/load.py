@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from kdistill.config import RunConfig, TeacherConfig, load_config
-from kdistill.data import Example, load_examples, split_examples
+from kdistill.data import Example, load_examples, split_examples, with_response
 from kdistill.errors import KdistillError
 from kdistill.eval.fidelity import Compared
 from kdistill.files import RunFiles
@@ -154,6 +154,15 @@ def load_bench_teacher(teacher: TeacherConfig, device: torch.device) -> Any:
 
 
 def _validation_examples(cfg: RunConfig | None, validation: str | None) -> tuple[list[Example], str | None]:
+    """The held-out examples, as training holds them out: rows with an empty response are left out."""
+    examples, source = _held_out_rows(cfg, validation)
+    kept, empty = with_response(examples)
+    if empty:
+        log.info("held-out rows: %d of %d have an empty response and are left out", empty, len(examples))
+    return kept, source
+
+
+def _held_out_rows(cfg: RunConfig | None, validation: str | None) -> tuple[list[Example], str | None]:
     if validation:
         return load_examples(validation, "validation")[0], validation
     if cfg is None:

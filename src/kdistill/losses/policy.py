@@ -28,16 +28,23 @@ def sampled_reverse_kl(
 
     Args:
         student_logits: ``(N, V)`` student logits at the positions that predict ``labels``.
-        teacher: ``(N, V)`` teacher logits for the same rows (only ``labels``' entries are read).
+        teacher: ``(N, V)`` teacher logits for the same rows (only ``labels``' entries are read), or a
+            ``Sparse`` signal with ``label_logprobs`` (a served teacher's log-prob of each sampled
+            token, at T = 1 only: a tempered log-prob needs the teacher's whole distribution).
         labels: ``(N,)`` the student's sampled tokens.
         temperature: both sides' logits are divided by T.
     Returns a scalar: ``sum_t k_t`` in value, the policy gradient in ``grad``.
     """
-    if isinstance(teacher, Sparse):
-        raise ValueError("the sampled on-policy loss needs the teacher's log-prob of every sampled token")
     index = labels.long()[:, None]
     log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, index).squeeze(-1)
-    log_p = torch.log_softmax(teacher.float() / temperature, dim=-1).gather(-1, index).squeeze(-1)
+    if isinstance(teacher, Sparse):
+        if teacher.label_logprobs is None or temperature != 1.0:
+            raise ValueError(
+                "the sampled on-policy loss needs the teacher's log-prob of every sampled token at T = 1"
+            )
+        log_p = teacher.label_logprobs.float()
+    else:
+        log_p = torch.log_softmax(teacher.float() / temperature, dim=-1).gather(-1, index).squeeze(-1)
     estimate = (log_q - log_p).detach()
     return (estimate + estimate * (log_q - log_q.detach())).sum()
 

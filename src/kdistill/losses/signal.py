@@ -92,6 +92,8 @@ class Sparse:
         num_top: how many leading entries are the top k; ``None`` means all.
         tail: optional ``(N,)`` log of the teacher's mass outside the top k at ``temperature``.
         temperature: the temperature of ``tail`` and of the samples' draw.
+        label_logprobs: optional ``(N,)`` teacher T = 1 log-probability of each row's trained token,
+            in or outside the top k (a served teacher gives it; the sampled on-policy loss reads it).
     """
 
     ids: Tensor
@@ -99,6 +101,7 @@ class Sparse:
     num_top: int | None = None
     tail: Tensor | None = None
     temperature: float | None = None
+    label_logprobs: Tensor | None = None
 
     @classmethod
     def from_logits(cls, logits: Tensor, k: int) -> Sparse:
@@ -118,7 +121,9 @@ class Sparse:
     def select(self, index: slice | Tensor) -> Sparse:
         """The same signal for the rows ``index`` picks (a slice, a bool mask or row indices)."""
         tail = None if self.tail is None else self.tail[index]
-        return replace(self, ids=self.ids[index], logprobs=self.logprobs[index], tail=tail)
+        label = None if self.label_logprobs is None else self.label_logprobs[index]
+        ids, logprobs = self.ids[index], self.logprobs[index]
+        return replace(self, ids=ids, logprobs=logprobs, tail=tail, label_logprobs=label)
 
     def rows(self, start: int, end: int) -> Sparse:
         """The same signal for rows ``start:end`` only."""
@@ -129,7 +134,9 @@ class Sparse:
         if self.ids.device == device:
             return self
         tail = None if self.tail is None else self.tail.to(device)
-        return replace(self, ids=self.ids.to(device), logprobs=self.logprobs.to(device), tail=tail)
+        label = None if self.label_logprobs is None else self.label_logprobs.to(device)
+        ids, logprobs = self.ids.to(device), self.logprobs.to(device)
+        return replace(self, ids=ids, logprobs=logprobs, tail=tail, label_logprobs=label)
 
     def top(self) -> Sparse:
         """The top-k entries only (tail samples dropped), keeping the exact tail mass."""

@@ -21,6 +21,7 @@ from kdistill.losses.hidden import HiddenProjections
 from kdistill.models.build import build_student, full_precision, load_teacher
 from kdistill.models.parts import base_model, depth_and_width
 from kdistill.objective.batch import LossSettings
+from kdistill.run.engine import EngineSettings
 from kdistill.run.generate import Sampling
 from kdistill.run.preflight import hidden_pairs, run_checks
 from kdistill.teacher.responses import load_data
@@ -38,6 +39,7 @@ class Components:
     vocab_size: int
     projections: list[HiddenProjections] = field(default_factory=list)  # per teacher, with loss.hidden
     teacher_pads: dict[str, int] = field(default_factory=dict)  # pad ids of teachers of another tokenizer
+    teacher_tokenizers: dict[str, Any] = field(default_factory=dict)  # the same teachers' tokenizers
 
 
 def build_components(cfg: RunConfig, device: torch.device, config_path: str = "CONFIG") -> Components:
@@ -54,7 +56,7 @@ def build_components(cfg: RunConfig, device: torch.device, config_path: str = "C
     teachers = build_teachers(cfg, live, vocabs, data, config_path)
     projections = build_projections(cfg, live, student, device)
     pads = {name: tok.pad_token_id for name, tok in vocabs.cross.items()}
-    return Components(teachers, student, tokenizer, data, vocab_size, projections, pads)
+    return Components(teachers, student, tokenizer, data, vocab_size, projections, pads, vocabs.cross)
 
 
 def load_student_and_teachers(cfg: RunConfig, device: torch.device) -> tuple[Any, dict[str, Any]]:
@@ -99,6 +101,14 @@ def check_on_policy(cfg: RunConfig) -> None:
             "(a cache cannot score the student's own responses, and only off-policy steps read it); "
             "use lmbda < 1 or remove those teachers"
         )
+    served = [name for name, t in cfg.teacher_list() if t.server]
+    if served and cfg.training.on_policy.mode == "sampled" and cfg.loss.temperature != 1.0:
+        raise KdistillError(
+            f"training.on_policy.mode=sampled with the served teacher(s) {', '.join(served)} needs "
+            f"loss.temperature: 1 (got {cfg.loss.temperature:g}): a server gives each sampled token's "
+            "log-prob at T = 1, and a tempered one needs the whole distribution; set loss.temperature: 1 "
+            "or mode: divergence"
+        )
     if cfg.loss.alpha == 0:
         raise KdistillError(
             "training.on_policy.lmbda > 0 with loss.alpha=0: a generated batch has no CE term, so it would "
@@ -107,13 +117,15 @@ def check_on_policy(cfg: RunConfig) -> None:
 
 
 def check_on_policy_vocabularies(cfg: RunConfig, cross: dict[str, Any]) -> None:
-    """Teachers of another tokenizer are not supported on generated batches yet."""
-    if cfg.training.on_policy.lmbda > 0 and cross:
+    """`sampled` mode reads the teacher's log-prob of each token the student sampled, which a teacher of
+    another tokenizer does not have (it reads other tokens); `divergence` mode re-aligns each response."""
+    on = cfg.training.on_policy
+    if on.lmbda > 0 and on.mode == "sampled" and cross:
         raise KdistillError(
-            "training.on_policy.lmbda > 0 with teacher(s) of another tokenizer "
-            f"({', '.join(sorted(cross))}): their view of a generated response would have to be "
-            "re-tokenized and re-aligned at every step, which kdistill does not do yet; use "
-            "same-tokenizer teachers or lmbda: 0"
+            "training.on_policy.mode=sampled with teacher(s) of another tokenizer "
+            f"({', '.join(sorted(cross))}): that mode needs the teacher's log-prob of each token the "
+            "student sampled, and such a teacher reads the response as other tokens; use mode: divergence "
+            "(each response is re-aligned to the teacher's tokens) or same-tokenizer teachers"
         )
 
 
@@ -126,6 +138,16 @@ def sampling_settings(cfg: RunConfig, tokenizer: Any) -> Sampling | None:
     return Sampling(
         o.lmbda, o.max_new_tokens, o.temperature, o.top_p, o.max_prompt_length, tokenizer.eos_token_id, pad
     )
+
+
+def engine_settings(cfg: RunConfig) -> EngineSettings | None:
+    """`training.on_policy.vllm` as plain values when the student samples on vLLM; None otherwise."""
+    o = cfg.training.on_policy
+    if o.lmbda == 0 or o.engine != "vllm":
+        return None
+    v = o.vllm
+    length = o.max_prompt_length + o.max_new_tokens  # the longest sequence the engine holds
+    return EngineSettings(v.python, v.server, v.served_name, v.memory, v.start_timeout, o.sync_steps, length)
 
 
 def build_projections(

@@ -104,17 +104,31 @@ def generated_window(
     sampling: Sampling,
     collator: Collator,
     seed: int,
+    process: tuple[int, int] = (0, 1),
+    engine: Any = None,
 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, float]]:
     """`window` with every batch's responses written by the student, and the generation's sums
-    (`gen_tokens`, `gen_rows`, `gen_seconds`). `seed` differs per step and per process."""
-    started, batches, tokens, count = time.perf_counter(), [], 0, 0
-    for i, batch in enumerate(window):
-        rows = prompts(batch, sampling.max_prompt_length)
-        written = sample(student, rows, sampling, seed * 1009 + i)
-        items = [Tokenized(p + r, [IGNORE_INDEX] * len(p) + r) for p, r in zip(rows, written)]
+    (`gen_tokens`, `gen_rows`, `gen_seconds`). `seed` differs per step; `process` is `(index, count)`.
+
+    Each batch samples from its own seed, by its place in the step's global window (`i * count +
+    index`): N processes of one micro-batch each sample what one process accumulating N writes.
+    Without `engine` the student samples in this process, batch by batch (`sample`); with one
+    (`run/engine.py`), `engine.sample` writes every batch's responses with the engine's weights.
+    """
+    started = time.perf_counter()
+    index, processes = process
+    rows = [prompts(batch, sampling.max_prompt_length) for batch in window]
+    seeds = [seed * 1009 + i * processes + index for i in range(len(window))]
+    if engine is None:
+        written = [sample(student, r, sampling, s) for r, s in zip(rows, seeds)]
+    else:
+        written = engine.sample(rows, sampling, seeds)
+    batches, tokens, count = [], 0, 0
+    for batch, prompt_rows, answers in zip(window, rows, written):
+        items = [Tokenized(p + r, [IGNORE_INDEX] * len(p) + r) for p, r in zip(prompt_rows, answers)]
         device = batch["input_ids"].device
         batches.append({k: v.to(device) for k, v in collator.pad(items, collator.pad_token_id).items()})
-        tokens += sum(len(r) for r in written)
-        count += len(written)
+        tokens += sum(len(r) for r in answers)
+        count += len(answers)
     seconds = time.perf_counter() - started
     return batches, {"gen_tokens": tokens, "gen_rows": count, "gen_seconds": seconds}

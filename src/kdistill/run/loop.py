@@ -7,6 +7,7 @@ rows, saves a checkpoint, or stops on a signal after saving one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -19,6 +20,8 @@ from kdistill.config import RunConfig
 from kdistill.files import RunFiles
 from kdistill.run.batches import epoch_loader, windows
 from kdistill.run.checkpoint import latest_checkpoint, load_checkpoint, remove_partial
+from kdistill.run.cross_samples import with_teacher_views
+from kdistill.run.engine import VllmEngine
 from kdistill.run.export import export_student
 from kdistill.run.flops import model_shape
 from kdistill.run.generate import generated_window, is_on_policy
@@ -52,11 +55,21 @@ def train(
     started = time.perf_counter()
     run = start_run(cfg, resume, overwrite, config_path)
     with run.lock:  # the folder stays this run's until it ends, however it ends
-        step = _steps(run, *_starting_point(run, resume))
+        start = _starting_point(run, resume)
+        with _engine(run, start[0]) as engine:  # the student's vLLM engine, stopped however the loop ends
+            step = _steps(run, *start, engine)
         return _finish(run, step, started)
 
 
-def _steps(run: Run, step: int, epoch: int, skip: int) -> int:
+def _engine(run: Run, step: int) -> VllmEngine | contextlib.nullcontext:
+    """The student's vLLM engine (`training.on_policy.engine: vllm`) holding the weights of `step`."""
+    if run.engine is None:
+        return contextlib.nullcontext()
+    student = run.accelerator.unwrap_model(run.model).model
+    return VllmEngine(run.engine, run.out / RunFiles.ENGINE, student, run.parts.tokenizer, step)
+
+
+def _steps(run: Run, step: int, epoch: int, skip: int, engine: VllmEngine | None = None) -> int:
     """Optimizer steps from `step` (`skip` windows into `epoch`) to the last; returns the last step."""
     cfg, t, accelerator, parts, held_out, total = (
         run.cfg, run.cfg.training, run.accelerator, run.parts, run.held_out, run.total_steps
@@ -77,10 +90,9 @@ def _steps(run: Run, step: int, epoch: int, skip: int) -> int:
             for index, window in enumerate(windows(loader, t.gradient_accumulation_steps)):
                 if index < skip:
                     continue  # already trained before the checkpoint we resumed from
-                window, generated = _on_policy(run, window, step + 1)
-                on = bool(generated)
-                stats = run.backoff.run(lambda w, on=on: _step(run, w, on), window, step + 1)
-                stats.update(generated)
+                stats = run.backoff.run(
+                    lambda w, s=step + 1: _generate_and_step(run, w, s, engine), window, step + 1
+                )
                 run.scheduler.step()
                 step += 1
                 bar.update(1)
@@ -106,6 +118,21 @@ def _steps(run: Run, step: int, epoch: int, skip: int) -> int:
     return step
 
 
+def _generate_and_step(
+    run: Run, window: list[dict[str, Any]], step: int, engine: VllmEngine | None = None
+) -> dict[str, float]:
+    """One optimizer step; on an on-policy step the student first writes the window's responses
+    (in process, or on `engine`).
+
+    Both run inside the out-of-memory back-off: a generation that runs out of memory is retried, with
+    the step, on the window cut into smaller micro-batches (each writes for its own rows).
+    """
+    window, generated = _on_policy(run, window, step, engine)
+    stats = _step(run, window, bool(generated))
+    stats.update(generated)
+    return stats
+
+
 def _step(run: Run, window: list[dict[str, Any]], generated: bool = False) -> dict[str, float]:
     """One optimizer step over `window` (the out-of-memory back-off may have cut it finer).
 
@@ -123,15 +150,40 @@ def _step(run: Run, window: list[dict[str, Any]], generated: bool = False) -> di
     return optimizer_step(run.accelerator, run.model, teachers, window, settings, run.guarded, max_norm)
 
 
-def _on_policy(run: Run, window: list[dict[str, Any]], step: int) -> tuple[list[dict[str, Any]], dict]:
-    """`window` with the student's own responses on an on-policy step (and the generation's sums)."""
+def _on_policy(
+    run: Run, window: list[dict[str, Any]], step: int, engine: VllmEngine | None
+) -> tuple[list[dict[str, Any]], dict]:
+    """`window` with the student's own responses on an on-policy step (and the generation's sums).
+
+    With the vLLM engine, the engine is first brought to the current weights when they are
+    `sync_steps` steps ahead of its own; the step logs how far behind it samples (`gen_staleness`).
+    """
     seed = run.cfg.training.seed
     if run.sampling is None or not is_on_policy(run.sampling.lmbda, seed, step):
         return window, {}
     student = run.accelerator.unwrap_model(run.model).model
-    # The samples differ per step and per process (each process writes for its own rows).
-    sample_seed = (seed * 100_003 + step) * 1_009 + run.accelerator.process_index
-    return generated_window(student, window, run.sampling, run.collator, sample_seed)
+    synced = {}
+    if engine is not None:
+        began = time.perf_counter()
+        engine.maybe_sync(student, step)
+        seconds = time.perf_counter() - began
+        synced = {"gen_steps": 1, "gen_staleness": engine.staleness(step), "gen_sync_seconds": seconds}
+    # The samples differ per step and per batch; each process writes for its own rows.
+    process = (run.accelerator.process_index, run.accelerator.num_processes)
+    written, sums = generated_window(
+        student, window, run.sampling, run.collator, seed * 100_003 + step, process, engine
+    )
+    if run.parts.teacher_tokenizers:  # teachers of another tokenizer read each response re-aligned
+        longest = run.cfg.data.max_length + run.sampling.max_new_tokens
+        args = (
+            run.parts.data.train,
+            run.parts.tokenizer,
+            run.parts.teacher_tokenizers,
+            longest,
+            run.collator,
+        )
+        written = with_teacher_views(window, written, *args)
+    return written, {**sums, **synced}
 
 
 def _starting_point(run: Run, resume: bool) -> tuple[int, int, int]:
@@ -188,4 +240,6 @@ def _postfix(record: dict[str, float]) -> dict[str, str]:
     if "gen/tokens_per_s" in record:  # on-policy steps: generation speed and its share of the time
         postfix["gen_tok_s"] = f"{record['gen/tokens_per_s']:.0f}"
         postfix["gen_share"] = f"{record['gen/time_share']:.0%}"
+    if "gen/staleness" in record:  # the vLLM engine: how many steps its weights lag behind
+        postfix["stale"] = f"{record['gen/staleness']:.1f}"
     return postfix

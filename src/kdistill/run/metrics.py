@@ -82,6 +82,18 @@ def generation_record(sums: dict[str, float], seconds: float) -> dict[str, float
         "gen/time_share": sums["gen_seconds"] / max(seconds, 1e-9),
         "gen/mean_length": sums["gen_tokens"] / sums["gen_rows"],
         "gen/rows": int(sums["gen_rows"]),
+        **_engine_record(sums),
+    }
+
+
+def _engine_record(sums: dict[str, float]) -> dict[str, float]:
+    """With the vLLM engine: `gen/staleness`, the mean over the window's generated steps of the optimizer
+    steps the engine's weights lag behind, and `gen/sync_seconds`, the time spent updating them."""
+    if not sums.get("gen_steps"):
+        return {}
+    return {
+        "gen/staleness": sums["gen_staleness"] / sums["gen_steps"],
+        "gen/sync_seconds": sums["gen_sync_seconds"],
     }
 
 

@@ -161,6 +161,17 @@ def _stand_in_responses(examples: list[Example]) -> list[Example]:
     return [e if e.response.strip() else replace(e, response="(the teacher's response)") for e in examples]
 
 
+def engine_python_exists(plan: Plan) -> None:
+    """engine vllm without a running server: kdistill starts vLLM with the configured Python."""
+    o = plan.cfg.training.on_policy
+    if o.lmbda > 0 and o.engine == "vllm" and o.vllm.server is None and not Path(o.vllm.python).exists():
+        raise KdistillError(
+            f"training.on_policy.vllm.python={o.vllm.python!r}: no Python there to start the student's "
+            "engine with; create vLLM's environment with `make vllm-env`, point the key at vLLM's Python, "
+            "or give training.on_policy.vllm.server (a running engine)"
+        )
+
+
 Check = Callable[[Plan], None]
 
 # Checks that read no model file; those that depend on the machine rather than the config (validate
@@ -172,7 +183,7 @@ LOCAL_CHECKS: tuple[Check, ...] = (
     model_sources_resolve,
     responses_teacher_live,
 )
-MACHINE_CHECKS: tuple[Check, ...] = (quantization_supported,)
+MACHINE_CHECKS: tuple[Check, ...] = (quantization_supported, engine_python_exists)
 MODEL_CHECKS: tuple[Check, ...] = (
     vocabularies_match,
     student_from_teacher,

@@ -14,6 +14,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from kdistill.config import RunConfig, save_config
 from kdistill.data import Collator
+from kdistill.errors import KdistillError
 from kdistill.files import RunFiles
 from kdistill.models.build import checkpoint_student
 from kdistill.objective.batch import LossSettings, StudentLoss
@@ -22,10 +23,12 @@ from kdistill.run.checkpoint import check_resume_config, check_writable, save_ch
 from kdistill.run.components import (
     Components,
     build_components,
+    engine_settings,
     loss_settings,
     prepare_output_dir,
     sampling_settings,
 )
+from kdistill.run.engine import EngineSettings
 from kdistill.run.folder_lock import FolderLock, lock_run_folder
 from kdistill.run.generate import Sampling
 from kdistill.run.guards import OomBackoff, SkipNonFinite, oom_advice
@@ -62,6 +65,7 @@ class Run:
     windows_per_epoch: int
     lock: FolderLock  # one run per folder: held until the run ends
     sampling: Sampling | None = None  # training.on_policy: how the student writes its responses
+    engine: EngineSettings | None = None  # training.on_policy.engine vllm: where the student samples
 
     def projections(self) -> list[tuple[str, Any]]:
         """Each teacher's name with its hidden-state projections; empty without loss.hidden."""
@@ -96,6 +100,11 @@ def start_run(cfg: RunConfig, resume: bool, overwrite: bool, config_path: str) -
     )
     set_seed(cfg.training.seed)
     main = accelerator.is_main_process
+    if cfg.training.on_policy.engine == "vllm" and accelerator.num_processes > 1:
+        raise KdistillError(
+            f"training.on_policy.engine=vllm with {accelerator.num_processes} training processes: the engine "
+            "is synced from one process only; run one process, or use engine: hf"
+        )
     if main:
         check_writable(out)  # before the models load: a read-only folder should not cost minutes
     # Before anything loads, is deleted or written: a second run on this folder stops here.
@@ -144,10 +153,10 @@ def _build_run(
     )
     guarded = SkipNonFinite(optimizer, held_out.reduce)
     settings = loss_settings(cfg, parts.vocab_size)
-    sampling = sampling_settings(cfg, parts.tokenizer)
+    sampling, engine = sampling_settings(cfg, parts.tokenizer), engine_settings(cfg)
     return Run(
         cfg, out, accelerator, parts, settings, model, optimizer, guarded, scheduler, collator, metrics,
-        held_out, backoff, monitor, total_steps, windows_per_epoch, lock, sampling,
+        held_out, backoff, monitor, total_steps, windows_per_epoch, lock, sampling, engine,
     )  # fmt: skip
 
 

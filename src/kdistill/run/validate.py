@@ -46,10 +46,14 @@ def on_policy_line(cfg: RunConfig) -> str:
         else f"{loss.alpha} * T^2 * policy gradient on log q - log p of each sampled token"
     )
     mix = f"{o.lmbda:.0%} on the student's own samples, {1 - o.lmbda:.0%} on {source}"
+    engine = "sampled in process (hf)"
+    if o.engine == "vllm":
+        where = o.vllm.server or f"a vLLM server kdistill starts with {o.vllm.python}"
+        engine = f"sampled on {where}, synced every {o.sync_steps} step(s)"
     return (
         f"steps: {mix}; a generated step: {formula}, no CE (max_new_tokens {o.max_new_tokens}, "
         f"temperature {o.temperature:g}, top_p {o.top_p:g}, prompts cut to their last "
-        f"{o.max_prompt_length} tokens)"
+        f"{o.max_prompt_length} tokens; {engine})"
     )
 
 

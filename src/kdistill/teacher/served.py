@@ -81,22 +81,28 @@ class ServedTeacher:
         mask = trained_rows(batch["labels"])[0].cpu()
         lengths = batch["attention_mask"].sum(dim=1).tolist()
         rows = [batch["input_ids"][b, :n].tolist() for b, n in enumerate(lengths)]
-        ids, logprobs = [], []
-        for b, (row_ids, row_lp) in enumerate(self.top_k(rows)):
+        ids, logprobs, labels = [], [], []
+        for b, (row_ids, row_lp, row_label) in enumerate(self.top_k(rows)):
             keep = mask[b, : len(row_ids)].nonzero().squeeze(-1)  # trained position p predicts p + 1
             ids.append(row_ids[keep])
             logprobs.append(row_lp[keep])
+            labels.append(row_label[keep])
         device = batch["input_ids"].device
-        return Sparse(ids=torch.cat(ids).to(device), logprobs=torch.cat(logprobs).to(device))
+        return Sparse(
+            ids=torch.cat(ids).to(device),
+            logprobs=torch.cat(logprobs).to(device),
+            label_logprobs=torch.cat(labels).to(device),
+        )
 
-    def top_k(self, rows: Sequence[Sequence[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per row of L ids, `(ids, logprobs)`, each `(L - 1, k)`: entry p is the teacher's top k for the
-        token at position p + 1, given the tokens before it."""
+    def top_k(self, rows: Sequence[Sequence[int]]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per row of L ids, `(ids, logprobs, label_logprobs)`: `ids` and `logprobs` are `(L - 1, k)`,
+        entry p the teacher's top k for the token at position p + 1 given the tokens before it;
+        `label_logprobs` `(L - 1,)` is the teacher's log-prob of that token itself."""
         urls = [self.urls[(self._next + i) % len(self.urls)] for i in range(len(rows))]
         self._next += len(rows)
         with ThreadPoolExecutor(max_workers=self.settings.concurrency) as pool:
             answers = list(pool.map(lambda url, row: self._request(url, list(row)), urls, rows))
-        return [self._parse(answer, len(row)) for answer, row in zip(answers, rows)]
+        return [self._parse(answer, row) for answer, row in zip(answers, rows)]
 
     def _request(self, url: str, ids: list[int], retry: bool = True) -> list[Any]:
         body = {
@@ -115,9 +121,12 @@ class ServedTeacher:
                 f"`prompt_logprobs` extension is needed); it answered {str(answer)[:200]}"
             ) from None
 
-    def _parse(self, positions: list[Any], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The top k of every position after the first, by rank (the prompt token's own entry, outside
-        the top k, is dropped)."""
+    def _parse(
+        self, positions: list[Any], row: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The top k of every position after the first, by rank, and the log-prob of the row's own token
+        there (vLLM adds the prompt token's entry, with its rank, when it is outside the top k)."""
+        length = len(row)
         k = self.settings.top_k
         if len(positions) != length:
             raise KdistillError(
@@ -125,13 +134,16 @@ class ServedTeacher:
             )
         ids = torch.zeros((max(length - 1, 0), k), dtype=torch.long)
         logprobs = torch.zeros((max(length - 1, 0), k), dtype=torch.float32)
+        labels = torch.zeros(max(length - 1, 0), dtype=torch.float32)
         for p, entries in enumerate(positions[1:]):
+            own = entries.get(str(row[p + 1]))
+            labels[p] = float("nan") if own is None else own["logprob"]
             top = sorted(entries.items(), key=lambda item: item[1].get("rank") or 0)[:k]
             if len(top) < k:
                 raise KdistillError(f"the server gave {len(top)} log-probs at a position, {k} were asked for")
             ids[p] = torch.tensor([int(token) for token, _ in top])
             logprobs[p] = torch.tensor([entry["logprob"] for _, entry in top])
-        return ids, logprobs
+        return ids, logprobs, labels
 
     def _call(self, url: str, path: str, body: dict | None, retry: bool = True) -> dict[str, Any]:
         """One JSON request (GET without `body`), retried on the next URLs with back-off."""
@@ -147,8 +159,18 @@ class ServedTeacher:
         raise AssertionError("unreachable")
 
 
-def _http_json(url: str, body: dict | None, timeout: float) -> dict[str, Any]:
-    """POST `body` (GET when None) and read a JSON answer; errors say the URL and what went wrong.
+def http_json(url: str, body: dict | None, timeout: float, text: bool = False) -> Any:
+    """POST `body` (GET when None) and read a JSON answer (with `text`, any answer, as text); one try,
+    errors say the URL and what went wrong."""
+    try:
+        return _http_json(url, body, timeout, text)
+    except KdistillError as err:
+        raise KdistillError(err.args[0].removeprefix("permanent: ")) from None
+
+
+def _http_json(url: str, body: dict | None, timeout: float, text: bool = False) -> Any:
+    """POST `body` (GET when None) and read a JSON answer (or, with `text`, the answer's text); errors
+    say the URL and what went wrong.
 
     An error the server answered (4xx: a wrong model name, too many log-probs asked for) is marked
     permanent: retrying it cannot help.
@@ -157,7 +179,8 @@ def _http_json(url: str, body: dict | None, timeout: float) -> dict[str, Any]:
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
+            answer = response.read()
+            return answer.decode(errors="replace") if text else json.loads(answer)
     except urllib.error.HTTPError as err:
         detail = err.read().decode(errors="replace")[:300]
         kind = "permanent: " if 400 <= err.code < 500 else ""

