@@ -112,8 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("kdistill").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # SIGTERM stops a command as Ctrl-C does: a long phase that keeps its work says how to resume,
-    # servers are stopped; training installs its own handlers (finish the step, checkpoint).
+    # servers are stopped; training installs its own handlers (finish the step, checkpoint). Both
+    # signals must reach it even when the parent blocked or ignored them (a mask and an ignored SIGINT
+    # are inherited), or `kill -INT` could not stop the servers it starts.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         handlers = {
             "train": _train,
@@ -135,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def _train(args: argparse.Namespace) -> int:
