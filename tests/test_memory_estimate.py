@@ -162,6 +162,12 @@ def test_on_policy_steps_count_the_generation_kv_cache() -> None:
     assert peak(plan) == totals["resident"] + max(totals[phase] for phase in PHASES)
     only = memory_plan(load_config("configs/seed.yaml", [*sets, "training.on_policy.lmbda=1"]), 24 * GB)
     assert only.length == 384 and only.trained == 4 * 128  # every step trains on generated rows
+    # On a vLLM engine kdistill starts, the cache lives in the engine, which reserves its share of the GPU
+    engine = [*sets, "training.on_policy.engine=vllm", "training.on_policy.vllm.memory=0.25"]
+    on_vllm = parts(memory_plan(load_config("configs/seed.yaml", engine), 24 * GB))
+    assert on_vllm["generation KV cache"] == 0 and on_vllm["vLLM engine's share"] == 6 * GB
+    served = [*engine, "training.on_policy.vllm.server=http://127.0.0.1:8100"]
+    assert parts(memory_plan(load_config("configs/seed.yaml", served), 24 * GB))["vLLM engine's share"] == 0
 
 
 def test_the_widest_batch_is_among_those_the_run_sees(tiny: dict, tmp_path) -> None:

@@ -13,6 +13,8 @@ plus the largest phase:
   each layer's activations as it makes the layer's gradients, so the two are counted apart);
 - teacher forward: one teacher layer's temporaries under inference mode, and the states it returns;
 - generation (on-policy steps): the student's KV cache, its prompt pass and the sampling logits;
+  with a vLLM engine the student samples in another process, whose share of the device is resident
+  here, and a full student's weights are serialised for it on each sync (engine sync);
 - evaluation: a held-out batch without gradients.
 
 The activations per token and layer count the tensors autograd saves in a transformers decoder
@@ -34,12 +36,11 @@ GB = 10**9
 CPU_PROCESS_BYTES = 500 * 2**20
 # CUDA context and kernels, outside torch's allocator (typical, not measured).
 CUDA_CONTEXT_BYTES = 600 * 2**20
-CPU_CHUNK_BYTES = 24 * 2**20  # losses.chunked: a chunk's fp32 logits on CPU
 CPU_BLOCK_BYTES = 4 * 2**20  # losses.chunked: a block of the loss formula on CPU
 LIVE_BLOCKS = 8  # blocks of the loss formula alive at once
 CROSS_CHUNK_ROWS = 128  # losses.cross_vocab: aligned rows per chunk
 STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
-PHASES = ("forward", "backward", "teacher forward", "generation", "evaluation")
+PHASES = ("forward", "backward", "teacher forward", "generation", "evaluation", "engine sync")
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,8 @@ class Plan:
     eval_rows: int = 0  # rows per held-out evaluation batch (0: no held-out evaluation)
     prompt: int = 0  # on-policy steps: prompt tokens per row while the student writes (0: none)
     new_tokens: int = 0  # on-policy steps: tokens the student writes per row
+    engine_bytes: int = 0  # on-policy steps on a vLLM engine kdistill starts: its share of the device
+    engine: bool = False  # the student samples on a vLLM engine, not in this process
     processes: int = 1
     strategy: str = "ddp"
 
@@ -167,7 +170,7 @@ def _evaluation(p: Plan) -> int:
 def _generation(p: Plan) -> tuple[int, int]:
     """On-policy steps: the student's KV cache at its longest, and its prompt pass with the sampling
     logits (fp32 logits, processed scores and probabilities of the last position)."""
-    if not p.new_tokens:
+    if not p.new_tokens or p.engine:
         return 0, 0
     s, grown = p.student, p.prompt + p.new_tokens
     kv = 2 * s.layers * s.kv_width * p.rows * grown * p.act_bytes
@@ -211,6 +214,9 @@ def parts(p: Plan) -> dict[str, int]:
         "held-out batch": _evaluation(p),
         "generation KV cache": kv,
         "prompt pass and logits": prompt_pass,
+        "vLLM engine's share": p.engine_bytes,
+        # safetensors serialises a full student into one buffer before it writes the engine's file
+        "weights for the engine": s.params() * 4 if p.engine and p.cpu and not p.lora_params else 0,
     }
     return {name: int(value) for name, value in out.items()}
 
@@ -227,6 +233,7 @@ PHASE_OF = {
     "held-out batch": "evaluation",
     "generation KV cache": "generation",
     "prompt pass and logits": "generation",
+    "weights for the engine": "engine sync",
 }  # every other part is resident
 
 

@@ -6,12 +6,14 @@ import os
 from dataclasses import replace
 from typing import Any
 
+import torch
+
 from kdistill.config import RunConfig
 from kdistill.errors import KdistillError
+from kdistill.losses.chunked import chunk_rows
 from kdistill.models.build import student_source, teacher_source
 from kdistill.models.loading import gguf_type, load_config_only
 from kdistill.run.memory import (
-    CPU_CHUNK_BYTES,
     GB,
     PHASE_OF,
     PHASES,
@@ -104,6 +106,15 @@ def _shapes(cfg: RunConfig) -> tuple[Shape | None, Shape, int]:
     return t_shape, t_shape, s.from_teacher.num_layers
 
 
+def _engine(cfg: RunConfig, device: int | None) -> tuple[bool, int]:
+    """(on-policy steps sample on a vLLM engine, the share of the device it reserves): an engine
+    kdistill starts runs beside training on the same device; one the user started, elsewhere."""
+    op = cfg.training.on_policy
+    engine = op.lmbda > 0 and op.engine == "vllm"
+    share = op.vllm.memory * (device or machine_memory()) if engine and not op.vllm.server else 0
+    return engine, int(share)
+
+
 def memory_plan(
     cfg: RunConfig,
     device: int | None,
@@ -118,14 +129,14 @@ def memory_plan(
         raise KdistillError(f"--strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
     cpu, t, s, tr, d = device is None, cfg.teacher, cfg.student, cfg.training, cfg.data
     t_shape, s_shape, layers = _shapes(cfg)
+    engine, share = _engine(cfg, device)
     bits, embed, mapped, expand = _teacher_bits(cfg, cpu)
     rows = tr.micro_batch_size or tr.batch_size
     most = padded(cfg.data.max_length)
     widest = widest or Widest(most, cfg.data.max_length, tr.batch_size * most)
     length, trained, prompt, new_tokens = on_policy_widths(cfg, widest)
-    chunk = cfg.loss.chunk_size or rows * length
-    if cpu:
-        chunk = min(chunk, max(1, CPU_CHUNK_BYTES // (4 * s_shape.vocab)))
+    where = torch.device("cpu" if cpu else "cuda")  # on CPU a chunk's logits stay under 24 MB
+    chunk = chunk_rows(cfg.loss.chunk_size or rows * length, s_shape.vocab, where)
     live = t_shape if not t.cache else None
     cross = live is not None and live.vocab != s_shape.vocab
     hidden = cfg.loss.hidden.weight > 0 and live is not None
@@ -157,6 +168,8 @@ def memory_plan(
         eval_rows=(tr.eval_batch_size or tr.batch_size) if d.validation_source or d.validation_size else 0,
         prompt=prompt,
         new_tokens=new_tokens,
+        engine=engine,
+        engine_bytes=share,
         processes=processes,
         strategy=strategy,
     )
