@@ -203,8 +203,10 @@ def test_serve_stops_its_server_on_a_signal(tiny: dict, tmp_path: Path, stop: si
         assert process.wait(timeout=60) == 0
         assert "stopping the servers" in process.stdout.read()
     finally:
-        if process.poll() is None:
+        if process.poll() is None:  # the test failed: stop the command and the server it started
             process.kill()
+            for pid in _servers_of(port):
+                os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while _servers_of(port) and time.monotonic() < deadline:
         time.sleep(0.2)
