@@ -153,9 +153,14 @@ def test_on_policy_steps_count_the_generation_kv_cache() -> None:
     sets.append("training.on_policy.max_prompt_length=256")
     plan = memory_plan(load_config("configs/seed.yaml", sets), 24 * GB)
     split = parts(plan)
-    # Phi-2: 32 layers of 32 key-value heads of 80; 4 rows of 256 prompt and 128 new tokens, in bf16
-    assert split["generation KV cache"] == 2 * 32 * 32 * 80 * 4 * (256 + 128) * 2
-    assert split["prompt pass and logits"] > 3 * 4 * 51200 * 4  # the sampling logits, and more
+    # Phi-2: 32 layers of 32 key-value heads of 80; one generate call for the step's 4 x 2 rows, of 256
+    # prompt and 128 new tokens, in bf16
+    assert split["generation KV cache"] == 2 * 32 * 32 * 80 * 8 * (256 + 128) * 2
+    assert split["prompt pass and logits"] > 6 * 8 * 51200 * 4  # the sampling logits, and more
+    calls = memory_plan(
+        load_config("configs/seed.yaml", [*sets, "training.on_policy.generation_batch_size=2"]), 24 * GB
+    )
+    assert parts(calls)["generation KV cache"] == split["generation KV cache"] // 4
     assert plan.length == 512  # half the steps train on 512-token data rows, longer than 256 + 128
     totals = phase_totals(plan)
     assert totals["generation"] == split["generation KV cache"] + split["prompt pass and logits"]

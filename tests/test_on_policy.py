@@ -127,7 +127,7 @@ def test_validate_prints_the_mix(tmp_path: Path, tiny: dict, capsys: pytest.Capt
 
 def _own_reverse_kl(student, teacher, batch: dict, tokenizer) -> float:
     """Mean per-token KL(student || teacher) on the student's own samples to `batch`'s prompts."""
-    sampling = Sampling(1.0, 12, 1.0, 1.0, 48, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    sampling = Sampling(1.0, 12, 1.0, 1.0, 48, tokenizer.eos_token_id, tokenizer.pad_token_id, 8)
     window, _ = generated_window(student, [batch], sampling, Collator(tokenizer.pad_token_id), seed=11)
     own = window[0]
     mask = trained_rows(own["labels"])[0]
@@ -213,11 +213,11 @@ def test_out_of_memory_in_generation_halves_the_micro_batch(
     assert code == 0
     real, failed = generate.sample, []
 
-    def sample(student, rows, sampling, seed):
+    def sample(student, rows, sampling, seeds):
         if len(rows) > 2:
             failed.append(len(rows))
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
-        return real(student, rows, sampling, seed)
+        return real(student, rows, sampling, seeds)
 
     monkeypatch.setattr(generate, "sample", sample)
     code, backed = _run(tmp_path / "backed", tiny, training=training)

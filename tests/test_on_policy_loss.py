@@ -60,7 +60,7 @@ def _generated(tiny: dict[str, Path], student) -> dict[str, torch.Tensor]:
     labels = torch.full_like(ids, -100)
     labels[:, -1] = ids[:, -1]  # generation reads the prompt as the tokens before the first label
     batch = {"input_ids": ids, "attention_mask": (ids != tok.pad_token_id).long(), "labels": labels}
-    sampling = Sampling(1.0, 10, 1.0, 1.0, 32, tok.eos_token_id, tok.pad_token_id)
+    sampling = Sampling(1.0, 10, 1.0, 1.0, 32, tok.eos_token_id, tok.pad_token_id, 8)
     window, sums = generated_window(student, [batch], sampling, Collator(tok.pad_token_id), seed=3)
     assert sums["gen_rows"] == 2 and sums["gen_tokens"] > 2
     return window[0]

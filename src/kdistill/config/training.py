@@ -171,6 +171,15 @@ class OnPolicyConfig(Strict):
         "process, always with the current weights; `vllm` is a vLLM server that kdistill starts on the "
         "student's weights and updates every `sync_steps` optimizer steps.",
     )
+    generation_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="engine hf: rows the student samples in one generate call; default every row of the "
+        "optimizer step on this process (batch_size x gradient_accumulation_steps). Decoding reads every "
+        "weight once per token for all rows of a call, so fewer, larger calls are faster while memory "
+        "lasts. Scaled down with micro_batch_size and the out-of-memory back-off. Each row samples from "
+        "its own seed, so the samples do not depend on it.",
+    )
     sync_steps: int = Field(
         1,
         ge=1,
@@ -192,6 +201,11 @@ class OnPolicyConfig(Strict):
                 )
             if self.vllm != EngineSettings():  # a resolved config writes the defaults out: those pass
                 raise ValueError("training.on_policy.vllm is set, but training.on_policy.engine is hf")
+        elif self.generation_batch_size is not None:
+            raise ValueError(
+                f"training.on_policy.generation_batch_size={self.generation_batch_size} applies to engine: "
+                "hf only; the vLLM engine has every row of a step in flight at once"
+            )
         elif self.lmbda == 0:
             raise ValueError(
                 "training.on_policy.engine=vllm with lmbda=0: no step generates, so the engine would "

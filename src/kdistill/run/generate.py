@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 from kdistill.data import IGNORE_INDEX, Collator, Tokenized
 
@@ -31,6 +32,7 @@ class Sampling:
     max_prompt_length: int
     eos_token_id: int
     pad_token_id: int
+    generation_batch_size: int  # rows per generate call at the configured micro-batch (engine hf)
 
 
 def is_on_policy(lmbda: float, seed: int, step: int) -> bool:
@@ -41,6 +43,17 @@ def is_on_policy(lmbda: float, seed: int, step: int) -> bool:
         return True
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     return bool(torch.rand((), generator=generator) < lmbda)
+
+
+def row_seed(seed: int, row: int) -> int:
+    """The seed of row `row` of a batch sampled with `seed` (within int64); every engine uses it."""
+    return (seed * 1_000_003 + row) % 2**63
+
+
+def rows_per_call(generation_batch_size: int, batch_size: int, micro: int) -> int:
+    """Rows per generate call while the micro-batch is `micro` rows: `generation_batch_size` scaled
+    down with the micro-batch (micro_batch_size, or the out-of-memory back-off), at least one."""
+    return max(1, generation_batch_size * micro // batch_size)
 
 
 def prompts(batch: dict[str, torch.Tensor], keep: int) -> list[list[int]]:
@@ -70,32 +83,70 @@ def responses(out: torch.Tensor, eos: int) -> list[list[int]]:
     return cut
 
 
+class RowSeeded(LogitsProcessor):
+    """Samples every row from its own random stream: the Gumbel-max trick, argmax(log p - log E) with
+    E ~ Exp(1) drawn from the row's generator, is a draw from p (after temperature and top-p). The
+    chosen token gets score 0 and every other -inf, so greedy decoding takes it.
+
+    A row's sample thus depends on its seed alone, not on which rows share its generate call: the
+    window can be sampled in any grouping (and across processes) with the same result.
+    """
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device: torch.device) -> None:
+        self.generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+        self.temperature = temperature
+        self.top_p = TopPLogitsWarper(top_p) if top_p < 1 else None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.float() / self.temperature
+        if self.top_p is not None:
+            scores = self.top_p(input_ids, scores)
+        noise = torch.stack([torch.empty_like(scores[0]).exponential_(generator=g) for g in self.generators])
+        chosen = (scores.log_softmax(-1) - noise.log()).argmax(-1, keepdim=True)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, chosen, 0.0)
+
+
 @torch.inference_mode()
-def sample(student: Any, rows: list[list[int]], sampling: Sampling, seed: int) -> list[list[int]]:
-    """The student's sampled responses to `rows` (prompt ids): batched, with its KV cache, left padded,
-    in eval mode (no dropout), LoRA adapters active; the random draws come from `seed` alone."""
+def sample(student: Any, rows: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[list[int]]:
+    """The student's sampled responses to `rows` (prompt ids), row i from `seeds[i]` alone (`RowSeeded`):
+    batched, with its KV cache, left padded, in eval mode (no dropout), LoRA adapters active."""
     device = next(student.parameters()).device
     was_training = student.training
     student.eval()
-    devices = [device] if device.type == "cuda" else []
+    settings = GenerationConfig(
+        do_sample=False,  # RowSeeded has already drawn each row's token
+        max_new_tokens=sampling.max_new_tokens,
+        eos_token_id=sampling.eos_token_id,
+        pad_token_id=sampling.pad_token_id,
+        use_cache=True,  # training turns it off in the model's config
+    )
+    draw = RowSeeded(seeds, sampling.temperature, sampling.top_p, device)
     try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            out = student.generate(
-                **left_padded(rows, sampling.pad_token_id, device),
-                do_sample=True,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=0,
-                max_new_tokens=sampling.max_new_tokens,
-                eos_token_id=sampling.eos_token_id,
-                pad_token_id=sampling.pad_token_id,
-                use_cache=True,  # training turns it off in the model's config
-            )
+        out = student.generate(
+            **left_padded(rows, sampling.pad_token_id, device),
+            generation_config=settings,
+            logits_processor=LogitsProcessorList([draw]),
+        )
     finally:
         student.train(was_training)
     width = max(len(r) for r in rows)
     return responses(out[:, width:], sampling.eos_token_id)
+
+
+def sample_grouped(
+    student: Any, rows: list[list[int]], sampling: Sampling, seeds: list[int], group: int
+) -> list[list[int]]:
+    """`sample` over `rows` in calls of at most `group` rows, rows of like prompt length together (less
+    left padding); the answers come back in the order of `rows`."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]), reverse=True)
+    out: list[list[int]] = [[] for _ in rows]
+    for start in range(0, len(order), group):
+        part = order[start : start + group]
+        for i, answer in zip(
+            part, sample(student, [rows[i] for i in part], sampling, [seeds[i] for i in part])
+        ):
+            out[i] = answer
+    return out
 
 
 def generated_window(
@@ -106,21 +157,26 @@ def generated_window(
     seed: int,
     process: tuple[int, int] = (0, 1),
     engine: Any = None,
+    group: int | None = None,
 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, float]]:
     """`window` with every batch's responses written by the student, and the generation's sums
     (`gen_tokens`, `gen_rows`, `gen_seconds`). `seed` differs per step; `process` is `(index, count)`.
 
-    Each batch samples from its own seed, by its place in the step's global window (`i * count +
-    index`): N processes of one micro-batch each sample what one process accumulating N writes.
-    Without `engine` the student samples in this process, batch by batch (`sample`); with one
-    (`run/engine.py`), `engine.sample` writes every batch's responses with the engine's weights.
+    Each batch has its own seed, by its place in the step's global window (`i * count + index`), and
+    its row r samples from `row_seed(seed, r)`: N processes of one micro-batch each sample what one
+    process accumulating N writes. Without `engine` the student samples in this process, `group` rows
+    (default: all) per generate call (`sample_grouped`); with one (`run/engine.py`), `engine.sample`
+    writes every batch's responses with the engine's weights.
     """
     started = time.perf_counter()
     index, processes = process
     rows = [prompts(batch, sampling.max_prompt_length) for batch in window]
     seeds = [seed * 1009 + i * processes + index for i in range(len(window))]
     if engine is None:
-        written = [sample(student, r, sampling, s) for r, s in zip(rows, seeds)]
+        flat = [row for batch in rows for row in batch]
+        row_seeds = [row_seed(s, r) for batch, s in zip(rows, seeds) for r in range(len(batch))]
+        answers = iter(sample_grouped(student, flat, sampling, row_seeds, group or len(flat)))
+        written = [[next(answers) for _ in batch] for batch in rows]
     else:
         written = engine.sample(rows, sampling, seeds)
     batches, tokens, count = [], 0, 0

@@ -24,7 +24,7 @@ from kdistill.run.cross_samples import with_teacher_views
 from kdistill.run.engine import VllmEngine
 from kdistill.run.export import export_student
 from kdistill.run.flops import model_shape
-from kdistill.run.generate import generated_window, is_on_policy
+from kdistill.run.generate import generated_window, is_on_policy, rows_per_call
 from kdistill.run.metrics import LogWindow
 from kdistill.run.start import Run, start_run
 from kdistill.run.step import optimizer_step
@@ -170,8 +170,9 @@ def _on_policy(
         synced = {"gen_steps": 1, "gen_staleness": engine.staleness(step), "gen_sync_seconds": seconds}
     # The samples differ per step and per batch; each process writes for its own rows.
     process = (run.accelerator.process_index, run.accelerator.num_processes)
+    group = rows_per_call(run.sampling.generation_batch_size, run.cfg.training.batch_size, run.backoff.micro)
     written, sums = generated_window(
-        student, window, run.sampling, run.collator, seed * 100_003 + step, process, engine
+        student, window, run.sampling, run.collator, seed * 100_003 + step, process, engine, group
     )
     if run.parts.teacher_tokenizers:  # teachers of another tokenizer read each response re-aligned
         longest = run.cfg.data.max_length + run.sampling.max_new_tokens

@@ -13,6 +13,7 @@ from kdistill.errors import KdistillError
 from kdistill.losses.chunked import chunk_rows
 from kdistill.models.build import student_source, teacher_source
 from kdistill.models.loading import gguf_type, load_config_only
+from kdistill.run.generate import rows_per_call
 from kdistill.run.memory import (
     GB,
     PHASE_OF,
@@ -94,6 +95,15 @@ def on_policy_widths(cfg: RunConfig, widest: Widest) -> tuple[int, int, int, int
     return max(widest.width, generated), trained, prompt, op.max_new_tokens
 
 
+def _generation_rows(cfg: RunConfig, micro: int) -> int:
+    """Rows the student samples in one generate call (engine hf); 0 without on-policy steps."""
+    tr, op = cfg.training, cfg.training.on_policy
+    if op.lmbda <= 0:
+        return 0
+    group = op.generation_batch_size or tr.batch_size * tr.gradient_accumulation_steps
+    return rows_per_call(group, tr.batch_size, micro)
+
+
 def _shapes(cfg: RunConfig) -> tuple[Shape | None, Shape, int]:
     """The teacher's shape (None without its model), the student's, and the student's layers."""
     t, s = cfg.teacher, cfg.student
@@ -168,6 +178,7 @@ def memory_plan(
         eval_rows=(tr.eval_batch_size or tr.batch_size) if d.validation_source or d.validation_size else 0,
         prompt=prompt,
         new_tokens=new_tokens,
+        gen_rows=_generation_rows(cfg, rows),
         engine=engine,
         engine_bytes=share,
         processes=processes,
