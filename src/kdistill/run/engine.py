@@ -5,9 +5,9 @@ started), and every `sync_steps` optimizer steps brings the engine up to the cur
 
 - a LoRA student: its adapter is saved to a new folder and loaded under a new name
   (`/v1/load_lora_adapter`, which needs `VLLM_ALLOW_RUNTIME_LORA_UPDATING`); the old one is unloaded;
-- a full student: its weights replace the served folder's file in one rename, and the engine reloads
-  them in place (`/collective_rpc` `reload_weights`, a development endpoint of `VLLM_SERVER_DEV_MODE`),
-  then drops its prefix cache, which holds keys and values of the old weights.
+- a full student: its weights are copied over those of the served folder's file (`engine_weights.py`),
+  and the engine reloads them in place (`/collective_rpc` `reload_weights`, a development endpoint of
+  `VLLM_SERVER_DEV_MODE`), then drops its prefix cache, which holds keys and values of the old weights.
 
 vLLM's in-place reload does not reload an output head tied to the embedding (it keeps the head it
 started with), so a tied student is served untied (`--hf-overrides`) with the head written out.
@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from kdistill.errors import KdistillError
-from kdistill.run.generate import Sampling, responses
+from kdistill.run.engine_weights import write_base, write_weights
+from kdistill.run.generate import Sampling, responses, row_seed
 from kdistill.teacher.served import http_json
 from kdistill.teacher.server_process import ServerProcess, vllm_command
 
@@ -84,7 +84,7 @@ class VllmEngine:
         """Write the student, start the server (unless one runs) and wait for it; check what it serves."""
         self.folder.mkdir(parents=True, exist_ok=True)
         base = self.folder / "student"
-        tied = _write_base(self._student, self.tokenizer, base, self.lora)
+        tied = write_base(self._student, self.tokenizer, base, self.lora)
         if self.settings.server is None:
             command, log_file = self._command(base, tied), self.folder / "server.log"
             timeout, env = self.settings.start_timeout, self._environment()
@@ -125,7 +125,7 @@ class VllmEngine:
                 shutil.rmtree(self.folder / f"adapter-{old.rsplit('-', 1)[1]}", ignore_errors=True)
         else:
             base = self.folder / "student"
-            _write_weights(student, base)
+            write_weights(student, base)
             self._post(
                 "/collective_rpc",
                 {"method": "reload_weights", "kwargs": {"weights_path": str(base.resolve())}},
@@ -137,9 +137,9 @@ class VllmEngine:
         self, batches: Sequence[list[list[int]]], sampling: Sampling, seeds: Sequence[int]
     ) -> list[list[list[int]]]:
         """Each batch's responses to its prompts (token ids), all rows in flight together; row r of a
-        batch with seed s samples with seed `s * 1_000_003 + r` (within int64)."""
+        batch with seed s samples with seed `row_seed(s, r)`."""
         jobs = [
-            (b, r, ids, (seed * 1_000_003 + r) % 2**63)
+            (b, r, ids, row_seed(seed, r))
             for b, (rows, seed) in enumerate(zip(batches, seeds))
             for r, ids in enumerate(rows)
         ]
@@ -208,35 +208,6 @@ def _lora_rank(r: int) -> int:
         if rank >= r:
             return rank
     raise KdistillError(f"student.lora.r={r}: vLLM serves LoRA ranks up to {LORA_RANKS[-1]}")
-
-
-def _write_base(student: Any, tokenizer: Any, folder: Path, lora: bool) -> bool:
-    """The folder vLLM starts from: config, tokenizer and weights (a LoRA student's base weights).
-    Returns whether the head is tied to the embedding (then written out, see the module docstring)."""
-    model = student.get_base_model() if lora else student
-    folder.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(folder)
-    model.generation_config.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    _write_weights(student, folder, base_only=lora)
-    return tied
-
-
-def _write_weights(student: Any, folder: Path, base_only: bool = False) -> None:
-    """`folder/model.safetensors` replaced in one rename by the student's weights in the checkpoint's
-    names: a LoRA student's base layers without their adapters, a tied head written out."""
-    state = student.get_base_model().state_dict() if base_only else student.state_dict()
-    weights = {}
-    for name, tensor in state.items():
-        if "lora_" in name:
-            continue
-        weights[name.replace(".base_layer.", ".")] = tensor.detach().to("cpu").contiguous()
-    if "lm_head.weight" in weights:
-        weights["lm_head.weight"] = weights["lm_head.weight"].clone()  # safetensors refuses shared storage
-    part = folder / ".model.safetensors.part"
-    save_file(weights, str(part), metadata={"format": "pt"})
-    part.replace(folder / "model.safetensors")
 
 
 def _free_port() -> int:

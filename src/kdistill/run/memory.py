@@ -14,7 +14,7 @@ plus the largest phase:
 - teacher forward: one teacher layer's temporaries under inference mode, and the states it returns;
 - generation (on-policy steps): the student's KV cache, its prompt pass and the sampling logits;
   with a vLLM engine the student samples in another process, whose share of the device is resident
-  here, and a full student's weights are serialised for it on each sync (engine sync);
+  here, and a full student's weights are serialised once for it when it starts (engine sync);
 - evaluation: a held-out batch without gradients.
 
 The activations per token and layer count the tensors autograd saves in a transformers decoder
@@ -92,6 +92,7 @@ class Plan:
     eval_rows: int = 0  # rows per held-out evaluation batch (0: no held-out evaluation)
     prompt: int = 0  # on-policy steps: prompt tokens per row while the student writes (0: none)
     new_tokens: int = 0  # on-policy steps: tokens the student writes per row
+    gen_rows: int = 0  # on-policy steps: rows per generate call (0: the micro-batch)
     engine_bytes: int = 0  # on-policy steps on a vLLM engine kdistill starts: its share of the device
     engine: bool = False  # the student samples on a vLLM engine, not in this process
     processes: int = 1
@@ -172,9 +173,10 @@ def _generation(p: Plan) -> tuple[int, int]:
     logits (fp32 logits, processed scores and probabilities of the last position)."""
     if not p.new_tokens or p.engine:
         return 0, 0
-    s, grown = p.student, p.prompt + p.new_tokens
-    kv = 2 * s.layers * s.kv_width * p.rows * grown * p.act_bytes
-    return kv, _inference_layer(s, p.rows, p.prompt, p.act_bytes) + 3 * p.rows * s.vocab * 4
+    s, grown, rows = p.student, p.prompt + p.new_tokens, p.gen_rows or p.rows
+    kv = 2 * s.layers * s.kv_width * rows * grown * p.act_bytes
+    # RowSeeded adds the tempered scores, their log-softmax and the noise: 3 more fp32 rows of logits.
+    return kv, _inference_layer(s, rows, p.prompt, p.act_bytes) + 6 * rows * s.vocab * 4
 
 
 def parts(p: Plan) -> dict[str, int]:
@@ -215,7 +217,8 @@ def parts(p: Plan) -> dict[str, int]:
         "generation KV cache": kv,
         "prompt pass and logits": prompt_pass,
         "vLLM engine's share": p.engine_bytes,
-        # safetensors serialises a full student into one buffer before it writes the engine's file
+        # safetensors serialises a full student into one buffer for the engine's first file (a --resume
+        # writes it with the optimizer state loaded); later syncs copy in place (engine_weights.py)
         "weights for the engine": s.params() * 4 if p.engine and p.cpu and not p.lora_params else 0,
     }
     return {name: int(value) for name, value in out.items()}
