@@ -66,6 +66,7 @@ def _servers_in(folder: Path) -> list[int]:
         ({**ON, "sync_steps": 0}, "training.on_policy.sync_steps"),
         ({"lmbda": 0.5, "sync_steps": 2}, "sync_steps=2 applies to engine: vllm only"),
         ({"lmbda": 0.5, "vllm": {"memory": 0.5}}, "training.on_policy.vllm is set, but"),
+        ({**ON, "generation_batch_size": 4}, "generation_batch_size=4 applies to engine: hf only"),
         ({**ON, "vllm": {"server": "localhost:8000"}}, "expected a URL such as http://127.0.0.1:8100"),
         ({**ON, "vllm": {"python": "/nowhere/bin/python"}}, "training.on_policy.vllm.python='/nowhere"),
     ],
@@ -136,7 +137,7 @@ def test_engine_samples_are_seeded_per_row(tiny: dict, tmp_path: Path, fake_on_p
     tokenizer = AutoTokenizer.from_pretrained(tiny["student"])
     student = AutoModelForCausalLM.from_pretrained(tiny["student"], dtype=torch.float32)
     prompt = tokenizer("the sun and the moon")["input_ids"]
-    sampling = Sampling(1.0, 8, 1.0, 1.0, 32, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    sampling = Sampling(1.0, 8, 1.0, 1.0, 32, tokenizer.eos_token_id, tokenizer.pad_token_id, 8)
     settings = EngineSettings(sys.executable, None, "student", 0.2, 120, 1, 64)
     with VllmEngine(settings, tmp_path / "engine", student, tokenizer, step=0) as engine:
         first = engine.sample([[prompt] * 4], sampling, [5])
@@ -210,6 +211,61 @@ def test_sigterm_stops_the_engine(tmp_path: Path, tiny: dict, fake_on_path: None
     code = run.wait(timeout=120)
     assert code == (130 if when == "starting" else 128 + signal.SIGTERM), run.stderr.read()
     assert not _servers_in(tmp_path / "out")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_killed_run_takes_its_engine_with_it(tmp_path: Path, tiny: dict, fake_on_path: None) -> None:
+    """SIGKILL leaves kdistill no chance to stop the engine: the kernel's parent-death signal does."""
+    training = {"max_steps": 400, "save_steps": 1000, "on_policy": _on()}
+    path = write_config(tmp_path / "run.yaml", tiny_config(tiny, tmp_path / "out", training=training))
+    run = subprocess.Popen(
+        [sys.executable, "-m", "kdistill.cli", "train", str(path)], stderr=subprocess.PIPE, text=True
+    )
+    metrics, deadline = tmp_path / "out" / "metrics.jsonl", time.monotonic() + 300
+    while '"gen/rows"' not in _text(metrics) and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert run.poll() is None, run.stderr.read()
+    assert len(_servers_in(tmp_path / "out")) == 1
+    run.kill()
+    run.wait(timeout=30)
+    deadline = time.monotonic() + 60
+    while _servers_in(tmp_path / "out") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = _servers_in(tmp_path / "out")
+    for pid in left:  # a failing test still leaves nothing behind
+        os.kill(pid, signal.SIGKILL)
+    assert not left
+
+
+def test_a_server_already_running_is_synced_and_left_running(
+    tmp_path: Path, tiny: dict, fake_on_path: None, capsys: pytest.CaptureFixture
+) -> None:
+    """`vllm.server`: kdistill starts nothing, brings the server to the student's weights at the start and
+    before every step, and leaves it running; a wrong `served_name` is one message."""
+    from kdistill.run.engine import _free_port
+    from kdistill.teacher.server_process import ServerProcess, vllm_command
+
+    url = f"http://127.0.0.1:{_free_port()}"
+    command = vllm_command(sys.executable, str(tiny["student"]), "mine", int(url.rsplit(":", 1)[1]), 1)
+    log = tmp_path / "server.log"
+    with ServerProcess(command, url, log, 120, {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}) as server:
+        on = _on(vllm={"server": url, "served_name": "mine"})
+        config = tiny_config(tiny, tmp_path / "out", training={"max_steps": 3, "on_policy": on})
+        assert main(["train", str(write_config(tmp_path / "run.yaml", config))]) == 0
+        assert server.process.poll() is None  # not kdistill's to stop
+        steps = [r for r in _metrics(tmp_path / "out") if "loss" in r]
+        assert [r["gen/staleness"] for r in steps] == [0, 0, 0] and all(r["gen/rows"] == 4 for r in steps)
+        reloads = [line for line in log.read_text().splitlines() if "reload_weights" in line]
+        folder = str((tmp_path / "out" / "engine" / "student").resolve())
+        assert len(reloads) == 3 and all(line.endswith(folder) for line in reloads)  # start, steps 2, 3
+        assert len(_servers_in(tiny["student"])) == 1  # only the server the test started
+        on = _on(vllm={"server": url, "served_name": "student"})
+        config = tiny_config(tiny, tmp_path / "wrong", training={"max_steps": 1, "on_policy": on})
+        assert main(["train", str(write_config(tmp_path / "wrong.yaml", config))]) == 2
+        err = capsys.readouterr().err
+        assert f"the student's engine at {url} does not serve a model named 'student'" in err
+        assert "it serves ['mine']" in err and "Traceback" not in err
+    assert server.process.poll() is not None
 
 
 def _text(path: Path) -> str:

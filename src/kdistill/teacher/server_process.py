@@ -3,20 +3,24 @@
 vLLM lives in its own Python environment (`make vllm-env` creates `.venv-vllm`): it pins its own torch
 and transformers. The server runs in a new process group, so stopping it stops every process it
 started; it is stopped on exit, on an error and on SIGINT/SIGTERM (`ServerProcess` is a context
-manager, and the CLI turns both signals into a normal exit).
+manager, and the CLI turns both signals into a normal exit). On Linux the server is also sent SIGTERM
+when kdistill dies without cleaning up (SIGKILL, a crash): the kernel's parent-death signal.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -96,7 +100,12 @@ class ServerProcess:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as out:
             self.process = subprocess.Popen(
-                self.command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=self.env
+                self.command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=self.env,
+                preexec_fn=_dies_with(os.getpid()),
             )
         try:
             self._wait_healthy()
@@ -140,6 +149,25 @@ class ServerProcess:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)  # workers the server started, if any outlived it
         self.process.wait()
+
+
+def _dies_with(parent: int) -> Callable[[], None] | None:
+    """What the server's process runs before the server (Linux): SIGTERM to it when `parent` dies.
+
+    The kernel sends the signal when the thread that started the server ends, so servers are started
+    from the main thread. `prctl` is looked up here, in kdistill's process: the child only calls it.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig = 1
+
+    def in_child() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+        if os.getppid() != parent:  # kdistill died before the signal was set
+            os._exit(1)
+
+    return in_child
 
 
 def _first_error(log: str) -> str:
