@@ -508,6 +508,7 @@ def worker(args: argparse.Namespace) -> None:
         "trl": run_trl,
         "on-policy-kdistill-hf": lambda spec, out: on_policy.run_kdistill(spec, out, "hf"),
         "on-policy-kdistill-vllm": lambda spec, out: on_policy.run_kdistill(spec, out, "vllm"),
+        "on-policy-kdistill-vllm-sync2": lambda spec, out: on_policy.run_kdistill(spec, out, "vllm", 2),
         "on-policy-trl": on_policy.run_trl,
     }
     if args.worker in jobs:

@@ -1,5 +1,6 @@
-"""The on-policy row of `vs_peers.py --on-policy`: kdistill on-policy (lmbda 1; engine hf and engine vllm)
-against TRL's GKD trainer with lmbda 1, which samples with `transformers.generate`, on the same work.
+"""The on-policy row of `vs_peers.py --on-policy`: kdistill on-policy (lmbda 1; engine hf, and engine
+vllm synced every step and every 2 steps) against TRL's GKD trainer with lmbda 1, which samples with
+`transformers.generate`, on the same work.
 
 The same prepared teacher, student and rows as `vs_peers.py` (the prompts are each row's tokens before
 its response); every step trains only on responses the student samples itself: at most
@@ -22,12 +23,13 @@ from pathlib import Path
 
 import torch
 
-TRAINERS = ("kdistill-hf", "kdistill-vllm", "trl")
+TRAINERS = ("kdistill-hf", "kdistill-vllm", "kdistill-vllm-sync2", "trl")
 VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
 
 
-def run_kdistill(spec: dict, out: Path, engine: str) -> dict:
-    """`kdistill train` with lmbda 1 on `engine`; loop time and trained tokens from metrics.jsonl."""
+def run_kdistill(spec: dict, out: Path, engine: str, sync_steps: int = 1) -> dict:
+    """`kdistill train` with lmbda 1 on `engine` (vllm: synced every `sync_steps`); loop time and trained
+    tokens from metrics.jsonl."""
     import yaml
 
     import kdistill.run.engine as engines
@@ -40,6 +42,7 @@ def run_kdistill(spec: dict, out: Path, engine: str) -> dict:
         # 10 % of RAM (2.4 GB here): the weights, the profiling run and a KV cache of about 0.9 GB, which
         # holds the run's few sequences many times over (vLLM refused 5 %).
         on_policy["vllm"] = {"python": spec.get("vllm_python", str(VLLM_PYTHON)), "memory": 0.1}
+        on_policy["sync_steps"] = sync_steps
         enter, leave = engines.VllmEngine.__enter__, engines.VllmEngine.__exit__
 
         def timed_enter(self):  # the engine's start, outside the loop's window
@@ -150,7 +153,8 @@ def compare(spec_path: Path, work: Path, reps: int, spawn) -> dict:
     """`reps` runs of each trainer, in rotating order; medians and ratios against TRL."""
     runs = []
     for rep in range(reps):
-        order = TRAINERS[rep % 3 :] + TRAINERS[: rep % 3]
+        turn = rep % len(TRAINERS)
+        order = TRAINERS[turn:] + TRAINERS[:turn]
         for name in order:
             result = spawn(f"on-policy-{name}", spec_path, work / f"on-policy-{name}-{rep}")
             peak = result["peak_rss_mib"] + result.get("engine_peak_rss_mib", 0.0)
