@@ -142,6 +142,35 @@ def test_two_processes_on_policy_match_one_with_twice_the_accumulation(tmp_path:
     _assert_same_weights(tmp_path / "single" / "model.safetensors", tmp_path / "pair" / "model.safetensors")
 
 
+@pytest.mark.slow  # two fresh processes and two stand-in engines
+def test_two_processes_share_one_vllm_engine(
+    tmp_path: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """engine: vllm under two processes: the main process starts and syncs one engine, both sample
+    their own rows from it, and the run equals one process accumulating two batches on its engine."""
+    fake = Path(__file__).parent / "fake_vllm"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), str(Path(__file__).parents[1] / "src")]))
+    on = {"lmbda": 1.0, "max_new_tokens": 10, "max_prompt_length": 40, "engine": "vllm",
+          "vllm": {"python": sys.executable}}  # fmt: skip
+    training = {**TRAINING, "max_steps": 3, "eval_steps": 100, "save_steps": 100, "on_policy": on}
+    loss = {"divergence": "reverse_kl", "temperature": 1.0, "alpha": 1.0}
+    pair = write_config(
+        tmp_path / "pair.yaml", tiny_config(tiny, tmp_path / "pair", training=training, loss=loss)
+    )
+    single = tiny_config(
+        tiny, tmp_path / "single", training={**training, "gradient_accumulation_steps": 2}, loss=loss
+    )
+    assert main(["train", str(write_config(tmp_path / "single.yaml", single))]) == 0
+    _launch(["--multi_gpu"], "-m", "kdistill", "train", str(pair))
+
+    _assert_same_losses(tmp_path / "single", tmp_path / "pair")
+    steps = [r for r in _records(tmp_path / "pair") if "loss" in r]
+    assert len(steps) == 3 and all(r["gen/rows"] == 8 and r["gen/staleness"] == 0 for r in steps)
+    _assert_same_weights(tmp_path / "single" / "model.safetensors", tmp_path / "pair" / "model.safetensors")
+    log = (tmp_path / "pair" / "engine" / "server.log").read_text()
+    assert log.count("fake vLLM serving") == 1 and log.count("fake vLLM: reload_weights") == 2
+
+
 _FORCE_FSDP = """
 import sys
 from accelerate import state

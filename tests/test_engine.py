@@ -300,3 +300,33 @@ def test_a_server_that_fails_to_start_says_why(tmp_path: Path) -> None:
     cause = r"while starting: ValueError: too little memory for the KV cache;"
     with pytest.raises(KdistillError, match=cause):
         server.__enter__()
+
+
+@pytest.mark.parametrize(("kind", "stage"), [("FSDP", None), ("DEEPSPEED", 3)])
+def test_sharded_student_weights_are_refused_with_the_engine(
+    tiny: dict, tmp_path: Path, kind: str, stage: int | None
+) -> None:
+    """The engine is synced from the main process's whole copy of the student; FSDP and ZeRO-3 have none."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from kdistill.config import load_config
+    from kdistill.errors import KdistillError
+    from kdistill.run.start import _check_engine_processes
+
+    plugin = SimpleNamespace(zero_stage=stage) if stage else None
+    accelerator = SimpleNamespace(
+        num_processes=2,
+        distributed_type=DistributedType[kind],
+        state=SimpleNamespace(deepspeed_plugin=plugin),
+    )
+    path = write_config(
+        tmp_path / "run.yaml", tiny_config(tiny, tmp_path / "out", training={"on_policy": _on()})
+    )
+    with pytest.raises(
+        KdistillError, match=f"engine=vllm with 2 processes under {DistributedType[kind].value}"
+    ):
+        _check_engine_processes(load_config(path), accelerator)
+    accelerator.distributed_type, accelerator.state.deepspeed_plugin = DistributedType.MULTI_CPU, None
+    _check_engine_processes(load_config(path), accelerator)  # DDP: every process holds the whole student

