@@ -330,3 +330,43 @@ def test_sharded_student_weights_are_refused_with_the_engine(
         _check_engine_processes(load_config(path), accelerator)
     accelerator.distributed_type, accelerator.state.deepspeed_plugin = DistributedType.MULTI_CPU, None
     _check_engine_processes(load_config(path), accelerator)  # DDP: every process holds the whole student
+
+
+def test_resume_on_the_engine_reproduces_samples_and_weights(
+    tmp_path: Path, tiny: dict, fake_on_path: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after step 4 and resumed from step 3's checkpoint: the new engine starts on the checkpoint's
+    weights and the rows keep their seeds, so the run equals the uninterrupted one (sync_steps 1)."""
+    from safetensors.torch import load_file
+
+    import kdistill.run.loop as loop
+
+    training = {"max_steps": 6, "save_steps": 3, "on_policy": _on()}
+
+    def run(folder: str, *args: str) -> int:
+        config = tiny_config(tiny, tmp_path / folder, training=training)
+        return main(["train", str(write_config(tmp_path / f"{folder}.yaml", config)), *args])
+
+    assert run("straight") == 0
+    real_step, calls = loop.optimizer_step, {"n": 0}
+
+    def dies_at_5(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # as if the process were stopped mid-run
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "optimizer_step", dies_at_5)
+    assert run("resumed") == 130
+    assert not _servers_in(tmp_path / "resumed")
+    monkeypatch.setattr(loop, "optimizer_step", real_step)
+    assert run("resumed", "--resume") == 0
+    a, b = (
+        load_file(tmp_path / "straight" / "model.safetensors"),
+        load_file(tmp_path / "resumed" / "model.safetensors"),
+    )
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)
+    keys = ("step", "loss", "trained_tokens", "gen/rows", "gen/mean_length", "gen/staleness")
+    records = lambda out: [tuple(r.get(k) for k in keys) for r in _metrics(out) if "loss" in r]  # noqa: E731
+    assert records(tmp_path / "straight") == records(tmp_path / "resumed")
