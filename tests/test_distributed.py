@@ -120,12 +120,10 @@ def test_two_processes_match_one_with_twice_the_accumulation(tmp_path: Path, tin
     assert "student written to" in done.stdout and done.stdout.count("held-out") == 1
 
 
-@pytest.mark.slow  # two fresh processes, each sampling its own rows
-def test_two_processes_on_policy_match_one_with_twice_the_accumulation(tmp_path: Path, tiny: dict) -> None:
-    """Each process samples its own rows, from its batch's seed in the step's global window: two
-    processes write what one process accumulating two batches writes, and train the same weights."""
-    on = {"lmbda": 1.0, "max_new_tokens": 10, "max_prompt_length": 40}
-    training = {**TRAINING, "max_steps": 4, "on_policy": on}
+def _on_policy_pair_and_single(tmp_path: Path, tiny: dict, on: dict, steps: int) -> list[dict]:
+    """An on-policy run by two processes and by one accumulating two batches: the same losses and
+    weights; returns the pair's step records."""
+    training = {**TRAINING, "max_steps": steps, "eval_steps": 100, "save_steps": 100, "on_policy": on}
     loss = {"divergence": "reverse_kl", "temperature": 1.0, "alpha": 1.0}
     pair = write_config(
         tmp_path / "pair.yaml", tiny_config(tiny, tmp_path / "pair", training=training, loss=loss)
@@ -137,9 +135,17 @@ def test_two_processes_on_policy_match_one_with_twice_the_accumulation(tmp_path:
     _launch(["--multi_gpu"], "-m", "kdistill", "train", str(pair))
 
     _assert_same_losses(tmp_path / "single", tmp_path / "pair")
-    steps = [r for r in _records(tmp_path / "pair") if "loss" in r]
-    assert len(steps) == 4 and all(r["gen/rows"] == 8 for r in steps)  # both processes' rows counted
     _assert_same_weights(tmp_path / "single" / "model.safetensors", tmp_path / "pair" / "model.safetensors")
+    return [r for r in _records(tmp_path / "pair") if "loss" in r]
+
+
+@pytest.mark.slow  # two fresh processes, each sampling its own rows
+def test_two_processes_on_policy_match_one_with_twice_the_accumulation(tmp_path: Path, tiny: dict) -> None:
+    """Each process samples its own rows, from its batch's seed in the step's global window: two
+    processes write what one process accumulating two batches writes, and train the same weights."""
+    on = {"lmbda": 1.0, "max_new_tokens": 10, "max_prompt_length": 40}
+    steps = _on_policy_pair_and_single(tmp_path, tiny, on, 4)
+    assert len(steps) == 4 and all(r["gen/rows"] == 8 for r in steps)  # both processes' rows counted
 
 
 @pytest.mark.slow  # two fresh processes and two stand-in engines
@@ -152,21 +158,8 @@ def test_two_processes_share_one_vllm_engine(
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), str(Path(__file__).parents[1] / "src")]))
     on = {"lmbda": 1.0, "max_new_tokens": 10, "max_prompt_length": 40, "engine": "vllm",
           "vllm": {"python": sys.executable}}  # fmt: skip
-    training = {**TRAINING, "max_steps": 3, "eval_steps": 100, "save_steps": 100, "on_policy": on}
-    loss = {"divergence": "reverse_kl", "temperature": 1.0, "alpha": 1.0}
-    pair = write_config(
-        tmp_path / "pair.yaml", tiny_config(tiny, tmp_path / "pair", training=training, loss=loss)
-    )
-    single = tiny_config(
-        tiny, tmp_path / "single", training={**training, "gradient_accumulation_steps": 2}, loss=loss
-    )
-    assert main(["train", str(write_config(tmp_path / "single.yaml", single))]) == 0
-    _launch(["--multi_gpu"], "-m", "kdistill", "train", str(pair))
-
-    _assert_same_losses(tmp_path / "single", tmp_path / "pair")
-    steps = [r for r in _records(tmp_path / "pair") if "loss" in r]
+    steps = _on_policy_pair_and_single(tmp_path, tiny, on, 3)
     assert len(steps) == 3 and all(r["gen/rows"] == 8 and r["gen/staleness"] == 0 for r in steps)
-    _assert_same_weights(tmp_path / "single" / "model.safetensors", tmp_path / "pair" / "model.safetensors")
     log = (tmp_path / "pair" / "engine" / "server.log").read_text()
     assert log.count("fake vLLM serving") == 1 and log.count("fake vLLM: reload_weights") == 2
 
