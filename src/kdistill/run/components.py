@@ -135,12 +135,17 @@ def sampling_settings(cfg: RunConfig, tokenizer: Any) -> Sampling | None:
     if o.lmbda == 0:
         return None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    t = cfg.training
-    group = o.generation_batch_size or t.batch_size * t.gradient_accumulation_steps
     return Sampling(
         o.lmbda, o.max_new_tokens, o.temperature, o.top_p, o.max_prompt_length, tokenizer.eos_token_id, pad,
-        group,
+        generation_batch_size(cfg),
     )  # fmt: skip
+
+
+def generation_batch_size(cfg: RunConfig) -> int:
+    """Rows per generate call at the configured micro-batch: `training.on_policy.generation_batch_size`,
+    by default the step's rows on the process (batch_size x gradient_accumulation_steps)."""
+    t = cfg.training
+    return t.on_policy.generation_batch_size or t.batch_size * t.gradient_accumulation_steps
 
 
 def engine_settings(cfg: RunConfig) -> EngineSettings | None:

@@ -13,6 +13,7 @@ from kdistill.errors import KdistillError
 from kdistill.losses.chunked import chunk_rows
 from kdistill.models.build import student_source, teacher_source
 from kdistill.models.loading import gguf_type, load_config_only
+from kdistill.run.components import generation_batch_size
 from kdistill.run.generate import rows_per_call
 from kdistill.run.memory import (
     GB,
@@ -97,11 +98,9 @@ def on_policy_widths(cfg: RunConfig, widest: Widest) -> tuple[int, int, int, int
 
 def _generation_rows(cfg: RunConfig, micro: int) -> int:
     """Rows the student samples in one generate call (engine hf); 0 without on-policy steps."""
-    tr, op = cfg.training, cfg.training.on_policy
-    if op.lmbda <= 0:
+    if cfg.training.on_policy.lmbda <= 0:
         return 0
-    group = op.generation_batch_size or tr.batch_size * tr.gradient_accumulation_steps
-    return rows_per_call(group, tr.batch_size, micro)
+    return rows_per_call(generation_batch_size(cfg), cfg.training.batch_size, micro)
 
 
 def _shapes(cfg: RunConfig) -> tuple[Shape | None, Shape, int]:
