@@ -35,7 +35,7 @@ TRL lives in the benchmark's own environment, never as a kdistill dependency:
 `lmbda` 1 sampling in process (`engine: hf`) and on vLLM (`engine: vllm`, `--vllm-python`) against TRL's
 GKD trainer with `lmbda` 1, trained tokens/s and peak memory:
 
-    OMP_NUM_THREADS=1 /tmp/peers/bin/python benchmarks/vs_peers.py --setup smollm2 --on-policy --steps 8 --reps 3
+    OMP_NUM_THREADS=1 /tmp/peers/bin/python benchmarks/vs_peers.py --setup smollm2 --on-policy --steps 8
 
 The setups: `tiny` is a random 4-layer llama teacher on random-word rows (max length 128); `smollm2` is
 SmolLM2-135M-Instruct with a `from_teacher` student of 10 of its 30 layers on the first Dolly training
