@@ -149,7 +149,7 @@ def test_a_killed_run_takes_the_real_engine_with_it(teacher_folder: str, tmp_pat
         time.sleep(1)
     assert run.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
     assert len(_servers_in(tmp_path)) == 1
-    group = _group(_server_pids(tmp_path)[0])
+    group = _group(_servers_in(tmp_path)[0])
     assert len(group) >= 2  # the API server and vLLM's engine core at least
     run.kill()
     run.wait(timeout=30)
@@ -161,16 +161,6 @@ def test_a_killed_run_takes_the_real_engine_with_it(teacher_folder: str, tmp_pat
     for pid in left:  # a failing test leaves nothing behind either
         os.kill(pid, signal.SIGKILL)
     assert not left
-
-
-def _server_pids(folder: Path) -> list[int]:
-    pids = []
-    for path in Path("/proc").glob("[0-9]*/cmdline"):
-        with contextlib.suppress(OSError):
-            cmdline = path.read_bytes()
-            if b"vllm.entrypoints.openai.api_server" in cmdline and str(folder).encode() in cmdline:
-                pids.append(int(path.parent.name))
-    return pids
 
 
 def _group(pgid: int) -> list[int]:
@@ -192,14 +182,12 @@ def _alive(pids: list[int]) -> list[int]:
     return alive
 
 
-def _servers_in(folder: Path) -> list[str]:
-    """Command lines of vLLM servers started on a model under `folder`."""
+def _servers_in(folder: Path) -> list[int]:
+    """Pids of vLLM servers started on a model under `folder`."""
     found = []
     for path in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
+        with contextlib.suppress(OSError):
             cmdline = path.read_bytes()
-        except OSError:
-            continue
-        if b"vllm.entrypoints.openai.api_server" in cmdline and str(folder).encode() in cmdline:
-            found.append(cmdline.decode(errors="replace"))
+            if b"vllm.entrypoints.openai.api_server" in cmdline and str(folder).encode() in cmdline:
+                found.append(int(path.parent.name))
     return found
