@@ -52,8 +52,8 @@ def test_served_sampled_loss_is_the_in_process_one(tiny: dict, url: str) -> None
 
     (served_loss, served_grads), (live_loss, live_grads) = loss_and_grad(signal), loss_and_grad(dense)
     torch.testing.assert_close(served_loss, live_loss, rtol=0, atol=1e-4)
-    for a, b in zip(served_grads, live_grads):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    for a, b in zip(served_grads, live_grads):  # float32 sums in another order: 1.5e-5 apart on an AMD EPYC
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def _train(tiny: dict, folder: Path, teacher: dict, mode: str) -> list[dict]:
