@@ -149,19 +149,23 @@ def test_two_processes_on_policy_match_one_with_twice_the_accumulation(tmp_path:
 
 
 @pytest.mark.slow  # two fresh processes and two stand-in engines
+@pytest.mark.parametrize("overlap", [False, True])
 def test_two_processes_share_one_vllm_engine(
-    tmp_path: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch, overlap: bool
 ) -> None:
     """engine: vllm under two processes: the main process starts and syncs one engine, both sample
-    their own rows from it, and the run equals one process accumulating two batches on its engine."""
+    their own rows from it, and the run equals one process accumulating two batches on its engine;
+    with `overlap` too (each process sends its next rows while it trains; a sync waits for both)."""
     fake = Path(__file__).parent / "fake_vllm"
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), str(Path(__file__).parents[1] / "src")]))
     on = {"lmbda": 1.0, "max_new_tokens": 10, "max_prompt_length": 40, "engine": "vllm",
-          "vllm": {"python": sys.executable}}  # fmt: skip
+          "vllm": {"python": sys.executable}, "overlap": overlap}  # fmt: skip
     steps = _on_policy_pair_and_single(tmp_path, tiny, on, 3)
-    assert len(steps) == 3 and all(r["gen/rows"] == 8 and r["gen/staleness"] == 0 for r in steps)
+    assert [r["gen/rows"] for r in steps] == [8] * 3
+    assert [r["gen/staleness"] for r in steps] == ([0, 1, 1] if overlap else [0, 0, 0])
     log = (tmp_path / "pair" / "engine" / "server.log").read_text()
-    assert log.count("fake vLLM serving") == 1 and log.count("fake vLLM: reload_weights") == 2
+    reloads = 1 if overlap else 2  # overlap: before step 3's rows, from step 1's weights
+    assert log.count("fake vLLM serving") == 1 and log.count("fake vLLM: reload_weights") == reloads
 
 
 _FORCE_FSDP = """

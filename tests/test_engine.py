@@ -67,6 +67,7 @@ def _servers_in(folder: Path) -> list[int]:
         ({"lmbda": 0.5, "sync_steps": 2}, "sync_steps=2 applies to engine: vllm only"),
         ({"lmbda": 0.5, "vllm": {"memory": 0.5}}, "training.on_policy.vllm is set, but"),
         ({**ON, "generation_batch_size": 4}, "generation_batch_size=4 applies to engine: hf only"),
+        ({"lmbda": 0.5, "overlap": True}, "training.on_policy.overlap applies to engine: vllm only"),
         ({**ON, "vllm": {"server": "localhost:8000"}}, "expected a URL such as http://127.0.0.1:8100"),
         ({**ON, "vllm": {"python": "/nowhere/bin/python"}}, "training.on_policy.vllm.python='/nowhere"),
     ],
@@ -155,6 +156,52 @@ def test_sync_cadence_and_staleness_are_logged(tmp_path: Path, tiny: dict, fake_
     log = (tmp_path / "out" / "engine" / "server.log").read_text()
     reloads = [line for line in log.splitlines() if line.startswith("fake vLLM: reload_weights")]
     assert len(reloads) == 2  # before steps 3 and 5, from the weights of steps 2 and 4
+    assert not _servers_in(tmp_path / "out")
+
+
+def test_overlap_samples_the_next_step_while_this_one_trains(
+    tmp_path: Path, tiny: dict, fake_on_path: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each step's rows after the first are sampled on the engine during the step before, from the
+    weights of two steps before (synced every step)."""
+    import threading
+
+    import kdistill.run.loop as loop
+
+    sampled, trained, real_sample, real_step = [], [], VllmEngine.sample, loop.optimizer_step
+
+    def recorded_sample(self, batches, sampling, seeds):  # which weights, which thread, when
+        began = time.perf_counter()
+        answer = real_sample(self, batches, sampling, seeds)
+        sampled.append((self.synced, threading.current_thread().name, began, answer))
+        return answer
+
+    def recorded_step(accelerator, model, teachers, window, *args):
+        began = time.perf_counter()
+        stats = real_step(accelerator, model, teachers, window, *args)
+        ids = [
+            b["input_ids"][i][b["labels"][i] != -100].tolist()
+            for b in window
+            for i in range(len(b["labels"]))
+        ]
+        trained.append((began, time.perf_counter(), ids))
+        return stats
+
+    monkeypatch.setattr(VllmEngine, "sample", recorded_sample)
+    monkeypatch.setattr(loop, "optimizer_step", recorded_step)
+    config = tiny_config(tiny, tmp_path / "out", training={"max_steps": 5, "on_policy": _on(overlap=True)})
+    assert main(["train", str(write_config(tmp_path / "run.yaml", config))]) == 0
+    steps = [r for r in _metrics(tmp_path / "out") if "loss" in r]
+    assert [r["gen/staleness"] for r in steps] == [0, 1, 1, 1, 1]
+    assert all(0 < r["gen/hidden_share"] <= 1 for r in steps[1:])
+    assert [weights for weights, *_ in sampled] == [0, 0, 1, 2, 3]  # step n's rows: weights of n - 2
+    assert sampled[0][1] == "MainThread" and all(t.startswith("kdistill-overlap") for _, t, *_ in sampled[1:])
+    for (_, _, began, _), (_, step_ended, _) in zip(sampled[1:], trained):
+        assert began < step_ended  # step n + 1's rows went out before step n had trained
+    for (*_, answer), (_, _, ids) in zip(sampled, trained):
+        assert ids == [row for batch in answer for row in batch]  # each step trains on its own rows
+    log = (tmp_path / "out" / "engine" / "server.log").read_text()
+    assert len([line for line in log.splitlines() if line.startswith("fake vLLM: reload_weights")]) == 3
     assert not _servers_in(tmp_path / "out")
 
 
@@ -332,16 +379,18 @@ def test_sharded_student_weights_are_refused_with_the_engine(
     _check_engine_processes(load_config(path), accelerator)  # DDP: every process holds the whole student
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 def test_resume_on_the_engine_reproduces_samples_and_weights(
-    tmp_path: Path, tiny: dict, fake_on_path: None, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny: dict, fake_on_path: None, monkeypatch: pytest.MonkeyPatch, overlap: bool
 ) -> None:
     """Killed after step 4 and resumed from step 3's checkpoint: the new engine starts on the checkpoint's
-    weights and the rows keep their seeds, so the run equals the uninterrupted one (sync_steps 1)."""
+    weights and the rows keep their seeds, so the run equals the uninterrupted one (sync_steps 1). With
+    `overlap`, step 4's rows (from step 2's weights) were in flight at the checkpoint, which keeps them."""
     from safetensors.torch import load_file
 
     import kdistill.run.loop as loop
 
-    training = {"max_steps": 6, "save_steps": 3, "on_policy": _on()}
+    training = {"max_steps": 6, "save_steps": 3, "on_policy": _on(overlap=overlap)}
 
     def run(folder: str, *args: str) -> int:
         config = tiny_config(tiny, tmp_path / folder, training=training)
@@ -370,3 +419,4 @@ def test_resume_on_the_engine_reproduces_samples_and_weights(
     keys = ("step", "loss", "trained_tokens", "gen/rows", "gen/mean_length", "gen/staleness")
     records = lambda out: [tuple(r.get(k) for k in keys) for r in _metrics(out) if "loss" in r]  # noqa: E731
     assert records(tmp_path / "straight") == records(tmp_path / "resumed")
+    assert [r[-1] for r in records(tmp_path / "straight")] == ([0, 1, 1, 1, 1, 1] if overlap else [0] * 6)

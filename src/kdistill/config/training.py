@@ -187,6 +187,12 @@ class OnPolicyConfig(Strict):
         "adapter; full: a weight reload). Samples between two updates come from weights up to "
         "sync_steps - 1 steps old (logged as gen/staleness).",
     )
+    overlap: bool = Field(
+        False,
+        description="engine vllm: the engine samples the next step's rows while this step trains, so an "
+        "engine on a device of its own keeps working. Every step then samples at least one step behind "
+        "(gen/staleness from 1 to sync_steps, against 0 to sync_steps - 1 without).",
+    )
     vllm: EngineSettings = Field(
         default_factory=EngineSettings, description="engine vllm: where and how the engine runs."
     )
@@ -194,6 +200,11 @@ class OnPolicyConfig(Strict):
     @model_validator(mode="after")
     def _engine(self) -> OnPolicyConfig:
         if self.engine == "hf":
+            if self.overlap:
+                raise ValueError(
+                    "training.on_policy.overlap applies to engine: vllm only; the hf engine samples in the "
+                    "training process, which cannot train at the same time"
+                )
             if self.sync_steps != 1:
                 raise ValueError(
                     f"training.on_policy.sync_steps={self.sync_steps} applies to engine: vllm only; the hf "

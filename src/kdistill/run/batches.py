@@ -3,12 +3,16 @@ sees exactly the batches an uninterrupted one would."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 import torch
 from torch.utils.data import DataLoader
 
 from kdistill.data import Collator
+
+T = TypeVar("T")
+_END = object()
 
 
 def epoch_loader(data: list[Any], batch_size: int, seed: int, epoch: int, collator: Collator) -> DataLoader:
@@ -45,3 +49,13 @@ def windows(loader: DataLoader, size: int) -> Any:
             window = []
     if window:
         yield window
+
+
+def ahead(items: Iterable[T]) -> Iterator[tuple[T, T | None]]:
+    """Each item with the one after it (None after the last)."""
+    it = iter(items)
+    current = next(it, _END)
+    while current is not _END:
+        following = next(it, _END)
+        yield current, (None if following is _END else following)
+        current = following

@@ -53,6 +53,7 @@ class EngineSettings:
     start_timeout: float
     sync_steps: int
     max_model_len: int
+    overlap: bool = False  # sample the next step's rows while this step trains (run/overlap.py)
     concurrency: int = 32  # requests in flight
     timeout: float = 600.0  # seconds for one request
 

@@ -149,6 +149,21 @@ def sample_grouped(
     return out
 
 
+def requests(
+    window: list[dict[str, torch.Tensor]], sampling: Sampling, seed: int, process: tuple[int, int] = (0, 1)
+) -> tuple[list[list[list[int]]], list[int]]:
+    """What `window`'s batches ask the student to write: each batch's prompts, and each batch's seed,
+    by its place in the step's global window (`i * count + index`, `process` = `(index, count)`)."""
+    index, processes = process
+    rows = [prompts(batch, sampling.max_prompt_length) for batch in window]
+    return rows, [seed * 1009 + i * processes + index for i in range(len(window))]
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of optimizer step `step`'s samples in a run seeded with `seed`."""
+    return seed * 100_003 + step
+
+
 def generated_window(
     student: Any,
     window: list[dict[str, torch.Tensor]],
@@ -162,16 +177,14 @@ def generated_window(
     """`window` with every batch's responses written by the student, and the generation's sums
     (`gen_tokens`, `gen_rows`, `gen_seconds`). `seed` differs per step; `process` is `(index, count)`.
 
-    Each batch has its own seed, by its place in the step's global window (`i * count + index`), and
-    its row r samples from `row_seed(seed, r)`: N processes of one micro-batch each sample what one
-    process accumulating N writes. Without `engine` the student samples in this process, `group` rows
-    (default: all) per generate call (`sample_grouped`); with one (`run/engine.py`), `engine.sample`
-    writes every batch's responses with the engine's weights.
+    Each batch has its own seed (`requests`), and its row r samples from `row_seed(seed, r)`: N
+    processes of one micro-batch each sample what one process accumulating N writes. Without `engine`
+    the student samples in this process, `group` rows (default: all) per generate call
+    (`sample_grouped`); with one (`run/engine.py`), `engine.sample` writes every batch's responses
+    with the engine's weights.
     """
     started = time.perf_counter()
-    index, processes = process
-    rows = [prompts(batch, sampling.max_prompt_length) for batch in window]
-    seeds = [seed * 1009 + i * processes + index for i in range(len(window))]
+    rows, seeds = requests(window, sampling, seed, process)
     if engine is None:
         flat = [row for batch in rows for row in batch]
         row_seeds = [row_seed(s, r) for batch, s in zip(rows, seeds) for r in range(len(batch))]

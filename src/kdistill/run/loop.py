@@ -11,26 +11,31 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from kdistill.config import RunConfig
 from kdistill.files import RunFiles
-from kdistill.run.batches import epoch_loader, windows
+from kdistill.run.batches import ahead, epoch_loader, windows
 from kdistill.run.checkpoint import latest_checkpoint, load_checkpoint, remove_partial
 from kdistill.run.cross_samples import with_teacher_views
 from kdistill.run.engine import VllmEngine
 from kdistill.run.export import export_student
 from kdistill.run.flops import model_shape
-from kdistill.run.generate import generated_window, is_on_policy, rows_per_call
+from kdistill.run.generate import generated_window, is_on_policy, requests, rows_per_call, step_seed
+from kdistill.run.guards import split_window
 from kdistill.run.metrics import LogWindow
+from kdistill.run.overlap import Overlap
 from kdistill.run.start import Run, start_run
 from kdistill.run.step import optimizer_step
 from kdistill.run.stop_signals import Interrupted, StopSignals
 
 log = logging.getLogger("kdistill")
+Engine = VllmEngine | Overlap
 
 
 @dataclass
@@ -55,22 +60,33 @@ def train(
     started = time.perf_counter()
     run = start_run(cfg, resume, overwrite, config_path)
     with run.lock:  # the folder stays this run's until it ends, however it ends
-        start = _starting_point(run, resume)
-        with _engine(run, start[0]) as engine:  # the student's vLLM engine, stopped however the loop ends
-            step = _steps(run, *start, engine)
+        step, epoch, skip, in_flight = _starting_point(run, resume)
+        with _engine(run, step, in_flight) as engine:  # the student's vLLM engine, stopped however it ends
+            step = _steps(run, step, epoch, skip, engine)
         return _finish(run, step, started)
 
 
-def _engine(run: Run, step: int) -> VllmEngine | contextlib.nullcontext:
-    """The student's vLLM engine (`training.on_policy.engine: vllm`) holding the weights of `step`."""
+@contextlib.contextmanager
+def _engine(run: Run, step: int, in_flight: list | None) -> Iterator[Engine | None]:
+    """The student's vLLM engine (`training.on_policy.engine: vllm`) holding the weights of `step`;
+    with `overlap`, wrapped to sample a step ahead, with the rows a checkpoint kept in flight
+    (`in_flight`, one entry per process) put back."""
     if run.engine is None:
-        return contextlib.nullcontext()
+        yield None
+        return
     student = run.accelerator.unwrap_model(run.model).model
     args = (run.engine, run.out / RunFiles.ENGINE, student, run.parts.tokenizer, step, run.accelerator)
-    return VllmEngine(*args)
+    with VllmEngine(*args) as engine:
+        if not run.engine.overlap:
+            yield engine
+            return
+        with Overlap(engine) as overlap:
+            if in_flight and len(in_flight) == run.accelerator.num_processes:
+                overlap.restore(in_flight[run.accelerator.process_index])
+            yield overlap
 
 
-def _steps(run: Run, step: int, epoch: int, skip: int, engine: VllmEngine | None = None) -> int:
+def _steps(run: Run, step: int, epoch: int, skip: int, engine: Engine | None = None) -> int:
     """Optimizer steps from `step` (`skip` windows into `epoch`) to the last; returns the last step."""
     cfg, t, accelerator, parts, held_out, total = (
         run.cfg, run.cfg.training, run.accelerator, run.parts, run.held_out, run.total_steps
@@ -88,11 +104,14 @@ def _steps(run: Run, step: int, epoch: int, skip: int, engine: VllmEngine | None
             loader = accelerator.prepare(
                 epoch_loader(parts.data.train, t.batch_size, t.seed, epoch, run.collator)
             )
-            for index, window in enumerate(windows(loader, t.gradient_accumulation_steps)):
+            for index, (window, upcoming) in enumerate(ahead(windows(loader, t.gradient_accumulation_steps))):
                 if index < skip:
                     continue  # already trained before the checkpoint we resumed from
+                upcoming = upcoming if step + 1 < total else None  # the next step's window, if it runs
                 stats = run.backoff.run(
-                    lambda w, s=step + 1: _generate_and_step(run, w, s, engine), window, step + 1
+                    lambda w, s=step + 1, u=upcoming: _generate_and_step(run, w, s, engine, u),
+                    window,
+                    step + 1,
                 )
                 run.scheduler.step()
                 step += 1
@@ -109,7 +128,7 @@ def _steps(run: Run, step: int, epoch: int, skip: int, engine: VllmEngine | None
                     held_out.evaluate(step)
                 signum = stop.requested(held_out.agree) if step < total else None
                 if signum or (t.save_steps and step % t.save_steps == 0 and step < total):
-                    checkpoint = run.save(step, epoch, index + 1)
+                    checkpoint = run.save(step, epoch, index + 1, _in_flight(run, engine))
                 if signum:
                     accelerator.end_training()  # trackers flush what they hold
                     raise Interrupted(signum, step, checkpoint)
@@ -120,18 +139,26 @@ def _steps(run: Run, step: int, epoch: int, skip: int, engine: VllmEngine | None
 
 
 def _generate_and_step(
-    run: Run, window: list[dict[str, Any]], step: int, engine: VllmEngine | None = None
+    run: Run,
+    window: list[dict[str, Any]],
+    step: int,
+    engine: Engine | None = None,
+    upcoming: list[dict[str, Any]] | None = None,
 ) -> dict[str, float]:
     """One optimizer step; on an on-policy step the student first writes the window's responses
-    (in process, or on `engine`).
+    (in process, or on `engine`). With `overlap`, the engine is sent the rows of the next step
+    (`upcoming`) before this one trains.
 
     Both run inside the out-of-memory back-off: a generation that runs out of memory is retried, with
     the step, on the window cut into smaller micro-batches (each writes for its own rows).
     """
     window, generated = _on_policy(run, window, step, engine)
-    stats = _step(run, window, bool(generated))
-    stats.update(generated)
-    return stats
+    stats = {}
+    if isinstance(engine, Overlap) and upcoming is not None:
+        began = time.perf_counter()
+        _send_ahead(run, upcoming, step + 1, engine)  # syncs first when the next rows need it
+        stats["gen_sync_seconds"] = generated.get("gen_sync_seconds", 0.0) + time.perf_counter() - began
+    return {**_step(run, window, bool(generated)), **generated, **stats}
 
 
 def _step(run: Run, window: list[dict[str, Any]], generated: bool = False) -> dict[str, float]:
@@ -152,7 +179,7 @@ def _step(run: Run, window: list[dict[str, Any]], generated: bool = False) -> di
 
 
 def _on_policy(
-    run: Run, window: list[dict[str, Any]], step: int, engine: VllmEngine | None
+    run: Run, window: list[dict[str, Any]], step: int, engine: Engine | None
 ) -> tuple[list[dict[str, Any]], dict]:
     """`window` with the student's own responses on an on-policy step (and the generation's sums).
 
@@ -173,8 +200,10 @@ def _on_policy(
     process = (run.accelerator.process_index, run.accelerator.num_processes)
     group = rows_per_call(run.sampling.generation_batch_size, run.cfg.training.batch_size, run.backoff.micro)
     written, sums = generated_window(
-        student, window, run.sampling, run.collator, seed * 100_003 + step, process, engine, group
+        student, window, run.sampling, run.collator, step_seed(seed, step), process, engine, group
     )
+    if isinstance(engine, Overlap):  # the engine's time the step did not wait for
+        synced["gen_hidden_seconds"] = max(0.0, engine.engine_seconds - sums["gen_seconds"])
     if run.parts.teacher_tokenizers:  # teachers of another tokenizer read each response re-aligned
         longest = run.cfg.data.max_length + run.sampling.max_new_tokens
         args = (
@@ -188,9 +217,28 @@ def _on_policy(
     return written, {**sums, **synced}
 
 
-def _starting_point(run: Run, resume: bool) -> tuple[int, int, int]:
-    """`(step, epoch, window)` to start from: the newest checkpoint's on --resume, else zeros, after
-    measuring the held-out quality before training."""
+def _send_ahead(run: Run, upcoming: list[dict[str, Any]], step: int, engine: Overlap) -> None:
+    """Send the engine the rows step `step` will ask for (its window cut as the back-off cuts it)."""
+    seed = run.cfg.training.seed
+    if run.sampling is None or not is_on_policy(run.sampling.lmbda, seed, step):
+        return
+    student = run.accelerator.unwrap_model(run.model).model
+    process = (run.accelerator.process_index, run.accelerator.num_processes)
+    cut = split_window(upcoming, run.backoff.micro)
+    batches, seeds = requests(cut, run.sampling, step_seed(seed, step), process)
+    engine.send(student, step, batches, run.sampling, seeds)
+
+
+def _in_flight(run: Run, engine: Engine | None) -> dict[str, Any]:
+    """For a checkpoint: every process's rows in flight on an overlapping engine (gathered on all)."""
+    if not isinstance(engine, Overlap):
+        return {}
+    return {"in_flight": gather_object([engine.state()])}
+
+
+def _starting_point(run: Run, resume: bool) -> tuple[int, int, int, list | None]:
+    """`(step, epoch, window, in_flight)` to start from: the newest checkpoint's on --resume, else
+    zeros, after measuring the held-out quality before training."""
     folder = run.out / RunFiles.CHECKPOINTS
     checkpoint = latest_checkpoint(folder) if resume else None
     if resume and run.accelerator.is_main_process:
@@ -203,14 +251,14 @@ def _starting_point(run: Run, resume: bool) -> tuple[int, int, int]:
             run.backoff.micro = state.get("micro_batch_size", run.backoff.micro)
         run.metrics.truncate_after(state["step"])
         log.info("resumed from %s (step %d)", checkpoint, state["step"])
-        return state["step"], state["epoch"], state["window"]
+        return state["step"], state["epoch"], state["window"], state.get("in_flight")
     if resume:
         log.warning("--resume: no checkpoint in %s; starting from step 0", folder)
         run.metrics.truncate_after(-1)
     before = run.held_out.before = run.held_out.evaluate(0)
     if "kl" in before:
         log.info("before training: held-out KL to teacher %.4f, perplexity %.2f", before["kl"], before["ppl"])
-    return 0, 0, 0
+    return 0, 0, 0, None
 
 
 def _finish(run: Run, step: int, started: float) -> RunSummary:

@@ -75,15 +75,22 @@ class LogWindow:
 
 
 def generation_record(sums: dict[str, float], seconds: float) -> dict[str, float]:
-    """`gen/tokens_per_s`, `gen/time_share` (of the window's process-seconds), `gen/mean_length`."""
-    spent = max(sums["gen_seconds"], 1e-9)
-    return {
+    """`gen/tokens_per_s` (over the generation's own time), `gen/time_share` (of the window's
+    process-seconds, the time steps waited for their rows), `gen/mean_length`, `gen/rows`; with an
+    overlapping engine, `gen/hidden_share`: the share of the generation's time that ran while steps
+    trained."""
+    hidden = sums.get("gen_hidden_seconds", 0.0)
+    spent = max(sums["gen_seconds"] + hidden, 1e-9)
+    record = {
         "gen/tokens_per_s": sums["gen_tokens"] / spent,
         "gen/time_share": sums["gen_seconds"] / max(seconds, 1e-9),
         "gen/mean_length": sums["gen_tokens"] / sums["gen_rows"],
         "gen/rows": int(sums["gen_rows"]),
         **_engine_record(sums),
     }
+    if "gen_hidden_seconds" in sums:
+        record["gen/hidden_share"] = hidden / spent
+    return record
 
 
 def _engine_record(sums: dict[str, float]) -> dict[str, float]:

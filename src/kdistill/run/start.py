@@ -73,13 +73,15 @@ class Run:
             zip([t.name for t in self.parts.teachers], self.accelerator.unwrap_model(self.model).projections)
         )
 
-    def save(self, step: int, epoch: int, window: int) -> Path:
-        """A checkpoint after `step` (`window` windows into `epoch`); every process takes part."""
+    def save(self, step: int, epoch: int, window: int, extra: dict | None = None) -> Path:
+        """A checkpoint after `step` (`window` windows into `epoch`, `extra` in its state); every
+        process takes part."""
         state = {
             "epoch": epoch,
             "window": window,
             "before": self.held_out.before,
             "micro_batch_size": self.backoff.micro,
+            **(extra or {}),
         }
         folder, keep = self.out / RunFiles.CHECKPOINTS, self.cfg.training.save_total_limit
         args = (self.accelerator, self.model, self.optimizer, self.scheduler, state, keep, self.projections())

@@ -50,6 +50,8 @@ def on_policy_line(cfg: RunConfig) -> str:
     if o.engine == "vllm":
         where = o.vllm.server or f"a vLLM server kdistill starts with {o.vllm.python}"
         engine = f"sampled on {where}, synced every {o.sync_steps} step(s)"
+        if o.overlap:
+            engine += ", each step's rows sampled while the step before trains (overlap)"
     return (
         f"steps: {mix}; a generated step: {formula}, no CE (max_new_tokens {o.max_new_tokens}, "
         f"temperature {o.temperature:g}, top_p {o.top_p:g}, prompts cut to their last "
