@@ -68,6 +68,8 @@ def _servers_in(folder: Path) -> list[int]:
         ({"lmbda": 0.5, "vllm": {"memory": 0.5}}, "training.on_policy.vllm is set, but"),
         ({**ON, "generation_batch_size": 4}, "generation_batch_size=4 applies to engine: hf only"),
         ({"lmbda": 0.5, "overlap": True}, "training.on_policy.overlap applies to engine: vllm only"),
+        ({**ON, "vllm": {"devices": "gpu1"}}, "training.on_policy.vllm.devices"),
+        ({**ON, "vllm": {"devices": "1", "server": "http://127.0.0.1:8100"}}, "vllm.devices='1' places an"),
         ({**ON, "vllm": {"server": "localhost:8000"}}, "expected a URL such as http://127.0.0.1:8100"),
         ({**ON, "vllm": {"python": "/nowhere/bin/python"}}, "training.on_policy.vllm.python='/nowhere"),
     ],
@@ -132,6 +134,23 @@ def test_after_a_sync_the_engine_holds_the_students_weights(
         server = engine.server.process
     assert server.poll() is not None and not _servers_in(folder)
     assert not (folder / "student").exists()  # the engine's copy of the weights is removed
+
+
+def test_the_engine_runs_on_the_cpus_it_is_given(tiny: dict, tmp_path: Path, fake_on_path: None) -> None:
+    """`vllm.devices` on a machine without CUDA: the server is pinned to those cores, and vLLM is told
+    to bind its threads there."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny["student"])
+    student = AutoModelForCausalLM.from_pretrained(tiny["student"], dtype=torch.float32)
+    before = os.sched_getaffinity(0)
+    core = max(before)
+    settings = EngineSettings(sys.executable, None, "student", 0.2, 120, 1, 64, devices=str(core))
+    with VllmEngine(settings, tmp_path / "engine", student, tokenizer, step=0) as engine:
+        proc = Path(f"/proc/{engine.server.process.pid}")
+        allowed = (proc / "status").read_text().split("Cpus_allowed_list:")[1].split()[0]
+        environ = (proc / "environ").read_bytes().split(b"\0")
+    assert allowed == str(core)
+    assert f"VLLM_CPU_OMP_THREADS_BIND={core}".encode() in environ
+    assert os.sched_getaffinity(0) == before  # the training process keeps its own cores
 
 
 def test_engine_samples_are_seeded_per_row(tiny: dict, tmp_path: Path, fake_on_path: None) -> None:

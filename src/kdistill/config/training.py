@@ -132,6 +132,13 @@ class EngineSettings(Strict):
     start_timeout: float = Field(
         900.0, gt=0, description="Seconds the engine may take to start before the run stops."
     )
+    devices: str | None = Field(
+        None,
+        pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$",
+        description="Devices of the engine kdistill starts, such as '1', '2,3' or '4-7'. With CUDA: its "
+        "CUDA_VISIBLE_DEVICES, tensor-parallel over them; on vLLM's CPU build: CPU cores, its processes "
+        "pinned and its threads bound there (VLLM_CPU_OMP_THREADS_BIND). Default: the training process's.",
+    )
 
     @field_validator("server")
     @classmethod
@@ -142,6 +149,15 @@ class EngineSettings(Strict):
         if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.port is None:
             raise ValueError(f"expected a URL such as http://127.0.0.1:8100, got {value!r}")
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _placed(self) -> EngineSettings:
+        if self.devices is not None and self.server is not None:
+            raise ValueError(
+                f"training.on_policy.vllm.devices={self.devices!r} places an engine kdistill starts; the "
+                f"server at {self.server} runs where it was started"
+            )
+        return self
 
 
 class OnPolicyConfig(Strict):

@@ -156,8 +156,9 @@ def engine_settings(cfg: RunConfig) -> EngineSettings | None:
     v = o.vllm
     length = o.max_prompt_length + o.max_new_tokens  # the longest sequence the engine holds
     return EngineSettings(
-        v.python, v.server, v.served_name, v.memory, v.start_timeout, o.sync_steps, length, o.overlap
-    )
+        v.python, v.server, v.served_name, v.memory, v.start_timeout, o.sync_steps, length, o.overlap,
+        v.devices,
+    )  # fmt: skip
 
 
 def build_projections(

@@ -54,6 +54,7 @@ class EngineSettings:
     sync_steps: int
     max_model_len: int
     overlap: bool = False  # sample the next step's rows while this step trains (run/overlap.py)
+    devices: str | None = None  # where a server kdistill starts runs: GPUs, or CPU cores ("1", "2-3")
     concurrency: int = 32  # requests in flight
     timeout: float = 600.0  # seconds for one request
 
@@ -103,8 +104,9 @@ class VllmEngine:
             tied = write_base(self._student, self.tokenizer, base, self.lora)
             if self.settings.server is None:
                 command, log_file = self._command(base, tied), self.folder / "server.log"
-                timeout, env = self.settings.start_timeout, self._environment()
-                self.server = ServerProcess(command, self.url, log_file, timeout, env, what="student engine")
+                timeout, env, cpus = self.settings.start_timeout, self._environment(), self._cpus()
+                args = (command, self.url, log_file, timeout, env, "student engine", cpus)
+                self.server = ServerProcess(*args)
                 self.server.__enter__()
             self._check_served()
         if self.processes is not None:  # the main process's server, for every process
@@ -208,6 +210,9 @@ class VllmEngine:
         args = (s.python, str(base.resolve()), s.served_name, port, 1, s.memory, s.max_model_len, dtype)
         command = vllm_command(*args)
         command += ["--generation-config", "vllm"]  # no sampling defaults from the model's folder
+        gpus = _device_ids(s.devices) if torch.cuda.is_available() else []
+        if len(gpus) > 1:
+            command += ["--tensor-parallel-size", str(len(gpus))]
         if self.lora:
             rank = max(c.r for c in self._student.peft_config.values())
             command += ["--enable-lora", "--max-lora-rank", str(_lora_rank(rank)), "--max-cpu-loras", "2"]
@@ -217,7 +222,17 @@ class VllmEngine:
 
     def _environment(self) -> dict[str, str]:
         extra = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if self.lora else {"VLLM_SERVER_DEV_MODE": "1"}
+        devices = _device_ids(self.settings.devices)
+        if devices and torch.cuda.is_available():
+            extra["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
+        elif devices:
+            extra["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, devices))
         return {**os.environ, **extra}
+
+    def _cpus(self) -> set[int] | None:
+        """The CPU cores of the engine's processes (`devices` on a machine without CUDA)."""
+        devices = _device_ids(self.settings.devices)
+        return set(devices) if devices and not torch.cuda.is_available() else None
 
     def _check_served(self) -> None:
         answer = http_json(self.url + "/v1/models", None, 30.0)
@@ -227,6 +242,15 @@ class VllmEngine:
                 f"the student's engine at {self.url} does not serve a model named "
                 f"{self.settings.served_name!r}; it serves {served}. Set training.on_policy.vllm.served_name"
             )
+
+
+def _device_ids(devices: str | None) -> list[int]:
+    """'1', '2,3' or '4-7' as device numbers."""
+    ids: list[int] = []
+    for part in devices.split(",") if devices else []:
+        first, _, last = part.partition("-")
+        ids += range(int(first), int(last or first) + 1)
+    return ids
 
 
 def _lora_rank(r: int) -> int:

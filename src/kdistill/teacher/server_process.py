@@ -85,10 +85,12 @@ class ServerProcess:
         timeout: float = 900.0,
         env: dict | None = None,
         what: str = "serving",
+        cpus: set[int] | None = None,
     ) -> None:
         self.command, self.url, self.log_file, self.timeout = command, url.rstrip("/"), log_file, timeout
         self.env = env  # the server's environment; None: this process's
         self.what = what  # what the progress bar calls the server
+        self.cpus = cpus  # the CPU cores the server's processes run on; None: this process's
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> ServerProcess:
@@ -105,7 +107,7 @@ class ServerProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 env=self.env,
-                preexec_fn=_dies_with(os.getpid()),
+                preexec_fn=_dies_with(os.getpid(), self.cpus),
             )
         try:
             self._wait_healthy()
@@ -151,8 +153,9 @@ class ServerProcess:
         self.process.wait()
 
 
-def _dies_with(parent: int) -> Callable[[], None] | None:
-    """What the server's process runs before the server (Linux): SIGTERM to it when `parent` dies.
+def _dies_with(parent: int, cpus: set[int] | None = None) -> Callable[[], None] | None:
+    """What the server's process runs before the server (Linux): SIGTERM to it when `parent` dies,
+    and, with `cpus`, its CPU affinity (inherited by the processes it starts).
 
     The kernel sends the signal when the thread that started the server ends, so servers are started
     from the main thread. `prctl` is looked up here, in kdistill's process: the child only calls it.
@@ -163,6 +166,8 @@ def _dies_with(parent: int) -> Callable[[], None] | None:
     pr_set_pdeathsig = 1
 
     def in_child() -> None:
+        if cpus:
+            os.sched_setaffinity(0, cpus)
         prctl(pr_set_pdeathsig, int(signal.SIGTERM))
         if os.getppid() != parent:  # kdistill died before the signal was set
             os._exit(1)
