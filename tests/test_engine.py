@@ -69,6 +69,7 @@ def _servers_in(folder: Path) -> list[int]:
         ({**ON, "generation_batch_size": 4}, "generation_batch_size=4 applies to engine: hf only"),
         ({"lmbda": 0.5, "overlap": True}, "training.on_policy.overlap applies to engine: vllm only"),
         ({**ON, "vllm": {"devices": "gpu1"}}, "training.on_policy.vllm.devices"),
+        ({**ON, "vllm": {"devices": True}}, "training.on_policy.vllm.devices"),
         ({**ON, "vllm": {"devices": "1", "server": "http://127.0.0.1:8100"}}, "vllm.devices='1' places an"),
         ({**ON, "vllm": {"server": "localhost:8000"}}, "expected a URL such as http://127.0.0.1:8100"),
         ({**ON, "vllm": {"python": "/nowhere/bin/python"}}, "training.on_policy.vllm.python='/nowhere"),
@@ -82,6 +83,15 @@ def test_bad_engine_configs_get_one_message(
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("devices", "ids"), [(1, [1]), ("2,3", [2, 3]), ("0,4-6", [0, 4, 5, 6])])
+def test_engine_devices_are_read_as_device_numbers(devices: object, ids: list[int]) -> None:
+    from kdistill.config.training import OnPolicyConfig
+    from kdistill.run.engine import _device_ids
+
+    o = OnPolicyConfig.model_validate({**ON, "vllm": {"devices": devices}})
+    assert _device_ids(o.vllm.devices) == ids
 
 
 def _greedy(model: torch.nn.Module, prompts: list[list[int]], eos: int) -> list[list[int]]:

@@ -150,6 +150,11 @@ class EngineSettings(Strict):
             raise ValueError(f"expected a URL such as http://127.0.0.1:8100, got {value!r}")
         return value.rstrip("/")
 
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _device_number(cls, value: object) -> object:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value  # devices: 1
+
     @model_validator(mode="after")
     def _placed(self) -> EngineSettings:
         if self.devices is not None and self.server is not None:
