@@ -36,6 +36,7 @@ TRL lives in the benchmark's own environment, never as a kdistill dependency:
 GKD trainer with `lmbda` 1, trained tokens/s and peak memory:
 
     OMP_NUM_THREADS=1 /tmp/peers/bin/python benchmarks/vs_peers.py --setup smollm2 --on-policy --steps 8
+    /tmp/peers/bin/python benchmarks/vs_peers.py --setup smollm2 --on-policy --steps 8 --cores 2
 
 The setups: `tiny` is a random 4-layer llama teacher on random-word rows (max length 128); `smollm2` is
 SmolLM2-135M-Instruct with a `from_teacher` student of 10 of its 30 layers on the first Dolly training
@@ -509,6 +510,9 @@ def worker(args: argparse.Namespace) -> None:
         "on-policy-kdistill-hf": lambda spec, out: on_policy.run_kdistill(spec, out, "hf"),
         "on-policy-kdistill-vllm": lambda spec, out: on_policy.run_kdistill(spec, out, "vllm"),
         "on-policy-kdistill-vllm-sync2": lambda spec, out: on_policy.run_kdistill(spec, out, "vllm", 2),
+        "on-policy-kdistill-vllm-overlap": lambda spec, out: on_policy.run_kdistill(
+            spec, out, "vllm", 1, True
+        ),
         "on-policy-trl": on_policy.run_trl,
     }
     if args.worker in jobs:
@@ -522,7 +526,7 @@ def worker(args: argparse.Namespace) -> None:
 def on_policy_row(args: argparse.Namespace, spec: dict, spec_path: Path, work: Path) -> None:
     import vs_peers_on_policy as on_policy
 
-    spec["max_new_tokens"] = args.max_new_tokens
+    spec["max_new_tokens"], spec["cores"] = args.max_new_tokens, args.cores
     if args.vllm_python:
         spec["vllm_python"] = args.vllm_python
     spec_path.write_text(json.dumps(spec))
@@ -553,6 +557,14 @@ def main() -> None:
     )
     parser.add_argument("--max-new-tokens", type=int, default=64, help="on-policy: longest sampled response")
     parser.add_argument("--vllm-python", default=None, help="on-policy: vLLM's Python (default .venv-vllm)")
+    parser.add_argument(
+        "--cores",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="on-policy: 2 gives every trainer cores 0 and 1, kdistill's vLLM engine core 1 of its own "
+        "(benchmarks/vs_peers_on_policy.py)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)

@@ -2,6 +2,12 @@
 vllm synced every step and every 2 steps) against TRL's GKD trainer with lmbda 1, which samples with
 `transformers.generate`, on the same work.
 
+`--cores 2` gives every trainer both cores instead of one: TRL and kdistill's engine hf run 2 torch
+threads on cores 0 and 1; kdistill's engine vllm arms train with 1 thread on core 0 and give the
+engine core 1 (`vllm.devices: "1"`: its processes pinned there, its threads bound), the engine on a
+device of its own, synced every step, without and with `overlap` (the next step's rows sampled while
+this step trains).
+
 The same prepared teacher, student and rows as `vs_peers.py` (the prompts are each row's tokens before
 its response); every step trains only on responses the student samples itself: at most
 `max_new_tokens`, temperature 1, top_p 1, no top-k, EOS included; forward KL (TRL's beta 0), T = 1,
@@ -16,6 +22,7 @@ of their VmHWM, shared pages counted in each: an upper bound) is added.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -23,17 +30,32 @@ from pathlib import Path
 
 import torch
 
-TRAINERS = ("kdistill-hf", "kdistill-vllm", "kdistill-vllm-sync2", "trl")
+TRAINERS = {  # --cores: the arms
+    1: ("kdistill-hf", "kdistill-vllm", "kdistill-vllm-sync2", "trl"),
+    2: ("kdistill-hf", "kdistill-vllm", "kdistill-vllm-overlap", "trl"),
+}
 VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
 
 
-def run_kdistill(spec: dict, out: Path, engine: str, sync_steps: int = 1) -> dict:
-    """`kdistill train` with lmbda 1 on `engine` (vllm: synced every `sync_steps`); loop time and trained
-    tokens from metrics.jsonl."""
+def place(spec: dict, engine: str) -> None:
+    """This worker's cores and threads under `--cores 2` (see the module's docstring)."""
+    if spec.get("cores", 1) == 1:
+        return  # the invocation's own (taskset, OMP_NUM_THREADS, VLLM_CPU_OMP_THREADS_BIND)
+    own = {0} if engine == "vllm" else {0, 1}  # the engine gets core 1 (`vllm.devices`)
+    os.sched_setaffinity(0, own)
+    torch.set_num_threads(len(own))
+
+
+def run_kdistill(spec: dict, out: Path, engine: str, sync_steps: int = 1, overlap: bool = False) -> dict:
+    """`kdistill train` with lmbda 1 on `engine` (vllm: synced every `sync_steps`, `overlap`); the
+    training loop's time, trained tokens and the time steps spent sampling."""
     import yaml
 
     import kdistill.run.engine as engines
+    import kdistill.run.loop as loop
     from kdistill.cli import main
+
+    place(spec, engine)
 
     work, peaks, started = Path(spec["work"]), {}, {}
     on_policy = {"lmbda": 1.0, "max_new_tokens": spec["max_new_tokens"], "temperature": 1.0, "top_p": 1.0,
@@ -42,7 +64,9 @@ def run_kdistill(spec: dict, out: Path, engine: str, sync_steps: int = 1) -> dic
         # 10 % of RAM (2.4 GB here): the weights, the profiling run and a KV cache of about 0.9 GB, which
         # holds the run's few sequences many times over (vLLM refused 5 %).
         on_policy["vllm"] = {"python": spec.get("vllm_python", str(VLLM_PYTHON)), "memory": 0.1}
-        on_policy["sync_steps"] = sync_steps
+        if spec.get("cores", 1) == 2:
+            on_policy["vllm"]["devices"] = "1"
+        on_policy["sync_steps"], on_policy["overlap"] = sync_steps, overlap
         enter, leave = engines.VllmEngine.__enter__, engines.VllmEngine.__exit__
 
         def timed_enter(self):  # the engine's start, outside the loop's window
@@ -70,16 +94,24 @@ def run_kdistill(spec: dict, out: Path, engine: str, sync_steps: int = 1) -> dic
                      "on_policy": on_policy},
         "output_dir": str(out / "run"),
     }  # fmt: skip
+    steps = loop._steps
+
+    def timed_steps(*args, **kwargs):  # the training loop, first step to last
+        began = time.perf_counter()
+        result = steps(*args, **kwargs)
+        started["train_s"] = time.perf_counter() - began
+        return result
+
+    loop._steps = timed_steps
     (out / "run.yaml").write_text(yaml.safe_dump(config))
     if main(["train", str(out / "run.yaml"), "--overwrite"]) != 0:
         sys.exit("kdistill train failed")
     lines = (out / "run" / "metrics.jsonl").read_text().splitlines()
     r = [r for r in map(json.loads, lines) if "gen/rows" in r][-1]
     generated = r["gen/mean_length"] * r["gen/rows"]
-    gen_seconds = generated / r["gen/tokens_per_s"]
-    seconds = gen_seconds / r["gen/time_share"]  # the window: the whole loop
-    return {"train_s": seconds, "trained": r["trained_tokens"], "gen_s": gen_seconds, "generated": generated,
-            "loss": r["loss/kd"], **peaks, **started}  # fmt: skip
+    waited = generated / r["gen/tokens_per_s"] * (1 - r.get("gen/hidden_share", 0.0))  # steps' own
+    return {"trained": r["trained_tokens"], "gen_s": waited, "generated": generated, "loss": r["loss/kd"],
+            "hidden_share": r.get("gen/hidden_share", 0.0), **peaks, **started}  # fmt: skip
 
 
 def run_trl(spec: dict, out: Path) -> dict:
@@ -90,6 +122,7 @@ def run_trl(spec: dict, out: Path) -> dict:
 
     from vs_peers import trl_row
 
+    place(spec, "trl")
     work = Path(spec["work"])
     data = Dataset.from_list([trl_row(r) for r in json.loads((work / "tokens.json").read_text())])
     clock: dict[str, float] = {}
@@ -151,10 +184,10 @@ def group_peak_mib(pgid: int) -> float:
 
 def compare(spec_path: Path, work: Path, reps: int, spawn) -> dict:
     """`reps` runs of each trainer, in rotating order; medians and ratios against TRL."""
-    runs = []
+    runs, trainers = [], TRAINERS[json.loads(spec_path.read_text()).get("cores", 1)]
     for rep in range(reps):
-        turn = rep % len(TRAINERS)
-        order = TRAINERS[turn:] + TRAINERS[:turn]
+        turn = rep % len(trainers)
+        order = trainers[turn:] + trainers[:turn]
         for name in order:
             result = spawn(f"on-policy-{name}", spec_path, work / f"on-policy-{name}-{rep}")
             peak = result["peak_rss_mib"] + result.get("engine_peak_rss_mib", 0.0)
@@ -165,7 +198,7 @@ def compare(spec_path: Path, work: Path, reps: int, spawn) -> dict:
             k: statistics.median(r[k] for r in runs if r["trainer"] == name)
             for k in ("trained_tokens_per_s", "train_s", "gen_s", "total_peak_rss_mib", "trained")
         }
-        for name in TRAINERS
+        for name in trainers
     }
     trl = medians["trl"]
     ratios = {
