@@ -104,8 +104,8 @@ class VllmEngine:
             tied = write_base(self._student, self.tokenizer, base, self.lora)
             if self.settings.server is None:
                 command, log_file = self._command(base, tied), self.folder / "server.log"
-                timeout, env, cpus = self.settings.start_timeout, self._environment(), self._cpus()
-                args = (command, self.url, log_file, timeout, env, "student engine", cpus)
+                timeout, env, cores = self.settings.start_timeout, self._environment(), self._placement()[1]
+                args = (command, self.url, log_file, timeout, env, "student engine", set(cores) or None)
                 self.server = ServerProcess(*args)
                 self.server.__enter__()
             self._check_served()
@@ -210,7 +210,7 @@ class VllmEngine:
         args = (s.python, str(base.resolve()), s.served_name, port, 1, s.memory, s.max_model_len, dtype)
         command = vllm_command(*args)
         command += ["--generation-config", "vllm"]  # no sampling defaults from the model's folder
-        gpus = _device_ids(s.devices) if torch.cuda.is_available() else []
+        gpus, _ = self._placement()
         if len(gpus) > 1:
             command += ["--tensor-parallel-size", str(len(gpus))]
         if self.lora:
@@ -222,17 +222,18 @@ class VllmEngine:
 
     def _environment(self) -> dict[str, str]:
         extra = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if self.lora else {"VLLM_SERVER_DEV_MODE": "1"}
-        devices = _device_ids(self.settings.devices)
-        if devices and torch.cuda.is_available():
-            extra["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
-        elif devices:
-            extra["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, devices))
+        gpus, cores = self._placement()
+        if gpus:
+            extra["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+        if cores:
+            extra["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
         return {**os.environ, **extra}
 
-    def _cpus(self) -> set[int] | None:
-        """The CPU cores of the engine's processes (`devices` on a machine without CUDA)."""
-        devices = _device_ids(self.settings.devices)
-        return set(devices) if devices and not torch.cuda.is_available() else None
+    def _placement(self) -> tuple[list[int], list[int]]:
+        """`devices` as `(GPUs, CPU cores)` of the server kdistill starts: GPUs with CUDA, cores on
+        vLLM's CPU build; empty: the training process's."""
+        ids = _device_ids(self.settings.devices)
+        return (ids, []) if torch.cuda.is_available() else ([], ids)
 
     def _check_served(self) -> None:
         answer = http_json(self.url + "/v1/models", None, 30.0)
