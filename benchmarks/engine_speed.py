@@ -37,7 +37,7 @@ def student_and_prompts(args: argparse.Namespace) -> tuple[torch.nn.Module, obje
     from kdistill.data import Collator, load_examples, tokenize_examples
     from kdistill.models.build import shrink
     from kdistill.models.loading import load_model, load_tokenizer, model_folder, resolve
-    from kdistill.run.generate import prompts
+    from kdistill.sampling.generate import prompts
 
     if args.student:
         source = resolve(args.student)
@@ -53,7 +53,7 @@ def student_and_prompts(args: argparse.Namespace) -> tuple[torch.nn.Module, obje
 
 
 def time_hf(student, batches, sampling, seed: int, group: int) -> tuple[float, int]:
-    from kdistill.run.generate import row_seed, sample_grouped
+    from kdistill.sampling.generate import row_seed, sample_grouped
 
     started = time.perf_counter()
     rows = [row for batch in batches for row in batch]
@@ -69,8 +69,8 @@ def time_engine(engine, batches, sampling, seed: int) -> tuple[float, int]:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    from kdistill.run.engine import EngineSettings, VllmEngine
-    from kdistill.run.generate import Sampling
+    from kdistill.sampling.engine import EngineSettings, VllmEngine
+    from kdistill.sampling.generate import Sampling
 
     student, tokenizer, prompts = student_and_prompts(args)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id or tokenizer.eos_token_id

@@ -114,9 +114,9 @@ def configs(steps: int, folder: Path) -> dict[str, dict]:
 def estimate(cfg: dict) -> tuple[int, str, int]:
     """The estimated peak, its largest phase, and the widest batch's tokens per row."""
     from kdistill.config.load import validate_config
-    from kdistill.run.memory import PHASES, peak, phase_totals
-    from kdistill.run.memory_plan import memory_plan
-    from kdistill.run.memory_shapes import widest_batch
+    from kdistill.prerun.memory import PHASES, peak, phase_totals
+    from kdistill.prerun.memory_plan import memory_plan
+    from kdistill.prerun.memory_shapes import widest_batch
 
     run = validate_config(cfg)
     plan = memory_plan(run, None, widest=widest_batch(run))
@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--no-lock", action="store_true", help="do not take " + LOCK)
     parser.add_argument("--out", help="write OUT.json and OUT.md")
     args = parser.parse_args()
-    from kdistill.run.memory import CPU_PROCESS_BYTES
+    from kdistill.prerun.memory import CPU_PROCESS_BYTES
 
     lock, rows = not args.no_lock, []
     with tempfile.TemporaryDirectory() as tmp:

@@ -66,7 +66,7 @@ def timed_cache(path: Path, threads: int) -> float:
 
 def servers(folder: str, binds: list[str], work: Path):
     """Context managers of vLLM servers, one per CPU bind (`"0-1"`: two threads on cores 0 and 1)."""
-    from kdistill.teacher.server_process import ServerProcess, vllm_command
+    from kdistill.serving.process import ServerProcess, vllm_command
 
     started = []
     for i, bind in enumerate(binds):

@@ -13,7 +13,7 @@ resident memory is that process's (`ru_maxrss` from `wait4`). Tokens are non-pad
 the same way for both; train time is the training loop only (kdistill's logged window, TRL's
 on_train_begin..on_train_end), and process wall is everything from start to exit (kdistill also
 evaluates before and after and writes a report: its process wall carries that extra work). FLOPs are
-`kdistill.run.flops.step_flops` of the same rows for both; utilisation divides FLOP/s by this
+`kdistill.prerun.flops.step_flops` of the same rows for both; utilisation divides FLOP/s by this
 machine's matmul peak measured in this run.
 
 Both get the same teacher folder. kdistill, as it does by default (`teacher.compact`), finds that the
@@ -294,7 +294,7 @@ def fairness(spec: dict) -> dict:
     from kdistill.data.tokenize import Tokenized
     from kdistill.models.compact import compact_frozen
     from kdistill.objective.batch import LossSettings, StudentLoss
-    from kdistill.run.flops import model_shape, step_flops
+    from kdistill.prerun.flops import model_shape, step_flops
 
     work = Path(spec["work"])
     rows = json.loads((work / "tokens.json").read_text())[: spec["batch"]]
@@ -580,7 +580,7 @@ def main() -> None:
     )
     work = args.work or Path(tempfile.mkdtemp(prefix="kdistill-vs-peers-"))
     work.mkdir(parents=True, exist_ok=True)
-    from kdistill.run.flops import matmul_peak
+    from kdistill.prerun.flops import matmul_peak
 
     spec_path = work / "spec.json"
     old = json.loads(spec_path.read_text()) if spec_path.is_file() else {}

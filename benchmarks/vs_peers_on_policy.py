@@ -51,8 +51,8 @@ def run_kdistill(spec: dict, out: Path, engine: str, sync_steps: int = 1, overla
     training loop's time, trained tokens and the time steps spent sampling."""
     import yaml
 
-    import kdistill.run.engine as engines
     import kdistill.run.loop as loop
+    import kdistill.sampling.engine as engines
     from kdistill.cli import main
 
     place(spec, engine)

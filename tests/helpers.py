@@ -12,9 +12,10 @@ from torch import Tensor
 
 from kdistill.data import alignment
 from kdistill.data.alignment import SpanAlignment
-from kdistill.data.tokenize import require_fast, trained_rows
+from kdistill.data.tokenize import trained_rows
 from kdistill.errors import KdistillError
 from kdistill.losses import VocabMap
+from kdistill.losses.vocab_map import require_fast
 from kdistill.objective.batch import LossSettings, StudentLoss
 from kdistill.teacher.forward import teacher_outputs
 from kdistill.teacher.roster import Teacher

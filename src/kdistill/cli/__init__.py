@@ -191,7 +191,7 @@ def _cache(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from kdistill.config import load_config
-    from kdistill.run.validate import validate_run
+    from kdistill.prerun.validate import validate_run
 
     cfg = load_config(args.config, args.overrides)
     for line in validate_run(cfg):
@@ -208,7 +208,8 @@ def _serve(args: argparse.Namespace) -> int:
     import time
 
     from kdistill.config import load_config
-    from kdistill.teacher.server_process import ServerProcess, serve_commands
+    from kdistill.serving.process import ServerProcess
+    from kdistill.teacher.serve import serve_commands
 
     cfg = load_config(args.config, args.overrides)
     commands = serve_commands(cfg, args.python, args.memory)
@@ -230,8 +231,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _memory(cfg: Any, args: argparse.Namespace) -> list[str]:
-    from kdistill.run.memory_plan import machine_memory, memory_lines, memory_plan
-    from kdistill.run.memory_shapes import device_bytes, widest_batch
+    from kdistill.prerun.memory_plan import machine_memory, memory_lines, memory_plan
+    from kdistill.prerun.memory_shapes import device_bytes, widest_batch
 
     if args.processes < 1:
         raise KdistillError(f"--processes {args.processes}: expected 1 or more")

@@ -20,15 +20,6 @@ def trained_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mask, targets[mask]
 
 
-def require_fast(tokenizer: Any, role: str, why: str) -> None:
-    """Refuse a slow tokenizer where character offsets or per-token surfaces are needed (`why`)."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise KdistillError(
-            f"the {role} tokenizer ({type(tokenizer).__name__}) is not a fast tokenizer: {why}, which only "
-            "fast tokenizers (tokenizer.json) provide"
-        )
-
-
 PLAIN_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 

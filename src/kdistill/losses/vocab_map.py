@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdistill.data.tokenize import require_fast
+from kdistill.errors import KdistillError
 from kdistill.losses.signal import Sparse
 
 logger = logging.getLogger("kdistill")
@@ -111,6 +111,15 @@ class VocabMap:
             tensors["student_ids"].long(),
             int(tensors["teacher_size"]),
             int(tensors["student_size"]),
+        )
+
+
+def require_fast(tokenizer: Any, role: str, why: str) -> None:
+    """Refuse a slow tokenizer where character offsets or per-token surfaces are needed (`why`)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise KdistillError(
+            f"the {role} tokenizer ({type(tokenizer).__name__}) is not a fast tokenizer: {why}, which only "
+            "fast tokenizers (tokenizer.json) provide"
         )
 
 

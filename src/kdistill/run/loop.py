@@ -19,20 +19,20 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from kdistill.config import RunConfig
+from kdistill.data.batches import ahead, epoch_loader, windows
 from kdistill.files import RunFiles
-from kdistill.run.batches import ahead, epoch_loader, windows
-from kdistill.run.checkpoint import latest_checkpoint, load_checkpoint, remove_partial
-from kdistill.run.cross_samples import with_teacher_views
-from kdistill.run.engine import VllmEngine
+from kdistill.prerun.flops import model_shape
 from kdistill.run.export import export_student
-from kdistill.run.flops import model_shape
-from kdistill.run.generate import generated_window, is_on_policy, requests, rows_per_call, step_seed
 from kdistill.run.guards import split_window
 from kdistill.run.metrics import LogWindow
-from kdistill.run.overlap import Overlap
 from kdistill.run.start import Run, start_run
 from kdistill.run.step import optimizer_step
 from kdistill.run.stop_signals import Interrupted, StopSignals
+from kdistill.sampling.cross_samples import with_teacher_views
+from kdistill.sampling.engine import VllmEngine
+from kdistill.sampling.generate import generated_window, is_on_policy, requests, rows_per_call, step_seed
+from kdistill.sampling.overlap import Overlap
+from kdistill.storage.checkpoint import latest_checkpoint, load_checkpoint, remove_partial
 
 log = logging.getLogger("kdistill")
 Engine = VllmEngine | Overlap

@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 
 from kdistill.files import write_atomic
-from kdistill.run.flops import ModelShape, step_flops
+from kdistill.prerun.flops import ModelShape, step_flops
 
 
 class LogWindow:

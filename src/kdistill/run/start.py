@@ -18,25 +18,20 @@ from kdistill.errors import KdistillError
 from kdistill.files import RunFiles
 from kdistill.models.build import checkpoint_student
 from kdistill.objective.batch import LossSettings, StudentLoss
+from kdistill.objective.settings import loss_settings
 from kdistill.run.accelerator import flat_hparams, mixed_precision, sharded_weights, whole_models
-from kdistill.run.checkpoint import check_resume_config, check_writable, save_checkpoint
-from kdistill.run.components import (
-    Components,
-    build_components,
-    engine_settings,
-    loss_settings,
-    prepare_output_dir,
-    sampling_settings,
-)
-from kdistill.run.engine import EngineSettings
-from kdistill.run.folder_lock import FolderLock, lock_run_folder
-from kdistill.run.generate import Sampling
+from kdistill.run.components import Components, build_components, prepare_output_dir
 from kdistill.run.guards import OomBackoff, SkipNonFinite, oom_advice
 from kdistill.run.health import HealthMonitor, build_health
 from kdistill.run.held_out import HeldOut
 from kdistill.run.lean import lean_student
 from kdistill.run.metrics import MetricsFile
 from kdistill.run.optimizer import adamw, param_groups
+from kdistill.sampling.engine import EngineSettings
+from kdistill.sampling.generate import Sampling
+from kdistill.sampling.settings import engine_settings, sampling_settings
+from kdistill.storage.checkpoint import check_resume_config, check_writable, save_checkpoint
+from kdistill.storage.folder_lock import FolderLock, lock_run_folder
 
 
 @dataclass

@@ -17,8 +17,8 @@ from accelerate import Accelerator
 from kdistill.data import trained_rows
 from kdistill.losses import LossSums
 from kdistill.objective.batch import LossSettings, StepSums
+from kdistill.prerun.flops import attention_pairs
 from kdistill.run.accelerator import single_process
-from kdistill.run.flops import attention_pairs
 from kdistill.teacher.forward import teacher_outputs
 from kdistill.teacher.roster import Teacher
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kdistill.config import RunConfig
-from kdistill.data.tokenize import require_fast
 from kdistill.errors import KdistillError
 from kdistill.losses import VocabMap, build_vocab_map
+from kdistill.losses.vocab_map import require_fast
 from kdistill.models.build import student_source, teacher_source
 from kdistill.models.loading import ModelSource, load_config_only, load_tokenizer
 from kdistill.models.parts import logit_width

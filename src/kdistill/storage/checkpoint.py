@@ -1,0 +1,273 @@
+"""Checkpoints that are either complete or absent.
+
+A checkpoint is written into `step-N.tmp/` and renamed to `step-N/` only once every file is in
+place, so `--resume` never picks up a half-written one.
+
+Every process calls `save_checkpoint`, `load_checkpoint` and `export_student`: under FSDP and
+DeepSpeed no process holds the whole student or its optimizer state, so saving is collective
+(accelerate's `save_state` and `get_state_dict`); only the main process writes kdistill's own files.
+One process, or DDP, keeps the small format below (only trainable weights, e.g. the LoRA adapter).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kdistill.errors import KdistillError
+from kdistill.losses.hidden import HiddenProjections, load_projections, projections_filename, save_projections
+from kdistill.storage.tensor_files import load_tensors, tensors_only
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    # named_parameters lists a tied weight once, which safetensors requires.
+    return {
+        n: p.detach().to("cpu").clone().contiguous() for n, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def is_sharded(accelerator: Accelerator) -> bool:
+    """FSDP or DeepSpeed: the student's weights or its optimizer state are split across processes."""
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def save_checkpoint(
+    folder: Path,
+    step: int,
+    accelerator: Accelerator,
+    student: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    state: dict[str, Any],
+    keep: int | None,
+    projections: Sequence[tuple[str, HiddenProjections]] = (),
+) -> Path:
+    """Write `folder/step-N/` (weights, projections, optimizer, RNG, state); every process calls it.
+
+    `student` is the prepared `StudentHidden`; `projections` pairs each teacher's name with its
+    module in `student.projections`. Sharded runs store accelerate's `save_state` (each process's
+    shards or the gathered weights, the optimizer, each process's RNG) with the scheduler beside it.
+    """
+    final, tmp = folder / f"step-{step:07d}", folder / f"step-{step:07d}.tmp"
+    main = accelerator.is_main_process
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()  # the folder exists before any process writes into it
+    if is_sharded(accelerator):
+        accelerator.save_state(str(tmp))  # each process ends by writing its own RNG file, unsynchronised
+        projections = _gathered_projections(accelerator, student, projections)
+        accelerator.wait_for_everyone()  # so every process has written before the folder is renamed
+    if main:
+        if is_sharded(accelerator):
+            torch.save({"scheduler": scheduler.state_dict()}, tmp / "scheduler.pt")
+        else:
+            model = accelerator.unwrap_model(student).model
+            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+            optim = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            torch.save(optim, tmp / "optim.pt")
+            torch.save(_rng_state(), tmp / "rng.pt")
+        save_hidden(projections, tmp)
+        # state.json is written last: it marks the checkpoint complete (see latest_checkpoint).
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        _prune(folder, keep)
+    accelerator.wait_for_everyone()  # no process may go on (or exit) before the checkpoint is complete
+    return final
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = []
+    for path in folder.glob("step-*"):
+        match = _STEP_DIR.match(path.name)
+        if match and (path / "state.json").is_file():
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None
+
+
+def check_writable(out: Path) -> None:
+    """Fail now, with the folder named, if the run could not write its outputs."""
+    if out.exists() and not out.is_dir():
+        raise KdistillError(f"output_dir {out} exists and is not a folder")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    try:
+        # A real write, not os.access: root passes os.access on read-only folders and file systems.
+        fd, probe = tempfile.mkstemp(prefix=".kdistill-write-test", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise KdistillError(
+            f"output_dir {out} cannot be written: {existing} is not writable ({err.strerror}); "
+            "choose another output_dir or change the folder's permissions"
+        ) from None
+
+
+def remove_partial(folder: Path) -> None:
+    """Delete `step-N.tmp/` folders left by a run killed while writing a checkpoint."""
+    for path in folder.glob("step-*.tmp"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# Keys that fix which rows form which optimizer step, and how many steps an epoch has: a resumed
+# run with other values would not continue the run it resumes.
+_RESUME_KEYS = (("training", "seed"), ("training", "batch_size"), ("training", "gradient_accumulation_steps"))
+
+
+def check_resume_config(saved: Path, current: dict[str, Any]) -> None:
+    """Refuse to resume a run whose saved config differs in a key that fixes the data order."""
+    if not saved.is_file():
+        return
+    old = yaml.safe_load(saved.read_text()) or {}
+    for section, key in _RESUME_KEYS:
+        before, now = old.get(section, {}).get(key), current[section][key]
+        if before is not None and before != now:
+            raise KdistillError(
+                f"--resume: {section}.{key} is {now} here but {before} in the run being resumed ({saved}); "
+                "it fixes which rows form each step, so resuming would not continue that run. "
+                f"Use {section}.{key}={before}, or --overwrite to start again"
+            )
+
+
+def load_checkpoint(
+    path: Path,
+    accelerator: Accelerator,
+    student: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    projections: Sequence[tuple[str, HiddenProjections]] = (),
+) -> dict[str, Any]:
+    """Restore what `save_checkpoint` wrote into the given objects; returns its `state.json`.
+
+    Every process calls it with the prepared `student` and `optimizer`.
+    """
+    sharded, written_sharded = is_sharded(accelerator), not (path / "trainable.safetensors").is_file()
+    if sharded != written_sharded:
+        how = "under FSDP or DeepSpeed" if written_sharded else "by one process or DDP"
+        raise KdistillError(
+            f"--resume: checkpoint {path} was written {how}; resume it the same way, or --overwrite"
+        )
+    saved = load_hidden(projections, path)  # first: a changed loss.hidden gets its own message
+    if sharded:  # the projections' values come back with the student's shards
+        with tensors_only(accelerator, path):
+            accelerator.load_state(str(path))
+        scheduler.load_state_dict(load_tensors(path / "scheduler.pt")["scheduler"])
+        return json.loads((path / "state.json").read_text())
+    for (_, current), loaded in zip(projections, saved):
+        current.load_state_dict(loaded.state_dict())
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(accelerator.unwrap_model(student).model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    optim = load_tensors(path / "optim.pt")
+    optimizer.load_state_dict(optim["optimizer"])
+    scheduler.load_state_dict(optim["scheduler"])
+    _set_rng_state(load_tensors(path / "rng.pt"))
+    return json.loads((path / "state.json").read_text())
+
+
+def _hidden_file(name: str, several: bool) -> str:
+    return projections_filename(name if several else None)
+
+
+def save_hidden(projections: Sequence[tuple[str, HiddenProjections]], folder: Path) -> None:
+    """Each teacher's projections as `hidden_projections.safetensors` (`.NAME.` among several teachers)."""
+    for name, module in projections:
+        save_projections(module, folder, _hidden_file(name, len(projections) > 1))
+
+
+def load_hidden(
+    projections: Sequence[tuple[str, HiddenProjections]], folder: Path
+) -> list[HiddenProjections]:
+    """The projections saved in `folder`, in the order of `projections`; refused if loss.hidden differs."""
+    saved = sorted(p.name for p in folder.glob("hidden_projections*.safetensors"))
+    wanted = [_hidden_file(name, len(projections) > 1) for name, _ in projections]
+    if saved != sorted(wanted):
+        raise KdistillError(
+            f"--resume: checkpoint {folder} holds hidden-state projections {saved or 'none'}, but this "
+            f"config needs {wanted or 'none'}: loss.hidden (on or off) and the teachers must stay as the run "
+            "began. Resume with its settings, or --overwrite to start again"
+        )
+    found = []
+    for (_, current), filename in zip(projections, wanted):
+        loaded = load_projections(folder, filename)
+        shape = (loaded.pairs, loaded.student_size, loaded.teacher_size)
+        if shape != (current.pairs, current.student_size, current.teacher_size):
+            raise KdistillError(
+                f"--resume: {folder / filename} pairs layers {loaded.pairs} ({loaded.student_size} -> "
+                f"{loaded.teacher_size}), this config {current.pairs} ({current.student_size} -> "
+                f"{current.teacher_size}); resume with the run's loss.hidden.layers, or --overwrite"
+            )
+        found.append(loaded)
+    return found
+
+
+def _gathered_projections(
+    accelerator: Accelerator, student: nn.Module, projections: Sequence[tuple[str, HiddenProjections]]
+) -> list[tuple[str, HiddenProjections]]:
+    """Whole copies of sharded projections, on the main process (others get empty ones); collective."""
+    if not projections:
+        return []
+    full = accelerator.get_state_dict(student)
+    return [(name, copy_projections(p, full, f"projections.{i}.")) for i, (name, p) in enumerate(projections)]
+
+
+def copy_projections(
+    module: HiddenProjections, full: dict[str, torch.Tensor], prefix: str
+) -> HiddenProjections:
+    copy = HiddenProjections(module.pairs, module.student_size, module.teacher_size)
+    if full:  # empty on processes other than the main one
+        copy.load_state_dict(under(full, prefix))
+    return copy
+
+
+def under(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of `state` whose key starts with `prefix`, with the prefix removed."""
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _prune(folder: Path, keep: int | None) -> None:
+    if keep is None:
+        return
+    done = sorted(p for p in folder.glob("step-*") if _STEP_DIR.match(p.name))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _rng_state() -> dict[str, Any]:
+    """The random generators' states, as tensors and plain values (see `load_tensors`)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    numpy = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos}
+    numpy |= {"has_gauss": has_gauss, "gauss": gauss}
+    state = {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
