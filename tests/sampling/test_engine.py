@@ -87,7 +87,7 @@ def test_bad_engine_configs_get_one_message(
 
 @pytest.mark.parametrize(("devices", "ids"), [(1, [1]), ("2,3", [2, 3]), ("0,4-6", [0, 4, 5, 6])])
 def test_engine_devices_are_read_as_device_numbers(devices: object, ids: list[int]) -> None:
-    from kdistill.config.training import OnPolicyConfig
+    from kdistill.config.on_policy import OnPolicyConfig
     from kdistill.sampling.engine import _device_ids
 
     o = OnPolicyConfig.model_validate({**ON, "vllm": {"devices": devices}})

@@ -1,5 +1,5 @@
-"""Pydantic models of a whole kdistill run: teachers, student, data and the run itself (the loss and
-training sections are in `training`).
+"""Pydantic models of a whole kdistill run: teachers, student, data and the run itself (the `loss`
+section is in `loss`, `training` in `training`).
 
 Every field carries its help text and checks its range at construction, so a bad value
 fails when the config is loaded, not an hour into training.
@@ -11,8 +11,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from kdistill.config.loss import LossConfig
 from kdistill.config.strict import Strict
-from kdistill.config.training import LossConfig, TrainingConfig
+from kdistill.config.training import TrainingConfig
 
 
 class TeacherConfig(Strict):

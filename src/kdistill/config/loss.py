@@ -1,0 +1,79 @@
+"""Pydantic models of a run's `loss` section: the divergence, its weights and the hidden-state term."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from kdistill.config.strict import Strict
+
+
+class HiddenConfig(Strict):
+    weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the hidden-state term (each live teacher's share is its `weight` times this); "
+        "0 turns it off. Needs live teachers: a teacher cache holds no hidden states.",
+    )
+    layers: Literal["auto"] | list[tuple[int, int]] = Field(
+        "auto",
+        description="`auto`, or `[[teacher_layer, student_layer], ...]` numbered as `output_hidden_states` "
+        "numbers them (0 = embeddings, L = the last layer, after the final norm). `auto` pairs every student "
+        "layer with the teacher layer at the same relative depth; a `from_teacher` student's layers pair "
+        "with the teacher layers they were copied from.",
+    )
+    distance: Literal["mse", "cosine"] = Field(
+        "mse",
+        description="Per-token distance between the student's (projected) and the teacher's states: mean "
+        "squared error over the hidden size, or 1 - cosine similarity.",
+    )
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _pairs(cls, value: object) -> object:
+        # Checked here, so that a bad value gives one message instead of one per member of the union.
+        if isinstance(value, str):
+            if value != "auto":
+                raise ValueError("expected 'auto' or a list of [teacher_layer, student_layer] pairs")
+            return value
+        if not isinstance(value, list | tuple) or not value:
+            raise ValueError("expected 'auto' or a non-empty list of [teacher_layer, student_layer] pairs")
+        for item in value:
+            ok = isinstance(item, list | tuple) and len(item) == 2
+            if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in item):
+                raise ValueError(f"a pair is [teacher_layer, student_layer], integers >= 0; got {item}")
+        return value
+
+
+class LossConfig(Strict):
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"] = Field(
+        "forward_kl", description="Divergence between the teacher's and the student's softened distributions."
+    )
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature T; the KD term is scaled by T^2.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the KD term; 1 - alpha weighs the CE term.")
+    beta: float = Field(
+        0.5, ge=0, le=1, description="Generalized JSD interpolation (0 = forward, 1 = reverse KL)."
+    )
+    skew: float = Field(0.1, ge=0, le=1, description="Skew KL mixing weight (DistiLLM).")
+    chunk_size: int | None = Field(
+        512, gt=0, description="Tokens per chunk of the output projection; null computes full logits."
+    )
+    multi_teacher: Literal["sum", "mixture"] = Field(
+        "sum",
+        description="Several teachers: `sum` of weighted per-teacher divergences, or one divergence to "
+        "their weighted `mixture` distribution.",
+    )
+    alignment: Literal["span", "uld"] = Field(
+        "span",
+        description="A teacher whose tokenizer differs from the student's: `span` aligns both tokenizations "
+        "of each text through character offsets and compares next-token distributions through a map of "
+        "tokens with the same text (unmapped mass in an explicit 'other' bucket), falling back to ULD "
+        "where an aligned segment is not one token on each side; `uld` uses Universal Logit Distillation's "
+        "sorted-probability distance at every aligned position.",
+    )
+    hidden: HiddenConfig = Field(
+        default_factory=HiddenConfig,
+        description="Layer-wise hidden-state distillation: `weight` x distance between paired layers, summed "
+        "over trained tokens (off while weight is 0).",
+    )
