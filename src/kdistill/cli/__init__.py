@@ -143,21 +143,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from kdistill.config import load_config
-    from kdistill.eval.report import report_after_training
-    from kdistill.run.loop import train
+    from kdistill.api import train
     from kdistill.run.stop_signals import Interrupted
 
-    cfg = load_config(args.config, args.overrides)
     try:
-        summary = train(cfg, resume=args.resume, overwrite=args.overwrite, config_path=args.config)
+        summary = train(args.config, overrides=args.overrides, resume=args.resume, overwrite=args.overwrite)
     except Interrupted as stop:
         if _rank() == 0:
             print(f"kdistill: {stop}\nkdistill: resume with: {_resume_command(args)}", file=sys.stderr)
         return 128 + stop.signum  # the shell's code for a process ended by that signal
     if _rank() > 0:
         return 0
-    report_after_training(Path(summary.output_dir))  # report.md / report.html: config, loss curves, tables
     print(f"\nstudent written to {summary.output_dir} after {summary.steps} steps in {summary.seconds:.0f} s")
     print(_quality_table(summary.before, summary.after))
     return 0

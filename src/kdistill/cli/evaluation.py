@@ -4,15 +4,14 @@ quantized teacher is from its reference, and the run report. Parsing and printin
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
-from kdistill.errors import KdistillError
 from kdistill.files import RunFiles
 
 
 def add_eval_commands(commands: argparse._SubParsersAction) -> None:
-    """`eval`, `bench` and `report`: what the student kept, how fast it is, and the run report."""
+    """`eval`, `bench`, `fidelity`, `export` and `report`: what the student kept, how fast it is, how far
+    a quantized teacher is, the student as GGUF, and the run report."""
     target_help = "a run folder (its teacher and held-out rows come from its config) or any model"
     text = "Held-out quality and benchmarks of a student against its teacher; writes eval.json."
     ev = commands.add_parser("eval", help=text, description=text)
@@ -43,6 +42,7 @@ def add_eval_commands(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--repeats", type=int, default=3, help="timed runs, median taken (default 3)")
     bench.add_argument("--output", help="where to write bench.json (default: inside the run folder)")
     _fidelity_command(commands)
+    _export_command(commands)
     text = "Write report.md and report.html (config, loss curves, eval and bench tables) into RUN_DIR."
     commands.add_parser("report", help=text, description=text).add_argument("run_dir", help="a run folder")
 
@@ -73,6 +73,20 @@ def _fidelity_command(commands: argparse._SubParsersAction) -> None:
     fid.add_argument("--output", help="also write the result as JSON to this file")
 
 
+def _export_command(commands: argparse._SubParsersAction) -> None:
+    text = (
+        "Write a run's student (a LoRA adapter merged into its base) as a GGUF file that llama.cpp, "
+        "Ollama and LM Studio load (llama, mistral, qwen2, qwen3 and gemma3 architectures)."
+    )
+    export = commands.add_parser("export", help=text, description=text)
+    export.add_argument("target", help="a run folder, or a model folder")
+    export.add_argument("--gguf", action="store_true", required=True, help="write GGUF (the one format)")
+    export.add_argument(
+        "--type", default="f32", choices=["f32", "f16", "q8_0"], help="how matrices are stored (default f32)"
+    )
+    export.add_argument("--output", help="the .gguf file to write (default: RUN/student-TYPE.gguf)")
+
+
 def _limit(text: str) -> int | None:
     if text == "all":
         return None
@@ -88,34 +102,31 @@ def _positive(text: str) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from kdistill.eval.load import load_eval_models
-    from kdistill.eval.runner import EvalSettings, evaluate, write_json
+    from kdistill.api import evaluate
     from kdistill.eval.tables import eval_table, text_table
-    from kdistill.eval.tasks import NO_DATA, benchmark_source, parse_tasks
 
-    tasks = parse_tasks(args.tasks)
-    source = benchmark_source(args.data_dir) if tasks else None
-    if tasks and source is None:
-        if args.tasks != "all":  # asked for by name: an error; by default: the held-out part still runs
-            raise KdistillError(NO_DATA)
-        logging.getLogger("kdistill").warning("%s; benchmarks skipped", NO_DATA)
-        tasks = []
-    models = load_eval_models(args.target, args.teacher, args.validation)
-    settings = EvalSettings(
-        tuple(tasks), source, args.limit, args.rows, args.rouge_rows, args.generations,
-        args.max_new_tokens, args.batch_size, args.num_fewshot,
+    result = evaluate(
+        args.target, teacher=args.teacher, validation=args.validation, tasks=args.tasks,
+        data_dir=args.data_dir, limit=args.limit, rows=args.rows, rouge_rows=args.rouge_rows,
+        generations=args.generations, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        num_fewshot=args.num_fewshot, output=args.output,
     )  # fmt: skip
-    result = evaluate(models, settings)
     for shown in result.get("generations", []):
         print(f"\n### {shown['prompt'][:300]}")
         for who in ("reference", "student", "teacher"):
             if who in shown:
                 print(f"--- {who}: {shown[who][:400]}")
     print("\n" + text_table(eval_table(result)))
-    output = args.output or (models.run_dir / RunFiles.EVAL if models.run_dir else None)
-    if output:
-        write_json(result, Path(output))
-        print(f"\nwritten to {output}")
+    if "written_to" in result:
+        print(f"\nwritten to {result['written_to']}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from kdistill.api import export
+
+    path = export(args.target, gguf_type=args.type, output=args.output)
+    print(f"GGUF ({args.type}) written to {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
 
@@ -162,4 +173,4 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-HANDLERS = {"eval": _eval, "bench": _bench, "fidelity": _fidelity, "report": _report}
+HANDLERS = {"eval": _eval, "bench": _bench, "fidelity": _fidelity, "report": _report, "export": _export}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 from pathlib import Path
@@ -28,14 +29,14 @@ _FLAT_KEYS = {
 _TRAINING_KEYS = set(RunConfig.model_fields["training"].annotation.model_fields) - {"temperature", "alpha"}
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Load, override and validate a run config; raise `KdistillError` naming every problem."""
-    path = Path(path)
-    raw = _read_file(path)
+def load_config(path: str | Path | dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    """Load (a file, or a dict as a file would hold it), override and validate a run config; raise
+    `KdistillError` naming every problem."""
+    raw = copy.deepcopy(path) if isinstance(path, dict) else _read_file(Path(path))
     raw = _nest_flat_keys(raw)
     for item in overrides or []:
         _apply_override(raw, item)
-    return validate_config(raw, source=str(path))
+    return validate_config(raw, source="config" if isinstance(path, dict) else str(path))
 
 
 def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
