@@ -3,7 +3,7 @@
 Two ways to compare next-token distributions over different vocabularies:
 - ``mapped_divergence``: project the teacher onto the student's vocabulary through a ``VocabMap``
   (tokens whose strings match), with the mass of unmapped tokens in one explicit "other" bucket on
-  each side, then apply any divergence of ``DIVERGENCES``.
+  each side, then apply any divergence of ``registry.LOSSES``.
 - ``uld_distance``: Universal Logit Distillation (Boizard et al. 2024), which needs no map at all.
 
 Rows are aligned positions (`data.alignment`): student row i and teacher row i both predict the
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from kdistill.losses.divergences import DIVERGENCES, check_divergence
+from kdistill.losses.registry import check_loss
 from kdistill.losses.signal import DenseHidden, Sparse, log1mexp, softcap_logits
 from kdistill.losses.vocab_map import VocabMap
 
@@ -142,14 +142,14 @@ def mapped_divergence(
     temperature: float = 1.0,
     **params: float,
 ) -> Tensor:
-    """A divergence of ``DIVERGENCES`` (forward KL by default) on the mapped outcomes, summed over the N rows.
+    """A registered divergence (forward KL by default) on the mapped outcomes, summed over the N rows.
 
     Shapes as in ``mapped_log_probs``; returns a scalar. ``T**2`` is not applied (the objective does).
     """
-    check_divergence(divergence, params)
+    loss, params = check_loss(divergence, params)
     student, target = mapped_log_probs(student_logits, teacher, mapping, temperature)
     # The divergences take logits; normalised log-probs are logits whose softmax is themselves.
-    return DIVERGENCES[divergence](student, target, temperature=1.0, **params)
+    return loss.fn(student, target, temperature=1.0, **params)
 
 
 def uld_distance(
