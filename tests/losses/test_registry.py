@@ -60,10 +60,15 @@ def test_suggestions_by_alias_and_by_spelling() -> None:
     assert suggest("wasserstein") is None
 
 
-def test_docs_table_lists_every_user_choice() -> None:
+def test_docs_table_lists_every_user_choice_with_its_parameters() -> None:
     text = (ROOT / "docs" / "loss.md").read_text()
-    table = re.findall(r"^\| `(\w+)` \|", text, flags=re.M)
-    assert table == list(divergence_choices())
+    rows = dict(re.findall(r"^\| `(\w+)` \|(.*)$", text, flags=re.M))
+    assert list(rows) == list(divergence_choices())
+    for name, row in rows.items():
+        shown = re.findall(r"`loss\.(\w+)`", row.split("|")[-2])
+        assert shown == list(LOSSES[name].params), name
+        for key, param in LOSSES[name].params.items():
+            assert f"`loss.{key}` in {param.interval()}, default {param.default:g}" in row, name
 
 
 def test_a_new_divergence_is_one_function_and_one_entry(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -72,8 +77,8 @@ def test_a_new_divergence_is_one_function_and_one_entry(monkeypatch: pytest.Monk
         student, target = aligned_log_probs(student_logits, teacher, temperature)
         return scale * 0.5 * ((target / 2).exp() - (student / 2).exp()).pow(2).sum()
 
-    help_text = "Factor in front of the distance."
-    entry = Loss(hellinger, "squared Hellinger distance", {"scale": Param(1.0, 0.0, 10.0, help_text)})
+    scale = Param(1.0, 0.0, 10.0, "Factor in front of the distance.", low_open=True)
+    entry = Loss(hellinger, "squared Hellinger distance", {"scale": scale})
     monkeypatch.setitem(LOSSES, "hellinger", entry)
     g = torch.Generator().manual_seed(0)
     hidden, head = torch.randn(6, 4, generator=g), torch.randn(11, 4, generator=g)
@@ -82,5 +87,5 @@ def test_a_new_divergence_is_one_function_and_one_entry(monkeypatch: pytest.Monk
     out = distill_loss_sums(hidden, head, labels, Dense(teacher), divergence_kwargs={"scale": 2.0}, **kw)
     p, q = torch.softmax(teacher, -1), torch.softmax(hidden @ head.T, -1)
     torch.testing.assert_close(out.total, (p.sqrt() - q.sqrt()).pow(2).sum(), rtol=1e-5, atol=1e-6)
-    with pytest.raises(KdistillError, match="scale must be in"):
-        distill_loss_sums(hidden, head, labels, Dense(teacher), divergence_kwargs={"scale": -1.0}, **kw)
+    with pytest.raises(KdistillError, match=r"scale must be in \(0, 10\], got 0"):
+        distill_loss_sums(hidden, head, labels, Dense(teacher), divergence_kwargs={"scale": 0}, **kw)
