@@ -200,6 +200,7 @@ def _chunk_sum(
     method: str,
     temperature: float,
     divergence: str,
+    divergence_kwargs: dict[str, float],
 ) -> Tensor:
     """Mapped divergence on the one-to-one rows plus ULD on the others, summed over the chunk."""
     mapped = one_to_one if method == "span" else torch.zeros_like(one_to_one)
@@ -211,6 +212,7 @@ def _chunk_sum(
             mapping,
             divergence=divergence,
             temperature=temperature,
+            **divergence_kwargs,
         )
     rest = ~mapped
     if bool(rest.any()):
@@ -233,6 +235,7 @@ def aligned_kd_sum(
     method: str = "span",
     temperature: float = 1.0,
     divergence: str = "forward_kl",
+    divergence_kwargs: dict[str, float] | None = None,
     chunk_size: int = 128,
     student_bias: Tensor | None = None,
     student_softcap: float | None = None,
@@ -246,6 +249,7 @@ def aligned_kd_sum(
             ``DenseHidden`` (a live teacher, ``(N, Ht)`` with its head) or ``Sparse`` (a cache).
         one_to_one: ``(N,)`` bool, the aligned segment is one token on each side.
         mapping: teacher ids to student ids.
+        divergence, divergence_kwargs: the registered divergence on the mapped rows, and its parameters.
     Returns:
         A scalar: the sum over rows (no ``T**2``; the objective scales and normalises once).
     """
@@ -253,8 +257,11 @@ def aligned_kd_sum(
     def chunk(rows: Tensor, start: int, end: int) -> Tensor:
         logits = softcap_logits(F.linear(rows, student_head, student_bias).float(), student_softcap)
         return _chunk_sum(
-            logits, teacher.rows(start, end), one_to_one[start:end], mapping, method, temperature, divergence
-        )
+            logits, teacher.rows(start, end), one_to_one[start:end], mapping, method, temperature, divergence,
+            params,
+        )  # fmt: skip
+
+    params = dict(divergence_kwargs or {})
 
     total = student_rows.new_zeros((), dtype=torch.float32)
     for start in range(0, student_rows.shape[0], chunk_size):

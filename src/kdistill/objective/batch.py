@@ -141,6 +141,7 @@ class StudentLoss(nn.Module):
                 method=settings.alignment,
                 temperature=settings.temperature,
                 divergence=settings.divergence,
+                divergence_kwargs=settings.divergence_kwargs,
                 student_bias=bias,
                 student_softcap=softcap(self.model),
             )
