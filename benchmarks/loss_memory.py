@@ -30,21 +30,21 @@ import time
 import torch
 
 VOCABS, TOKENS, HIDDENS = (49152, 151936, 262144), (2048, 8192), (576, 2048)
-ALL_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
-DIV_KWARGS = {"jsd": {"beta": 0.5}, "skew_kl": {"skew": 0.1}, "skew_reverse_kl": {"skew": 0.1}}
 # Full-size fp32 (N, V) tensors the naive path holds at its peak (logits, teacher logits,
 # log-softmaxes, probabilities, products and their gradients); measured 6-8 here.
 NAIVE_FULL_TENSORS = 8
 
 
 def default_cases() -> list[dict]:
+    from kdistill.losses.registry import divergence_choices
+
     cases = [
         dict(vocab=v, tokens=n, hidden=h, divergence="forward_kl")
         for v in VOCABS
         for n in TOKENS
         for h in HIDDENS
     ]
-    others = [d for d in ALL_DIVERGENCES if d != "forward_kl"]
+    others = [d for d in divergence_choices() if d != "forward_kl"]  # each at its registered defaults
     return cases + [dict(vocab=151936, tokens=2048, hidden=576, divergence=d) for d in others]
 
 
@@ -120,7 +120,7 @@ def run_case(case: dict, method: str, chunk_size: int) -> dict:
         start, start_cpu = time.perf_counter(), time.process_time()
         out = distill_loss_sums(
             hidden, head, labels, teacher, kd_weight=4.0, ce_weight=0.5, temperature=2.0,
-            divergence=case["divergence"], divergence_kwargs=DIV_KWARGS.get(case["divergence"]),
+            divergence=case["divergence"],
             chunk_size=None if method == "naive" else chunk_size,
         )  # fmt: skip
         out.total.backward()

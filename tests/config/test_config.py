@@ -93,7 +93,15 @@ def test_unknown_top_level_key_lists_valid_keys() -> None:
             -2,
             "training.gradient_accumulation_steps: Input should be greater than 0 (got -2)",
         ),
-        ("loss", "divergence", "kl", "loss.divergence: Input should be 'forward_kl', 'reverse_kl'"),
+        (
+            "loss",
+            "divergence",
+            "kl",
+            "loss.divergence: Input should be 'forward_kl', 'reverse_kl', 'jsd', 'skew_kl', "
+            "'skew_reverse_kl' or 'tvd'; did you mean 'forward_kl'? (got 'kl')",
+        ),
+        ("loss", "skew", 1, "loss.skew: must be in [0, 1) (got 1)"),
+        ("loss", "beta", 1.5, "loss.beta: must be in [0, 1] (got 1.5)"),
         ("teacher", "quantization", "3bit", "teacher.quantization: Input should be 'none', '8bit' or '4bit'"),
     ],
 )

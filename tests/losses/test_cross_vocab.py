@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdistill.losses import Sparse
-from kdistill.losses.cross_vocab import mapped_divergence, uld_distance
-from kdistill.losses.divergences import DIVERGENCES
+from kdistill.losses import DenseHidden, Sparse
+from kdistill.losses.cross_vocab import aligned_kd_sum, mapped_divergence, uld_distance
+from kdistill.losses.divergences import forward_kl
 from kdistill.losses.vocab_map import VocabMap, mapped_mass_share
 
 VT, VS, N = 13, 11, 6
@@ -97,7 +97,7 @@ def test_mapped_dense_equals_sparse_at_full_k_and_identity_map_is_plain_kl():
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
     identity = VocabMap(torch.arange(VS), torch.arange(VS), VS, VS)
     same = teacher[:, :VS]
-    plain = DIVERGENCES["forward_kl"](student, same, temperature=2.0)
+    plain = forward_kl(student, same, temperature=2.0)
     torch.testing.assert_close(mapped_divergence(student, same, identity, temperature=2.0), plain)
     torch.testing.assert_close(
         mapped_divergence(student, Sparse.from_logits(same, VS), identity, temperature=2.0), plain
@@ -146,3 +146,17 @@ def test_mapped_mass_share_on_tiny_inputs():
     torch.testing.assert_close(
         mapped_mass_share(logits, MAPPING), torch.softmax(logits, -1)[:, mapped].sum(-1)
     )
+
+
+def test_aligned_kd_passes_the_divergences_parameters() -> None:
+    # loss.beta and loss.skew reach a teacher of another tokenizer as they reach the others.
+    g = torch.Generator().manual_seed(3)
+    rows, head = torch.randn(N, 5, generator=g), torch.randn(VS, 5, generator=g)
+    t_rows, t_head = torch.randn(N, 7, generator=g), torch.randn(VT, 7, generator=g)
+    teacher, one = DenseHidden(t_rows, t_head), torch.ones(N, dtype=torch.bool)
+    kw = dict(temperature=2.0, divergence="jsd")
+    got = aligned_kd_sum(rows, head, teacher, one, MAPPING, divergence_kwargs={"beta": 0.3}, **kw)
+    want = mapped_divergence(rows @ head.T, t_rows @ t_head.T, MAPPING, beta=0.3, **kw)
+    torch.testing.assert_close(got, want)
+    default = aligned_kd_sum(rows, head, teacher, one, MAPPING, **kw)
+    assert not torch.isclose(default, got)

@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from kdistill.errors import KdistillError
-from kdistill.losses import DIVERGENCES, Dense, DenseHidden, Sparse, chunked, distill_loss_sums
+from kdistill.losses import LOSSES, Dense, DenseHidden, Sparse, chunked, distill_loss_sums
+from kdistill.losses.registry import divergence_choices
 
 N, H, V, K = 29, 16, 97, 7
 PARAMS = {"jsd": {"beta": 0.3}, "skew_kl": {"skew": 0.2}, "skew_reverse_kl": {"skew": 0.2}}
+DIVERGENCES = {name: LOSSES[name].fn for name in divergence_choices()}  # the user-facing formulas
 
 
 def kl(p, q):
@@ -283,7 +285,16 @@ def test_bad_parameters_speak_to_the_user():
             ce_weight=0,
             divergence_kwargs={"alpha": 1},
         )
-    with pytest.raises(ValueError, match="beta must be in"):
-        DIVERGENCES["jsd"](torch.randn(2, V), torch.randn(2, V), beta=1.5)
+    with pytest.raises(KdistillError, match=r"'jsd': beta must be in \[0, 1\], got 1.5"):
+        distill_loss_sums(
+            hidden,
+            head,
+            labels,
+            Dense(torch.randn(N, V)),
+            kd_weight=1,
+            ce_weight=0,
+            divergence="jsd",
+            divergence_kwargs={"beta": 1.5},
+        )
     with pytest.raises(ValueError, match="no teacher"):
         distill_loss_sums(hidden, head, labels, None, kd_weight=1.0, ce_weight=1.0)

@@ -1,12 +1,17 @@
-"""Pydantic models of a run's `loss` section: the divergence, its weights and the hidden-state term."""
+"""Pydantic models of a run's `loss` section: the divergence, its weights and the hidden-state term.
+
+The choices of `loss.divergence`, the divergences' parameter fields and their ranges are built from
+the loss registry (`losses/registry.py`); nothing here names a divergence.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, create_model, field_validator
 
 from kdistill.config.strict import Strict
+from kdistill.losses.registry import LOSSES, Param, divergence_choices, shared_params, suggest
 
 
 class HiddenConfig(Strict):
@@ -46,16 +51,61 @@ class HiddenConfig(Strict):
         return value
 
 
-class LossConfig(Strict):
-    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"] = Field(
-        "forward_kl", description="Divergence between the teacher's and the student's softened distributions."
+# The names `loss.divergence` accepts, in the registry's order.
+_CHOICES = divergence_choices()
+
+
+def _param_field(name: str, param: Param) -> tuple[object, object]:
+    """A `loss` field for one registered parameter: its default, help text and range check."""
+
+    def check(value: float) -> float:
+        refusal = param.refusal(value)
+        if refusal:
+            raise ValueError(refusal)
+        return value
+
+    users = " and ".join(n for n in _CHOICES if name in LOSSES[n].params)
+    help_text = f"{param.help} In {param.interval()}; read by {users}."
+    return Annotated[float, AfterValidator(check)], Field(param.default, description=help_text)
+
+
+class _Divergence(Strict):
+    divergence: Literal[_CHOICES] = Field(  # the registry's user-facing names
+        "forward_kl",
+        description="Divergence between the teacher's and the student's softened distributions: "
+        + "; ".join(f"`{n}`, {LOSSES[n].help}" for n in _CHOICES)
+        + ".",
     )
     temperature: float = Field(2.0, gt=0, description="Softmax temperature T; the KD term is scaled by T^2.")
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the KD term; 1 - alpha weighs the CE term.")
-    beta: float = Field(
-        0.5, ge=0, le=1, description="Generalized JSD interpolation (0 = forward, 1 = reverse KL)."
-    )
-    skew: float = Field(0.1, ge=0, le=1, description="Skew KL mixing weight (DistiLLM).")
+
+    @field_validator("divergence", mode="before")
+    @classmethod
+    def _registered(cls, value: object) -> object:
+        # Checked before the Literal, so that a misspelt name gets one message with a suggestion.
+        if not isinstance(value, str) or value in _CHOICES:
+            return value
+        if value in LOSSES:  # registered, but not a user choice (see its comment in the registry)
+            raise ValueError(f"{value!r} is not a user choice: it is {LOSSES[value].help}")
+        hint = suggest(value)
+        raise ValueError(
+            f"Input should be {', '.join(repr(c) for c in _CHOICES[:-1])} or {_CHOICES[-1]!r}"
+            + (f"; did you mean {hint!r}?" if hint else "")
+        )
+
+
+# The parameters of the registered divergences (`beta`, `skew`, ...) are fields of `loss` itself, made
+# from the registry by pydantic's `create_model`: a new parameter needs no edit here, and its range is
+# refused when the config loads, not at the first step.
+_WithParams = create_model(
+    "_WithParams",
+    __base__=_Divergence,
+    __module__=__name__,
+    **{name: _param_field(name, param) for name, param in shared_params().items()},
+)
+
+
+class LossConfig(_WithParams):
     chunk_size: int | None = Field(
         512, gt=0, description="Tokens per chunk of the output projection; null computes full logits."
     )

@@ -22,8 +22,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from kdistill.data import Collator, Example, Tokenized, trained_rows
-from kdistill.losses import DEFAULT_CHUNK_SIZE, DIVERGENCES, Dense, DenseHidden, VocabMap
+from kdistill.losses import DEFAULT_CHUNK_SIZE, Dense, DenseHidden, VocabMap
 from kdistill.losses.chunked import chunk_rows
+from kdistill.losses.divergences import forward_kl
 from kdistill.losses.signal import softcap_logits
 from kdistill.models.parts import base_model, output_head, softcap
 from kdistill.objective.batch import StudentLoss
@@ -121,7 +122,7 @@ def held_out_sums(
         if teacher is None:
             continue
         t = teacher.rows(start, end)
-        sums[1] += DIVERGENCES["forward_kl"](z, t)
+        sums[1] += forward_kl(z, t)
         sums[2] += (torch.logsumexp(t, -1) - t.gather(-1, target).squeeze(-1)).sum()
         sums[3] += (z.argmax(-1) == t.argmax(-1)).sum()
     return sums

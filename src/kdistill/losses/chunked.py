@@ -13,7 +13,6 @@ extra matmuls: the head product runs once in forward and twice for the gradients
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -23,9 +22,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from kdistill.losses.chunk_gradients import accumulate, grad_buffers
-from kdistill.losses.divergences import DIVERGENCES, Divergence, check_divergence
+from kdistill.losses.divergences import Divergence
 from kdistill.losses.ensemble import ensemble_divergence
-from kdistill.losses.policy import POLICY_LOSSES
+from kdistill.losses.registry import check_loss
 from kdistill.losses.signal import Dense, DenseHidden, Ensemble, Sparse, softcap_logits
 
 # Rows per chunk: the matmuls with the heads run on this many rows at once. A chunk holds two
@@ -59,7 +58,7 @@ class _Spec:
     divergence: Divergence
     divergence_kwargs: dict = field(default_factory=dict)
     softcap: float | None = None
-    with_labels: bool = False  # the divergence reads each row's label (the sampled on-policy loss)
+    with_labels: bool = False  # the loss reads each row's label (`needs_labels` in the registry)
 
 
 def _rows_loss(logits: Tensor, labels: Tensor, target: Tensor | Sparse | Ensemble | None, spec: _Spec):
@@ -233,8 +232,8 @@ def distill_loss_sums(
         kd_weight, ce_weight: the weights of the two terms; the objective passes ``alpha * T**2`` and
             ``1 - alpha``.
         temperature: divides student and teacher logits inside the divergence (CE always uses T = 1).
-        divergence: a key of ``DIVERGENCES``; ``divergence_kwargs`` go to it (``beta=``, ``skew=``). Or
-            a key of ``losses.policy.POLICY_LOSSES``, which also reads each row's label.
+        divergence: a key of ``registry.LOSSES``; ``divergence_kwargs`` go to it (``beta=``, ``skew=``;
+            the registry's defaults fill the rest), and each row's label too if the loss needs labels.
         chunk_size: rows per chunk; ``None`` runs the naive unchunked reference path.
         student_bias, student_softcap: the head's optional ``(V,)`` bias (Phi-2 has one) and Gemma-2
             final-logit soft-cap ``cap * tanh(z / cap)``.
@@ -246,12 +245,12 @@ def distill_loss_sums(
     Returns ``LossSums``: ``total`` is differentiable, ``kd`` and ``ce`` are detached, all fp32 scalars;
     gradients reach the inputs in their own dtypes.
     """
-    if divergence not in POLICY_LOSSES:
-        check_divergence(divergence, divergence_kwargs)
+    loss, params = check_loss(divergence, divergence_kwargs)
     _check_inputs(student_hidden, student_head, labels, teacher, kd_weight, chunk_size)
-    params, fn = dict(divergence_kwargs or {}), POLICY_LOSSES.get(divergence) or DIVERGENCES[divergence]
-    with_labels = "labels" in inspect.signature(fn).parameters
-    spec = _Spec(labels, teacher, kd_weight, ce_weight, temperature, fn, params, student_softcap, with_labels)
+    spec = _Spec(
+        labels, teacher, kd_weight, ce_weight, temperature, divergence=loss.fn, divergence_kwargs=params,
+        softcap=student_softcap, with_labels=loss.needs_labels,
+    )  # fmt: skip
     if chunk_size is None:
         return _naive(student_hidden, student_head, student_bias, spec)
     chunk_size = chunk_rows(chunk_size, student_head.shape[0], student_hidden.device)

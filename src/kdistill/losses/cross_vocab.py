@@ -3,7 +3,7 @@
 Two ways to compare next-token distributions over different vocabularies:
 - ``mapped_divergence``: project the teacher onto the student's vocabulary through a ``VocabMap``
   (tokens whose strings match), with the mass of unmapped tokens in one explicit "other" bucket on
-  each side, then apply any divergence of ``DIVERGENCES``.
+  each side, then apply any divergence of ``registry.LOSSES``.
 - ``uld_distance``: Universal Logit Distillation (Boizard et al. 2024), which needs no map at all.
 
 Rows are aligned positions (`data.alignment`): student row i and teacher row i both predict the
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from kdistill.losses.divergences import DIVERGENCES, check_divergence
+from kdistill.losses.registry import check_loss
 from kdistill.losses.signal import DenseHidden, Sparse, log1mexp, softcap_logits
 from kdistill.losses.vocab_map import VocabMap
 
@@ -142,14 +142,14 @@ def mapped_divergence(
     temperature: float = 1.0,
     **params: float,
 ) -> Tensor:
-    """A divergence of ``DIVERGENCES`` (forward KL by default) on the mapped outcomes, summed over the N rows.
+    """A registered divergence (forward KL by default) on the mapped outcomes, summed over the N rows.
 
     Shapes as in ``mapped_log_probs``; returns a scalar. ``T**2`` is not applied (the objective does).
     """
-    check_divergence(divergence, params)
+    loss, params = check_loss(divergence, params)
     student, target = mapped_log_probs(student_logits, teacher, mapping, temperature)
     # The divergences take logits; normalised log-probs are logits whose softmax is themselves.
-    return DIVERGENCES[divergence](student, target, temperature=1.0, **params)
+    return loss.fn(student, target, temperature=1.0, **params)
 
 
 def uld_distance(
@@ -200,6 +200,7 @@ def _chunk_sum(
     method: str,
     temperature: float,
     divergence: str,
+    divergence_kwargs: dict[str, float],
 ) -> Tensor:
     """Mapped divergence on the one-to-one rows plus ULD on the others, summed over the chunk."""
     mapped = one_to_one if method == "span" else torch.zeros_like(one_to_one)
@@ -211,6 +212,7 @@ def _chunk_sum(
             mapping,
             divergence=divergence,
             temperature=temperature,
+            **divergence_kwargs,
         )
     rest = ~mapped
     if bool(rest.any()):
@@ -233,6 +235,7 @@ def aligned_kd_sum(
     method: str = "span",
     temperature: float = 1.0,
     divergence: str = "forward_kl",
+    divergence_kwargs: dict[str, float] | None = None,
     chunk_size: int = 128,
     student_bias: Tensor | None = None,
     student_softcap: float | None = None,
@@ -246,6 +249,7 @@ def aligned_kd_sum(
             ``DenseHidden`` (a live teacher, ``(N, Ht)`` with its head) or ``Sparse`` (a cache).
         one_to_one: ``(N,)`` bool, the aligned segment is one token on each side.
         mapping: teacher ids to student ids.
+        divergence, divergence_kwargs: the registered divergence on the mapped rows, and its parameters.
     Returns:
         A scalar: the sum over rows (no ``T**2``; the objective scales and normalises once).
     """
@@ -253,8 +257,11 @@ def aligned_kd_sum(
     def chunk(rows: Tensor, start: int, end: int) -> Tensor:
         logits = softcap_logits(F.linear(rows, student_head, student_bias).float(), student_softcap)
         return _chunk_sum(
-            logits, teacher.rows(start, end), one_to_one[start:end], mapping, method, temperature, divergence
-        )
+            logits, teacher.rows(start, end), one_to_one[start:end], mapping, method, temperature, divergence,
+            params,
+        )  # fmt: skip
+
+    params = dict(divergence_kwargs or {})
 
     total = student_rows.new_zeros((), dtype=torch.float32)
     for start in range(0, student_rows.shape[0], chunk_size):

@@ -10,6 +10,9 @@ Every public function here has the same shape of call::
   is *not* applied here; the objective folds it into ``kd_weight``.
 - returns a scalar: the divergence **summed over the N rows**, never a mean. The objective divides by
   the number of trained tokens once, across gradient accumulation and processes.
+- ``params`` (``beta=``, ``skew=``): keyword-only and without defaults. ``registry.LOSSES`` holds each
+  one's default and range once, and ``registry.check_loss`` fills and checks them; a formula here
+  does not check its own parameters.
 
 Sparse teacher: the student is evaluated on the teacher's k ids plus one extra bucket holding the
 student's own probability mass outside those ids, and the teacher's tail mass fills the same bucket
@@ -19,14 +22,12 @@ below stays a true divergence (non-negative, 0 iff the bucketed distributions ag
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from kdistill.errors import KdistillError
 from kdistill.losses.signal import Sparse
 
 
@@ -73,13 +74,6 @@ def _mix(log_p: Tensor, log_q: Tensor, weight: float) -> Tensor:
     return torch.logaddexp(log_p + math.log(weight), log_q + math.log1p(-weight))
 
 
-def _check_unit(name: str, value: float, *, closed_right: bool = True) -> None:
-    upper_ok = value <= 1.0 if closed_right else value < 1.0
-    if not (value >= 0.0 and upper_ok):
-        interval = "[0, 1]" if closed_right else "[0, 1)"
-        raise ValueError(f"{name} must be in {interval}, got {value}")
-
-
 def forward_kl(student_logits: Tensor, teacher: Tensor | Sparse, *, temperature: float = 1.0) -> Tensor:
     """Forward KL ``KL(p_t || p_s)`` summed over rows; mass-covering (Hinton et al. 2015).
 
@@ -106,7 +100,7 @@ def reverse_kl(student_logits: Tensor, teacher: Tensor | Sparse, *, temperature:
 
 
 def generalized_jsd(
-    student_logits: Tensor, teacher: Tensor | Sparse, *, temperature: float = 1.0, beta: float = 0.5
+    student_logits: Tensor, teacher: Tensor | Sparse, *, temperature: float = 1.0, beta: float
 ) -> Tensor:
     """Generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024), summed over rows.
 
@@ -117,7 +111,6 @@ def generalized_jsd(
 
     Args: ``student_logits`` ``(N, V)``, ``teacher`` ``(N, V)`` logits or ``Sparse``, ``beta`` in [0, 1].
     """
-    _check_unit("jsd beta", beta)
     student, target = aligned_log_probs(student_logits, teacher, temperature)
     if beta == 0.0:
         return _kl(target, student)
@@ -128,7 +121,7 @@ def generalized_jsd(
 
 
 def skew_kl(
-    student_logits: Tensor, teacher: Tensor | Sparse, *, temperature: float = 1.0, skew: float = 0.1
+    student_logits: Tensor, teacher: Tensor | Sparse, *, temperature: float = 1.0, skew: float
 ) -> Tensor:
     """Skew KL ``KL(p_t || a * p_t + (1 - a) * p_s)`` summed over rows (DistiLLM, Ko et al. 2024).
 
@@ -137,13 +130,12 @@ def skew_kl(
 
     Args: ``student_logits`` ``(N, V)``, ``teacher`` ``(N, V)`` logits or ``Sparse``, ``skew`` in [0, 1).
     """
-    _check_unit("skew", skew, closed_right=False)
     student, target = aligned_log_probs(student_logits, teacher, temperature)
     return _kl(target, _mix(target, student, skew))
 
 
 def skew_reverse_kl(
-    student_logits: Tensor, teacher: Tensor | Sparse, *, temperature: float = 1.0, skew: float = 0.1
+    student_logits: Tensor, teacher: Tensor | Sparse, *, temperature: float = 1.0, skew: float
 ) -> Tensor:
     """Skew reverse KL ``KL(p_s || a * p_s + (1 - a) * p_t)`` summed over rows (DistiLLM, Ko et al. 2024).
 
@@ -151,7 +143,6 @@ def skew_reverse_kl(
 
     Args: ``student_logits`` ``(N, V)``, ``teacher`` ``(N, V)`` logits or ``Sparse``, ``skew`` in [0, 1).
     """
-    _check_unit("skew", skew, closed_right=False)
     student, target = aligned_log_probs(student_logits, teacher, temperature)
     return _kl(student, _mix(student, target, skew))
 
@@ -165,26 +156,5 @@ def tvd(student_logits: Tensor, teacher: Tensor | Sparse, *, temperature: float 
     return 0.5 * (target.exp() - student.exp()).abs().sum()
 
 
+# The call every divergence has (see the module's docstring); ``registry.LOSSES`` names them.
 Divergence = Callable[..., Tensor]
-
-# Config name -> function. Extra parameters (``beta=``, ``skew=``) are passed as keyword arguments.
-DIVERGENCES: dict[str, Divergence] = {
-    "forward_kl": forward_kl,
-    "reverse_kl": reverse_kl,
-    "jsd": generalized_jsd,
-    "skew_kl": skew_kl,
-    "skew_reverse_kl": skew_reverse_kl,
-    "tvd": tvd,
-}
-
-
-def check_divergence(name: str, params: dict | None = None) -> None:
-    """Unknown names and parameters are config mistakes: say which and what is accepted."""
-    if name not in DIVERGENCES:
-        raise KdistillError(f"unknown divergence {name!r}; expected one of {', '.join(sorted(DIVERGENCES))}")
-    accepted = [
-        p for p in inspect.signature(DIVERGENCES[name]).parameters if p not in ("student_logits", "teacher")
-    ]
-    unknown = sorted(set(params or {}) - set(accepted))
-    if unknown:
-        raise KdistillError(f"divergence {name!r} takes no parameter {unknown[0]!r}; it takes {accepted}")

@@ -47,8 +47,3 @@ def sampled_reverse_kl(
         log_p = torch.log_softmax(teacher.float() / temperature, dim=-1).gather(-1, index).squeeze(-1)
     estimate = (log_q - log_p).detach()
     return (estimate + estimate * (log_q - log_q.detach())).sum()
-
-
-# Losses of generated batches that read each row's sampled token (the `labels` the chunked head
-# passes); not divergences, so apart from `DIVERGENCES`.
-POLICY_LOSSES = {"sampled_reverse_kl": sampled_reverse_kl}

@@ -31,7 +31,7 @@ from kdistill.teacher.forward import TeacherOutputs
 
 @dataclass(frozen=True)
 class LossSettings:
-    """Plain values the loss needs; built from the config once, by `kdistill.run.components`."""
+    """Plain values the loss needs; built from the config once, by `objective.settings.loss_settings`."""
 
     alpha: float
     temperature: float
@@ -141,6 +141,7 @@ class StudentLoss(nn.Module):
                 method=settings.alignment,
                 temperature=settings.temperature,
                 divergence=settings.divergence,
+                divergence_kwargs=settings.divergence_kwargs,
                 student_bias=bias,
                 student_softcap=softcap(self.model),
             )
