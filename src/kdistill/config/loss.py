@@ -127,3 +127,10 @@ class LossConfig(_WithParams):
         description="Layer-wise hidden-state distillation: `weight` x distance between paired layers, summed "
         "over trained tokens (off while weight is 0).",
     )
+
+
+# A registered parameter named like another `loss` key would silently replace that key's field: a
+# developer's mistake, refused as soon as the config is imported.
+_CLASHES = set(shared_params()) & (set(_Divergence.model_fields) | set(LossConfig.__annotations__))
+if _CLASHES:
+    raise TypeError(f"divergence parameter(s) {sorted(_CLASHES)} reuse the name of a `loss` key; rename them")
