@@ -76,6 +76,15 @@ def test_unknown_key_names_the_nearest_valid_one() -> None:
     assert message.startswith("run.yaml: invalid config")
 
 
+def test_a_misspelt_choice_names_the_nearest_valid_one() -> None:
+    data, training = {"source": "x", "format": "dollly"}, {"mixed_precision": "bf61"}
+    message = _error({**BASE, "data": data, "training": training})
+    expected = "'auto', 'dolly', 'alpaca', 'chat' or 'text'; did you mean 'dolly'? (got 'dollly')"
+    assert f"data.format: Input should be {expected}" in message
+    assert "training.mixed_precision: " in message and "did you mean 'bf16'?" in message
+    assert "did you mean" not in _error({**BASE, "data": {"source": "x", "format": "zzzzzz"}})
+
+
 def test_unknown_top_level_key_lists_valid_keys() -> None:
     assert "unknown key 'trainer'; did you mean 'training'?" in _error({**BASE, "trainer": {}})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,10 @@ def _describe(error: dict[str, Any]) -> str:
     value = error.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "literal_error" and isinstance(value, str):
+        choices = re.findall(r"'([^']*)'", str(error.get("ctx", {}).get("expected", "")))
+        close = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
+        message += f"; did you mean '{close[0]}'?" if close else ""
     return f"{loc}: {message}{shown}" if loc else f"{message}"
 
 
