@@ -144,17 +144,17 @@ CASES = [
     Bad(
         "data-row-lacks-response",
         lambda c: c.data(c.rows("d.jsonl", [*GOOD, {"instruction": "x"}])),
-        "TMP/d.jsonl: row 4 (dolly format) lacks response",
+        "TMP/d.jsonl:5 (dolly format) lacks response",
     ),
     Bad(
         "data-wrong-type",
         lambda c: c.data(c.rows("d.jsonl", [{"messages": "hello"}])),
-        "TMP/d.jsonl: row 0: `messages` must be a non-empty list of {role, content}",
+        "TMP/d.jsonl:1: `messages` must be a non-empty list of {role, content}",
     ),
     Bad(
         "data-chat-ends-with-user",
         lambda c: c.data(c.rows("d.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])),
-        "TMP/d.jsonl: row 0: the last message must be the assistant's (it is the response to learn)",
+        "TMP/d.jsonl:1: the last message must be the assistant's (it is the response to learn)",
     ),
     Bad(
         "data-unknown-role",
@@ -164,14 +164,15 @@ CASES = [
                 [{"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "a"}]}],
             )
         ),
-        "TMP/d.jsonl: row 0, message 0: role 'bot' is not one of system, user, assistant",
+        "TMP/d.jsonl:1, message 1: role 'bot' is not one of system, user, assistant",
     ),
     Bad(
         "data-every-response-empty",
         lambda c: c.data(
             c.rows("d.jsonl", [{**row, "response": " \n"} for row in dolly_rows(12)]), validation_size=2
         ),
-        "TMP/d.jsonl: every training row has an empty response; nothing to learn",
+        "TMP/d.jsonl: all 10 training rows have an empty response (and 2 of the 2 held-out rows); "
+        "nothing to learn",
     ),
     Bad(
         "data-prompt-longer-than-max-length",

@@ -209,3 +209,10 @@ def test_a_byte_order_mark_is_valid_in_yaml_and_json_configs(tmp_path: Path) -> 
     (tmp_path / "run.json").write_text("\ufeff" + json.dumps(BASE), encoding="utf-8")
     for name in ("run.yaml", "run.json"):
         assert load_config(tmp_path / name).teacher.model == BASE["teacher"]["model"]
+
+
+def test_two_teachers_of_one_name_are_refused() -> None:
+    raw = {"teachers": [{"model": "org/smol"}, {"model": "other/smol", "weight": 2}], "student": {"model": "s"}}
+    assert "several teachers are named 'smol'" in _error(raw) and "give each a distinct `name`" in _error(raw)
+    named = {**raw, "teachers": [{"model": "org/smol"}, {"model": "other/smol", "name": "smol2"}]}
+    assert [n for n, _ in validate_config(named).teacher_list()] == ["smol", "smol2"]

@@ -93,7 +93,7 @@ def test_empty_and_missing_files(tmp_path: Path) -> None:
 
 def test_missing_column_in_a_later_row(tmp_path: Path) -> None:
     path = _jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "response": "b"}, {"instruction": "c"}])
-    with pytest.raises(KdistillError, match=r"row 1 \(dolly format\) lacks response"):
+    with pytest.raises(KdistillError, match=r"d.jsonl:2 \(dolly format\) lacks response"):
         load_examples(str(path))
 
 
@@ -202,7 +202,7 @@ def test_structured_text_fields_are_joined_or_refused(tmp_path: Path) -> None:
     with pytest.raises(KdistillError) as info:
         load_examples(str(path))
     assert str(info.value) == (
-        f'{path}: row 1: column `instruction` holds a dict ({{"text": "Add."}}); expected text'
+        f'{path}:2: column `instruction` holds a dict ({{"text": "Add."}}); expected text'
     )
 
 
@@ -246,7 +246,7 @@ def test_chat_roles_other_than_system_user_assistant_are_refused(tmp_path: Path)
     with pytest.raises(KdistillError) as err:
         load_examples(str(path))
     assert (
-        str(err.value) == f"{path}: row 1, message 1: role 'function' is not one of system, user, assistant"
+        str(err.value) == f"{path}:2, message 2: role 'function' is not one of system, user, assistant"
     )
 
 

@@ -107,7 +107,7 @@ CASES: dict[str, tuple[Setup, str]] = {
     ),
     "data_reads": (
         lambda tmp, tiny: {"data": {"source": str(_odd_role(tmp))}},
-        "TMP/chat.jsonl: row 12, message 0: role 'tool' is not one of system, user, assistant",
+        "TMP/chat.jsonl:13, message 1: role 'tool' is not one of system, user, assistant",
     ),
 }
 

@@ -210,14 +210,19 @@ class RunConfig(Strict):
         return self
 
     def teacher_list(self) -> list[tuple[str, TeacherConfig]]:
-        """Every teacher with a unique name for its logs."""
-        named, seen = [], set()
-        for i, teacher in enumerate(self.teachers or [self.teacher]):
-            base = teacher.name or (teacher.model or teacher.cache).rstrip("/").split("/")[-1].split(":")[-1]
-            name = base if base not in seen else f"{base}_{i}"
-            seen.add(name)
-            named.append((name, teacher))
-        return named
+        """Every teacher with its name in logs and metrics (unique: `_unique_teachers` refuses others)."""
+        return [(_teacher_name(t), t) for t in self.teachers or [self.teacher]]
+
+    @model_validator(mode="after")
+    def _unique_teachers(self) -> RunConfig:
+        names = [_teacher_name(t) for t in self.teachers or []]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(
+                f"teachers: several teachers are named {', '.join(map(repr, twice))} (their `name`, or the "
+                "last part of their model or cache); give each a distinct `name`"
+            )
+        return self
 
     @model_validator(mode="after")
     def _move_guide_aliases(self) -> RunConfig:
@@ -234,3 +239,8 @@ class RunConfig(Strict):
             setattr(self.loss, key, value)
             setattr(self.training, key, None)
         return self
+
+
+def _teacher_name(teacher: TeacherConfig) -> str:
+    """A teacher's `name`, by default the last part of its model's or cache's path (or package)."""
+    return teacher.name or (teacher.model or teacher.cache).rstrip("/").split("/")[-1].split(":")[-1]

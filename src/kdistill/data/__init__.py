@@ -109,7 +109,10 @@ def build_datasets(
     train, empty_train = with_response(train)
     validation, empty_val = with_response(validation)
     if not train:
-        raise KdistillError(f"{cfg.source}: every training row has an empty response; nothing to learn")
+        raise KdistillError(
+            f"{cfg.source}: all {empty_train} training rows have an empty response (and {empty_val} of the "
+            f"{empty_val + len(validation)} held-out rows); nothing to learn"
+        )
     train_tok, long_train = tokenize_with_views(train, tokenizer, cfg.max_length, views)
     val_tok, long_val = tokenize_with_views(validation, tokenizer, cfg.max_length, views)
     if not train_tok:

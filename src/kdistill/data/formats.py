@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from kdistill.data.sources import where
 from kdistill.errors import KdistillError
 
 # Columns that identify each format, checked in this order.
@@ -45,7 +46,7 @@ def detect_format(rows: list[dict[str, Any]], source: str) -> str:
 
 
 def to_examples(rows: list[dict[str, Any]], fmt: str, source: str) -> list[Example]:
-    """Convert rows; a row missing a required column is an error naming its index."""
+    """Convert rows; a row missing a required column is an error naming its line (JSONL) or 1-based row."""
     if not rows:
         raise KdistillError(f"{source}: the dataset is empty")
     convert = {"dolly": _dolly, "alpaca": _alpaca, "chat": _chat, "text": _text}[fmt]
@@ -53,8 +54,8 @@ def to_examples(rows: list[dict[str, Any]], fmt: str, source: str) -> list[Examp
     for index, row in enumerate(rows):
         missing = [c for c in FORMAT_COLUMNS[fmt] if row.get(c) is None]
         if missing:
-            raise KdistillError(f"{source}: row {index} ({fmt} format) lacks {', '.join(missing)}")
-        examples.append(convert(row, f"{source}: row {index}"))
+            raise KdistillError(f"{where(source, rows, index)} ({fmt} format) lacks {', '.join(missing)}")
+        examples.append(convert(row, where(source, rows, index)))
     return examples
 
 
@@ -101,15 +102,14 @@ def _chat(row: dict[str, Any], where: str) -> Example:
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise KdistillError(f"{where}: each message needs `role` and `content`, got {message!r}"[:300])
         if message["role"] not in CHAT_ROLES:
-            raise KdistillError(
-                f"{where}, message {i}: role {message['role']!r} is not one of {', '.join(CHAT_ROLES)}"[:300]
-            )
+            role, roles = message["role"], ", ".join(CHAT_ROLES)
+            raise KdistillError(f"{where}, message {i + 1}: role {role!r} is not one of {roles}"[:300])
     if messages[-1]["role"] != "assistant":
         raise KdistillError(
             f"{where}: the last message must be the assistant's (it is the response to learn)"
         )
     prompt = [
-        {"role": m["role"], "content": _text_of(m, "content", f"{where}, message {i}")}
+        {"role": m["role"], "content": _text_of(m, "content", f"{where}, message {i + 1}")}
         for i, m in enumerate(messages[:-1])
     ]
     return Example(prompt, _text_of(messages[-1], "content", f"{where}, last message"))

@@ -1,6 +1,7 @@
 """Read raw rows from a local file, a hub dataset or the built-in set.
 
-Every reader returns a list of plain dicts. Problems name the file and, for JSONL, the line.
+Every reader returns a list of plain dicts. Problems name the file and, for JSONL, the line; a JSONL
+file's rows also carry their line numbers (`Rows.lines`), so that later checks name the line too.
 """
 
 from __future__ import annotations
@@ -15,6 +16,18 @@ from kdistill.errors import KdistillError
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 BUILTIN_SETS = {"quickstart": BUILTIN_DIR / "quickstart.jsonl"}
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class Rows(list):
+    """The rows of a JSONL file, with the 1-based file line of each (blank lines are skipped)."""
+
+    lines: list[int]
+
+
+def where(source: str, rows: list[dict[str, Any]], index: int) -> str:
+    """Row `index` of `rows` as a user finds it: `FILE:LINE` for JSONL, else `SOURCE: row N` (1-based)."""
+    lines = getattr(rows, "lines", None)
+    return f"{source}:{lines[index]}" if lines else f"{source}: row {index + 1}"
 
 
 def load_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
@@ -48,8 +61,9 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
         raise KdistillError(f"{path}: cannot be read ({err.strerror})") from None
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
+def read_jsonl(path: Path) -> Rows:
+    rows = Rows()
+    rows.lines = []
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
@@ -67,6 +81,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             if not isinstance(row, dict):
                 raise KdistillError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
+            rows.lines.append(number)
     return rows
 
 
