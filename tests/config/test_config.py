@@ -212,7 +212,8 @@ def test_a_byte_order_mark_is_valid_in_yaml_and_json_configs(tmp_path: Path) -> 
 
 
 def test_two_teachers_of_one_name_are_refused() -> None:
-    raw = {"teachers": [{"model": "org/smol"}, {"model": "other/smol", "weight": 2}], "student": {"model": "s"}}
+    teachers = [{"model": "org/smol"}, {"model": "other/smol", "weight": 2}]
+    raw = {"teachers": teachers, "student": {"model": "s"}}
     assert "several teachers are named 'smol'" in _error(raw) and "give each a distinct `name`" in _error(raw)
     named = {**raw, "teachers": [{"model": "org/smol"}, {"model": "other/smol", "name": "smol2"}]}
     assert [n for n, _ in validate_config(named).teacher_list()] == ["smol", "smol2"]
