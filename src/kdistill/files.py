@@ -27,6 +27,31 @@ def cache_root() -> Path:
     return Path(os.environ.get("KDISTILL_CACHE", Path.home() / ".cache" / "kdistill"))
 
 
+def default_permissions(path: Path) -> None:
+    """Give `path` (a file, or every file in a folder) the permissions the umask gives new files.
+
+    safetensors writes its files readable by their owner only (0600), unlike every other file a run
+    writes; weights and checkpoints should be as readable as the rest of the run folder.
+    """
+    mode = 0o666 & ~_umask()
+    for item in [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file()):
+        if item.stat().st_mode & 0o777 != mode:
+            os.chmod(item, mode)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux); else set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """``write(tmp)`` to a temporary file beside ``path``, flush it to disk, then rename it over ``path``.
 
@@ -34,6 +59,7 @@ def save_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     write(tmp)
+    default_permissions(tmp)
     with tmp.open("rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)

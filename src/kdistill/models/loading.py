@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from kdistill.errors import KdistillError
-from kdistill.files import cache_root
+from kdistill.files import cache_root, default_permissions
 
 
 @dataclass(frozen=True)
@@ -222,6 +222,7 @@ def _convert_gguf(source: ModelSource) -> str:
     plain.load_state_dict(quantized.state_dict())
     plain.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file).save_pretrained(tmp)
+    default_permissions(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)  # atomic: a crash leaves only the .tmp folder, never a half-written cache
     return str(folder)

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kdistill.errors import KdistillError
+from kdistill.files import default_permissions
 from kdistill.losses.hidden import HiddenProjections, load_projections, projections_filename, save_projections
 from kdistill.storage.tensor_files import load_tensors, tensors_only
 
@@ -87,6 +88,7 @@ def save_checkpoint(
         save_hidden(projections, tmp)
         # state.json is written last: it marks the checkpoint complete (see latest_checkpoint).
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
+        default_permissions(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         _prune(folder, keep)

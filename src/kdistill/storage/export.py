@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdistill.files import default_permissions
 from kdistill.losses.hidden import HiddenProjections
 from kdistill.storage.checkpoint import save_hidden
 
@@ -39,6 +40,7 @@ def write_student(
         # A sharded model cannot merge in place: merge a whole copy built from the gathered weights.
         (_whole_copy(model, weights) if sharded else model).merge_and_unload().save_pretrained(merged)
         tokenizer.save_pretrained(merged)
+    default_permissions(tmp)
     markers = {"config.json", "adapter_config.json"}
     items = sorted(tmp.iterdir(), key=lambda p: p.name in markers)
     for item in items:
