@@ -106,3 +106,21 @@ def test_an_unsupported_architecture_is_one_message(tokenizer, tmp_path: Path) -
     with pytest.raises(KdistillError, match="supports the architectures gemma3_text, llama, mistral"):
         write_gguf(model, tokenizer, tmp_path / "m.gguf")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_gguf_file_given_as_the_model_loads_from_its_folder(tokenizer, tmp_path: Path) -> None:
+    from kdistill.models.loading import load_model, resolve
+
+    model = _model("llama")
+    path = write_gguf(model, tokenizer, tmp_path / "teacher.gguf", "f32")
+    source = resolve(str(path))
+    assert (source.path, source.gguf_file) == (str(tmp_path), "teacher.gguf")
+    back = load_model(source, torch.float32, "cpu")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.allclose(back(ids).logits, model(ids).logits, atol=1e-4)
+    with pytest.raises(KdistillError, match="is a GGUF file, but gguf_file names another: other.gguf"):
+        resolve(str(path), gguf_file="other.gguf")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(KdistillError, match="is a file, not a model folder or a .gguf file"):
+        resolve(str(tmp_path / "notes.txt"))

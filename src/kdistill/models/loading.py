@@ -71,8 +71,14 @@ def resolve(
             path, gguf_file = str(assembled.parent), gguf_file or assembled.name
     elif spec.startswith((".", "/", "~")) or os.path.exists(spec):
         path = str(Path(spec).expanduser())
-        if not os.path.isdir(path):
-            raise KdistillError(f"model folder not found: {spec}")
+        if os.path.isfile(path) and path.endswith(".gguf"):  # a GGUF file named directly: its folder
+            if gguf_file not in (None, os.path.basename(path)):
+                named = f"model '{spec}' is a GGUF file, but gguf_file names another"
+                raise KdistillError(f"{named}: {gguf_file}")
+            path, gguf_file = os.path.dirname(path) or ".", os.path.basename(path)
+        elif not os.path.isdir(path):
+            what = "is a file, not a model folder or a .gguf file" if os.path.isfile(path) else "not found"
+            raise KdistillError(f"model folder {what}: {spec}")
     if os.path.isdir(path) and gguf_file is not None and not os.path.isfile(os.path.join(path, gguf_file)):
         present = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
         raise KdistillError(
