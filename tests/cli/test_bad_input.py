@@ -436,3 +436,19 @@ def test_a_malformed_set_value_prints_no_traceback(tmp_path: Path, tiny: dict) -
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.startswith("kdistill: error: --set 'training.seed=[1,': the value '[1,' is not valid")
+
+
+def test_a_lora_run_prints_no_library_notice(tmp_path: Path, tiny: dict) -> None:
+    """DeepSpeed's no-GPU line and peft's deprecation notice do not reach a user's terminal."""
+    config = tiny_config(
+        tiny, tmp_path / "run", training={"max_steps": 1},
+        student={"from_teacher": None, "model": str(tiny["student"]), "finetune": "lora"},
+    )  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    env.pop("DS_ACCELERATOR", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "kdistill", "train", str(write_config(tmp_path / "c.yaml", config))],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Setting accelerator to CPU" not in done.stderr and "FutureWarning" not in done.stderr

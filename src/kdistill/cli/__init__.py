@@ -8,6 +8,7 @@ import os
 import shlex
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if _rank() > 0:  # under `accelerate launch` only the main process reports progress
         logging.getLogger("kdistill").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
     # SIGTERM stops a command as Ctrl-C does: a long phase that keeps its work says how to resume,
     # servers are stopped; training installs its own handlers (finish the step, checkpoint). Both
     # signals must reach it even when the parent blocked or ignored them (a mask and an ignored SIGINT
@@ -237,6 +239,20 @@ def _memory(cfg: Any, args: argparse.Namespace) -> list[str]:
     plan = memory_plan(cfg, budget, args.processes, args.strategy, widest)
     name = args.device_memory or "this machine's RAM (CPU run)"
     return memory_lines(cfg, plan, budget or machine_memory(), name)
+
+
+def _quiet_libraries() -> None:
+    """Silence library warnings a user cannot act on; each filter says why it is there."""
+    import torch
+
+    # DeepSpeed (imported by accelerate) warns on every start that it found no GPU and uses the CPU. Told
+    # so up front where torch sees no GPU, it says nothing; with a GPU it detects the GPU as before.
+    if torch.cuda.device_count() == 0:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # peft asks transformers' deprecated `is_gradient_checkpointing` while kdistill wraps a LoRA student:
+    # a notice to peft's authors, not to the user.
+    notice = "`is_gradient_checkpointing` is deprecated"
+    warnings.filterwarnings("ignore", message=notice, category=FutureWarning)
 
 
 def _rank() -> int:
