@@ -92,6 +92,15 @@ def _broken_model(case: Case, name: str, text: str) -> list[str]:
     return case.train(teacher={"model": str(folder)})
 
 
+def _truncated_teacher(case: Case) -> list[str]:
+    """A copy of the tiny teacher whose weights file was cut short (a full disk, an interrupted copy)."""
+    folder = case.tmp / "broken"
+    shutil.copytree(case.tiny["teacher"], folder)
+    with open(folder / "model.safetensors", "r+b") as handle:
+        handle.truncate(50_000)
+    return case.train(teacher={"model": str(folder)})
+
+
 def _cache_is_a_file(case: Case) -> list[str]:
     os.environ["KDISTILL_CACHE"] = str(case.file("cache", "x"))  # the test restores it
     return case.train(data={"responses": "teacher", "generation": {"max_new_tokens": 2}})
@@ -298,16 +307,20 @@ CASES = [
     Bad(
         "model-damaged-gguf",
         lambda c: c.train(files={"broken/model.gguf": "not gguf"}, teacher={"model": str(c.tmp / "broken")}),
-        "model 'TMP/broken' cannot be loaded (local folder): TMP/broken/model.gguf does not start with the "
-        "GGUF magic bytes, so it is not a GGUF file. Check the id or path; hub models need network access or "
-        "a local copy in the HF cache",
+        "model 'TMP/broken' cannot be loaded (local folder TMP/broken): TMP/broken/model.gguf does not start "
+        "with the GGUF magic bytes, so it is not a GGUF file",
     ),
     Bad(
         "model-damaged-config",
         lambda c: _broken_model(c, "config.json", '{"model_type": "llama",'),
-        "model 'TMP/broken' cannot be loaded (local folder): It looks like the config file at "
-        "'TMP/broken/config.json' is not a valid JSON file. Check the id or path; hub models need network "
-        "access or a local copy in the HF cache",
+        "model 'TMP/broken' cannot be loaded (local folder TMP/broken): It looks like the config file at "
+        "'TMP/broken/config.json' is not a valid JSON file",
+    ),
+    Bad(
+        "model-truncated-weights",
+        _truncated_teacher,
+        "model 'TMP/broken' cannot be loaded: its weight file TMP/broken/model.safetensors is truncated or "
+        "damaged: its header promises 677,968 bytes, the file holds 50,000",
     ),
     Bad(
         "model-lora-matches-nothing",

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import importlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -191,14 +192,39 @@ def _from_pretrained(auto_class: Any, source: ModelSource, **kwargs: Any) -> Any
 
 
 def _not_found(source: ModelSource, err: Exception) -> KdistillError:
-    where = "local folder" if os.path.isdir(source.path) else "hub id"
+    local = os.path.isdir(source.path)
+    damaged = damaged_weights(Path(source.path)) if local else None
+    if damaged:
+        return KdistillError(f"model '{source.spec}' cannot be loaded: {damaged}")
     first = (str(err).splitlines() or [""])[0][:240].rstrip(".") or type(err).__name__
+    if local:
+        return KdistillError(f"model '{source.spec}' cannot be loaded (local folder {source.path}): {first}")
     return KdistillError(
-        f"model '{source.spec}' cannot be loaded ({where}): {first}. "
-        "Check the id or path; hub models need network access or a local copy in the HF cache"
+        f"model '{source.spec}' cannot be loaded (hub id): {first}. "
+        "Check the id; hub models need network access or a local copy in the HF cache"
     )
 
 
+def damaged_weights(folder: Path) -> str | None:
+    """What is wrong with the first damaged `.safetensors` file in `folder`, if one is: a file shorter
+    (or longer) than its own header says, or a header that cannot be read."""
+    for path in sorted(folder.glob("*.safetensors")):
+        size = path.stat().st_size
+        try:
+            with path.open("rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(length)) if 8 + length <= size else None
+        except (OSError, ValueError):
+            header = None
+        if header is None:
+            return f"its weight file {path} is damaged: its header cannot be read ({size:,} bytes in all)"
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if size != 8 + length + end:
+            return (
+                f"its weight file {path} is truncated or damaged: its header promises {8 + length + end:,} "
+                f"bytes, the file holds {size:,}"
+            )
+    return None
 def _gguf_key(source: ModelSource) -> str:
     file = Path(source.path) / source.gguf_file
     stat = file.stat()
