@@ -64,8 +64,8 @@ def evaluate(online_cfg: Path, students: dict[str, Path]) -> dict[str, dict[str,
     from kdistill.models.build import load_teacher
     from kdistill.objective.batch import StudentLoss
     from kdistill.objective.quality import held_out_quality
+    from kdistill.teacher.live import LiveTeacher
     from kdistill.teacher.responses import load_data
-    from kdistill.teacher.roster import Teacher
     from kdistill.teacher.vocabularies import load_vocabularies
 
     cfg = load_config(online_cfg)
@@ -81,7 +81,7 @@ def evaluate(online_cfg: Path, students: dict[str, Path]) -> dict[str, dict[str,
     for name, folder in students.items():
         student = StudentLoss(AutoModelForCausalLM.from_pretrained(folder).float())
         results[name] = held_out_quality(
-            student, [Teacher("teacher", 1.0, model=teacher)], batches, 512, vocab, memo
+            student, [LiveTeacher(name="teacher", weight=1.0, model=teacher)], batches, 512, vocab, memo
         )
     return results
 

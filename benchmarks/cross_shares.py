@@ -26,7 +26,7 @@ from kdistill.config import load_config
 from kdistill.data import Collator
 from kdistill.losses import Sparse
 from kdistill.losses.vocab_map import mapped_mass_share
-from kdistill.teacher.forward import live_teacher
+from kdistill.teacher.live import live_teacher
 from kdistill.teacher.responses import load_data
 from kdistill.teacher.roster import load_live_teachers
 from kdistill.teacher.vocabularies import load_vocabularies

@@ -55,9 +55,9 @@ def training_forward(student: Any, teacher: Any, batches: list[dict[str, Any]]) 
     """One pass of the training step's forward over `batches`, as `run/step.py` runs it."""
     from kdistill.objective.batch import LossSettings, StudentLoss
     from kdistill.teacher.forward import teacher_outputs
-    from kdistill.teacher.roster import Teacher
+    from kdistill.teacher.live import LiveTeacher
 
-    model, teachers = StudentLoss(student).train(), [Teacher("teacher", 1.0, model=teacher)]
+    model, teachers = StudentLoss(student).train(), [LiveTeacher(name="teacher", weight=1.0, model=teacher)]
     settings = LossSettings(alpha=0.5, temperature=2.0)
     for batch in batches:
         outputs = teacher_outputs(teachers, batch, "train", None)

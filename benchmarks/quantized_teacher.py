@@ -48,7 +48,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 def main() -> None:
     from kdistill.data import trained_rows
-    from kdistill.teacher.forward import teacher_hidden
+    from kdistill.teacher.live import teacher_hidden
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)

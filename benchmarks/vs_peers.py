@@ -348,9 +348,11 @@ def _kd_loss(student, teacher, batch: dict, settings, head_grad_scale: float | N
     sums; and the batch's trained tokens."""
     from kdistill.data import trained_rows
     from kdistill.teacher.forward import teacher_outputs
-    from kdistill.teacher.roster import Teacher
+    from kdistill.teacher.live import LiveTeacher
 
-    outputs = teacher_outputs([Teacher("teacher", 1.0, model=teacher)], batch, "train", settings.vocab_size)
+    outputs = teacher_outputs(
+        [LiveTeacher(name="teacher", weight=1.0, model=teacher)], batch, "train", settings.vocab_size
+    )
     sums = student(batch, outputs, settings, head_grad_scale=head_grad_scale)
     return sums, int(trained_rows(batch["labels"])[1].numel())
 

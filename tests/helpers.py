@@ -17,15 +17,16 @@ from kdistill.errors import KdistillError
 from kdistill.losses import VocabMap
 from kdistill.losses.vocab_map import require_fast
 from kdistill.objective.batch import LossSettings, StudentLoss
+from kdistill.teacher.base import Teacher
 from kdistill.teacher.forward import teacher_outputs
-from kdistill.teacher.roster import Teacher
+from kdistill.teacher.live import LiveTeacher
 
 
 def as_teachers(teacher: Any) -> list[Teacher]:
     """A bare model (or None) as a one-teacher list, so tests with one live teacher stay short."""
     if teacher is None:
         return []
-    return teacher if isinstance(teacher, list) else [Teacher("teacher", 1.0, model=teacher)]
+    return teacher if isinstance(teacher, list) else [LiveTeacher(name="teacher", weight=1.0, model=teacher)]
 
 
 def batch_loss(

@@ -121,7 +121,7 @@ def test_held_out_metrics_equal_the_training_loops_evaluation(tiny: dict) -> Non
     from kdistill.data import Collator
     from kdistill.objective.batch import StudentLoss
     from kdistill.objective.quality import held_out_quality
-    from kdistill.teacher.roster import Teacher
+    from kdistill.teacher.live import LiveTeacher
 
     tokenizer = AutoTokenizer.from_pretrained(tiny["teacher"])
     teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"]).eval()
@@ -130,7 +130,9 @@ def test_held_out_metrics_equal_the_training_loops_evaluation(tiny: dict) -> Non
     ordered = sorted(rows, key=lambda row: len(row.input_ids))
     collate = Collator(tokenizer.pad_token_id)
     batches = [collate(ordered[i : i + 4]) for i in range(0, len(ordered), 4)]
-    loop = held_out_quality(StudentLoss(student), [Teacher("t", 1.0, model=teacher)], batches, 7)
+    loop = held_out_quality(
+        StudentLoss(student), [LiveTeacher(name="t", weight=1.0, model=teacher)], batches, 7
+    )
     got, _ = held_out_metrics(student, teacher, rows, tokenizer.pad_token_id, 4, 7)
     for key in ("ce", "kl", "ppl", "tokens"):
         assert got[key] == pytest.approx(loop[key], rel=1e-5), key

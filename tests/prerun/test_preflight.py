@@ -1,6 +1,6 @@
 """`kdistill validate` makes every check `kdistill train` makes before loading weights: one list, one message.
 
-For each check of `run/preflight.py`'s list there is a config that fails it. Both commands must stop on
+For each check of `prerun/preflight.py`'s list there is a config that fails it. Both commands must stop on
 it with exit status 2 and the same message, without loading any model weights; a new check without a
 case here fails `test_every_check_has_a_case`.
 """
@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from conftest import tiny_config, write_config
 from kdistill.cli import main
-from kdistill.prerun.preflight import CHECKS, MACHINE_CHECKS
+from kdistill.prerun.checked import Launch
+from kdistill.prerun.preflight import CHECKS, LOCAL_CHECKS, MACHINE_CHECKS, MODEL_CHECKS
 
 
 def _other_vocabulary(tmp: Path, tiny: dict) -> Path:
@@ -45,6 +46,14 @@ def _odd_role(tmp: Path) -> Path:
 # check name -> (config sections given the case's folder and the tiny models, the message both give)
 Setup = Callable[[Path, dict], dict]
 CASES: dict[str, tuple[Setup, str]] = {
+    "on_policy_possible": (
+        lambda tmp, tiny: {
+            "teacher": {"cache": str(tmp / "cache")},
+            "training": {"on_policy": {"lmbda": 0.5}},
+        },
+        "training.on_policy.lmbda=0.5 trains on responses the student writes during training, but every "
+        "teacher is a cache",
+    ),
     "hidden_teachers_live": (
         lambda tmp, tiny: {"teacher": {"cache": str(tmp / "cache")}, "loss": {"hidden": {"weight": 1.0}}},
         "loss.hidden needs a live teacher, but teacher 'teacher' is the cache 'TMP/cache'",
@@ -75,6 +84,15 @@ CASES: dict[str, tuple[Setup, str]] = {
             }
         },
         "training.on_policy.vllm.python='TMP/no-venv/python': no Python there to start the student's engine",
+    ),
+    "engine_processes": (  # launched as two FSDP processes (`_sharded_launch`)
+        lambda tmp, tiny: {
+            "training": {
+                "on_policy": {"lmbda": 1.0, "engine": "vllm", "vllm": {"server": "http://127.0.0.1:9"}}
+            }
+        },
+        "training.on_policy.engine=vllm with 2 processes under FSDP: the engine is synced from the main "
+        "process's copy of the student, which FSDP and ZeRO-3 shard",
     ),
     "vocabularies_match": (
         lambda tmp, tiny: {
@@ -109,11 +127,30 @@ CASES: dict[str, tuple[Setup, str]] = {
         lambda tmp, tiny: {"data": {"source": str(_odd_role(tmp))}},
         "TMP/chat.jsonl:13, message 1: role 'tool' is not one of system, user, assistant",
     ),
+    "on_policy_vocabularies": (
+        lambda tmp, tiny: {
+            "teacher": {"model": str(_other_vocabulary(tmp, tiny))},
+            "student": {"model": str(tiny["student"]), "from_teacher": None},
+            "training": {"on_policy": {"lmbda": 0.5, "mode": "sampled"}},
+        },
+        "training.on_policy.mode=sampled with teacher(s) of another tokenizer (other): that mode needs the "
+        "teacher's log-prob of each token the student sampled",
+    ),
 }
+
+
+def _sharded_launch(accelerator: object = None) -> Launch:
+    return Launch(processes=2, kind="FSDP", sharded=True)
 
 
 def test_every_check_has_a_case() -> None:
     assert [check.__name__ for check in CHECKS] == list(CASES)
+
+
+def test_validate_runs_every_check_of_the_list() -> None:
+    """validate runs the list in three parts (those that read no model file, those of the machine, those
+    that read models and data); together they are the list train runs, in its order."""
+    assert LOCAL_CHECKS + MACHINE_CHECKS + MODEL_CHECKS == CHECKS
 
 
 def _run(command: str, config: Path, capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
@@ -131,8 +168,9 @@ def test_validate_and_train_refuse_alike_without_loading_weights(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     setup, message = CASES[check.__name__]
-    if check in MACHINE_CHECKS:  # a machine without bitsandbytes, whatever this one has
+    if check in MACHINE_CHECKS:  # a machine without bitsandbytes, launched as two FSDP processes
         monkeypatch.setattr("kdistill.models.build.bitsandbytes_version", lambda: None)
+        monkeypatch.setattr("kdistill.prerun.preflight.launch_of", _sharded_launch)
     sections = setup(tmp_path, tiny)
     out = Path(sections.pop("output_dir", tmp_path / "out"))
     config = write_config(tmp_path / "run.yaml", tiny_config(tiny, out, **sections))

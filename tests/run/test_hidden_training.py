@@ -25,7 +25,7 @@ from kdistill.data import Collator, build_datasets, trained_rows
 from kdistill.errors import KdistillError
 from kdistill.losses.hidden import HiddenProjections, hidden_loss_sums, load_projections
 from kdistill.objective.batch import LossSettings, StepSums, StudentLoss
-from kdistill.teacher.roster import Teacher
+from kdistill.teacher.live import LiveTeacher
 
 NARROW = 32  # the tiny teacher is 64 wide: every layer pair of this student needs a projection
 
@@ -97,7 +97,10 @@ def test_each_teacher_weighs_its_own_hidden_term(tiny: dict, narrow: Path, tmp_p
         second, len(AutoTokenizer.from_pretrained(tiny["teacher"])), layers=3, seed=5, init_range=0.2
     )
     models = [AutoModelForCausalLM.from_pretrained(p).eval() for p in (tiny["teacher"], second)]
-    teachers = [Teacher("a", 0.75, model=models[0]), Teacher("b", 0.25, model=models[1])]
+    teachers = [
+        LiveTeacher(name="a", weight=0.75, model=models[0]),
+        LiveTeacher(name="b", weight=0.25, model=models[1]),
+    ]
     projections = [
         HiddenProjections([(2, 1), (4, 2)], NARROW, 64),
         HiddenProjections([(2, 1), (3, 2)], NARROW, 64),
@@ -107,7 +110,12 @@ def test_each_teacher_weighs_its_own_hidden_term(tiny: dict, narrow: Path, tmp_p
     settings = LossSettings(alpha=0.5, temperature=2.0, hidden_weight=1.0)
     sums, _ = batch_loss(student, teachers, batch, settings)
     alone = [
-        batch_loss(StudentLoss(student.model, [p]), [Teacher(t.name, 1.0, model=t.model)], batch, settings)
+        batch_loss(
+            StudentLoss(student.model, [p]),
+            [LiveTeacher(name=t.name, weight=1.0, model=t.model)],
+            batch,
+            settings,
+        )
         for p, t in zip(projections, teachers)
     ]
     alone = [sums_alone for sums_alone, _ in alone]

@@ -389,7 +389,8 @@ def test_sharded_student_weights_are_refused_with_the_engine(
 
     from kdistill.config import load_config
     from kdistill.errors import KdistillError
-    from kdistill.run.start import _check_engine_processes
+    from kdistill.prerun.checked import Checked, launch_of
+    from kdistill.prerun.on_policy import engine_processes
 
     plugin = SimpleNamespace(zero_stage=stage) if stage else None
     accelerator = SimpleNamespace(
@@ -403,9 +404,10 @@ def test_sharded_student_weights_are_refused_with_the_engine(
     with pytest.raises(
         KdistillError, match=f"engine=vllm with 2 processes under {DistributedType[kind].value}"
     ):
-        _check_engine_processes(load_config(path), accelerator)
+        engine_processes(Checked(load_config(path), launch_of(accelerator)))
     accelerator.distributed_type, accelerator.state.deepspeed_plugin = DistributedType.MULTI_CPU, None
-    _check_engine_processes(load_config(path), accelerator)  # DDP: every process holds the whole student
+    # DDP: every process holds the whole student
+    engine_processes(Checked(load_config(path), launch_of(accelerator)))
 
 
 @pytest.mark.parametrize("overlap", [False, True])

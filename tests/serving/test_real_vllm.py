@@ -24,7 +24,7 @@ from kdistill.models.loading import load_model, load_tokenizer, model_folder, re
 from kdistill.objective.batch import LossSettings, StudentLoss
 from kdistill.serving.process import ServerProcess, vllm_command
 from kdistill.teacher.forward import TeacherOutputs
-from kdistill.teacher.served import ServedTeacher, ServerSettings
+from kdistill.teacher.served import ServerClient, ServerSettings
 
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 TOP_K = 20
@@ -86,7 +86,7 @@ def test_served_teacher_agrees_with_the_in_process_one(env: dict, tmp_path: Path
     mask = trained_rows(batch["labels"])[0]
     local = Sparse.from_logits(logits[:, :-1][mask], TOP_K)
     with _server(env):
-        served = ServedTeacher(ServerSettings((env["url"],), "smollm2", TOP_K))
+        served = ServerClient(ServerSettings((env["url"],), "smollm2", TOP_K))
         served.check([batch["input_ids"][0].tolist()], tokenizer)
         remote = served.signal(batch)
     # The same top k at >= 99 % of positions, and the same log-probs where the ids agree.

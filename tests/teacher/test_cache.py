@@ -52,7 +52,7 @@ def test_cached_signal_matches_the_live_teacher(tmp_path: Path, tiny: dict) -> N
     cfg = load_config(config)
     parts = build_components(cfg, torch.device("cpu"))
     # training from a cache loads no teacher model
-    assert next((t.model for t in parts.teachers if t.model is not None), None) is None
+    assert not [m for t in parts.teachers for m in t.local_models()]
     teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"])
     batch = Collator(parts.tokenizer.pad_token_id)(parts.data.train[:4])
     mask, _ = trained_rows(batch["labels"])

@@ -29,7 +29,7 @@ from kdistill.errors import KdistillError
 from kdistill.losses import Sparse
 from kdistill.serving.process import ServerProcess, vllm_command
 from kdistill.teacher.packing import decode_logprobs
-from kdistill.teacher.served import ServedTeacher, ServerSettings
+from kdistill.teacher.served import ServerClient, ServerSettings
 
 FAKE = Path(__file__).parents[1] / "fake_vllm"
 SRC = Path(__file__).parents[2] / "src"
@@ -70,7 +70,7 @@ def _batch(tiny: dict) -> dict[str, torch.Tensor]:
 
 def test_served_top_k_is_the_in_process_top_k(tiny: dict, served: str) -> None:
     batch = _batch(tiny)
-    teacher = ServedTeacher(ServerSettings((served,), "teacher", top_k=8))
+    teacher = ServerClient(ServerSettings((served,), "teacher", top_k=8))
     got = teacher.signal(batch)
     model = AutoModelForCausalLM.from_pretrained(tiny["teacher"]).eval()
     with torch.no_grad():
@@ -85,13 +85,13 @@ def test_served_top_k_is_the_in_process_top_k(tiny: dict, served: str) -> None:
 def test_checks_before_training(tiny: dict, served: str) -> None:
     tok = AutoTokenizer.from_pretrained(tiny["teacher"])
     rows = [tok("the cat sat")["input_ids"]]
-    ServedTeacher(ServerSettings((served,), "teacher", top_k=8)).check(rows, tok)
+    ServerClient(ServerSettings((served,), "teacher", top_k=8)).check(rows, tok)
     with pytest.raises(
         KdistillError, match="does not serve a model named 'other'; it serves \\['teacher'\\]"
     ):
-        ServedTeacher(ServerSettings((served,), "other", top_k=8)).check(rows, tok)
+        ServerClient(ServerSettings((served,), "other", top_k=8)).check(rows, tok)
     with pytest.raises(KdistillError, match="greater than max allowed: 20"):
-        ServedTeacher(ServerSettings((served,), "teacher", top_k=64)).check(rows, tok)
+        ServerClient(ServerSettings((served,), "teacher", top_k=64)).check(rows, tok)
 
     class Shifted:  # a tokenizer that gives other ids for the same text
         def decode(self, ids: list[int]) -> str:
@@ -103,19 +103,19 @@ def test_checks_before_training(tiny: dict, served: str) -> None:
             }
 
     with pytest.raises(KdistillError, match="tokenizes differently from the configured tokenizer"):
-        ServedTeacher(ServerSettings((served,), "teacher", top_k=8)).check(rows, Shifted())
+        ServerClient(ServerSettings((served,), "teacher", top_k=8)).check(rows, Shifted())
     closed = f"http://127.0.0.1:{free_port()}"
     settings = ServerSettings((closed,), "teacher", top_k=8, retries=1, backoff=0.01)
     with pytest.raises(KdistillError, match=f"server {closed}/v1/models cannot be reached"):
-        ServedTeacher(settings).check(rows, tok)
+        ServerClient(settings).check(rows, tok)
 
 
 def test_requests_go_round_robin_and_retry_on_the_next_server(tiny: dict, served: str) -> None:
     closed = f"http://127.0.0.1:{free_port()}"
     batch = _batch(tiny)
     settings = ServerSettings((closed, served), "teacher", top_k=8, retries=2, backoff=0.01)
-    alone = ServedTeacher(ServerSettings((served,), "teacher", top_k=8)).signal(batch)
-    both = ServedTeacher(settings).signal(batch)  # every request to the closed one is retried on the other
+    alone = ServerClient(ServerSettings((served,), "teacher", top_k=8)).signal(batch)
+    both = ServerClient(settings).signal(batch)  # every request to the closed one is retried on the other
     assert torch.equal(both.ids, alone.ids) and torch.equal(both.logprobs, alone.logprobs)
 
 

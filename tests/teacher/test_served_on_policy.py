@@ -18,7 +18,7 @@ from conftest import tiny_config, write_config
 from kdistill.cli import main
 from kdistill.data.tokenize import trained_rows
 from kdistill.losses.policy import sampled_reverse_kl
-from kdistill.teacher.served import ServedTeacher, ServerSettings
+from kdistill.teacher.served import ServerClient, ServerSettings
 
 ON = {"lmbda": 1.0, "max_new_tokens": 12, "max_prompt_length": 48}
 LOSS = {"divergence": "reverse_kl", "temperature": 1.0, "alpha": 1.0}
@@ -33,7 +33,7 @@ def url(tiny: dict, tmp_path: Path):
 def test_served_sampled_loss_is_the_in_process_one(tiny: dict, url: str) -> None:
     batch = _batch(tiny)
     mask, labels = trained_rows(batch["labels"])
-    signal = ServedTeacher(ServerSettings((url,), "teacher", top_k=4)).signal(batch)
+    signal = ServerClient(ServerSettings((url,), "teacher", top_k=4)).signal(batch)
     teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"]).eval()
     student = AutoModelForCausalLM.from_pretrained(tiny["student"])
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

@@ -28,7 +28,7 @@ from kdistill.losses import DEFAULT_CHUNK_SIZE, DenseHidden
 from kdistill.losses.divergences import forward_kl
 from kdistill.models.parts import output_head, softcap
 from kdistill.objective.quality import perplexity
-from kdistill.teacher.forward import teacher_hidden
+from kdistill.teacher.live import teacher_hidden
 
 log = logging.getLogger("kdistill")
 

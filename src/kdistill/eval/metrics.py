@@ -29,9 +29,8 @@ from kdistill.losses.signal import softcap_logits
 from kdistill.models.parts import base_model, output_head, softcap
 from kdistill.objective.batch import StudentLoss
 from kdistill.objective.quality import held_out_quality, perplexity
-from kdistill.teacher.forward import live_teacher
+from kdistill.teacher.live import LiveTeacher, live_teacher
 from kdistill.teacher.responses import generate
-from kdistill.teacher.roster import Teacher
 
 # Whether a larger value of a metric is better; `kept` turns each into "share of the teacher's".
 HIGHER_IS_BETTER = {"ppl": False, "ce": False, "kl": False, "top1": True, "rouge_l": True, "acc": True}
@@ -197,7 +196,7 @@ def _aligned_metrics(
 ) -> dict[str, float]:
     """The student's CE, perplexity and aligned KL to a teacher of another tokenizer, as training
     evaluates them."""
-    teachers = [Teacher("teacher", 1.0, model=teacher, mapping=cross.mapping)]
+    teachers = [LiveTeacher(name="teacher", weight=1.0, model=teacher, mapping=cross.mapping)]
     batches = _batches(rows, pad_id, batch_size, {"teacher": cross.pad_id})
     wrapped = StudentLoss(student)
     return held_out_quality(

@@ -12,8 +12,8 @@ from tqdm.auto import tqdm
 from kdistill.data import trained_rows
 from kdistill.losses import DEFAULT_CHUNK_SIZE
 from kdistill.objective.batch import LossSettings, StudentLoss
+from kdistill.teacher.base import Teacher
 from kdistill.teacher.forward import TeacherOutputs, teacher_outputs
-from kdistill.teacher.roster import Teacher
 
 # exp(50) ~ 5e21: an untrained student's cross-entropy can overflow exp; no perplexity is reported above.
 _MAX_CE = 50.0

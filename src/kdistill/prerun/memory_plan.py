@@ -28,6 +28,7 @@ from kdistill.prerun.memory import (
 from kdistill.prerun.memory_shapes import KNOWN_ARCHITECTURES, Shape, Widest, padded, shape_of
 from kdistill.sampling.generate import rows_per_call
 from kdistill.sampling.settings import generation_batch_size
+from kdistill.teacher.roster import teacher_kind
 
 
 def _shape(spec: str, source: Any) -> Shape:
@@ -57,7 +58,7 @@ def _teacher_bits(cfg: RunConfig, cpu: bool) -> tuple[float, float, bool, bool]:
     the teacher is in fp32 while loading)."""
     t = cfg.teacher
     compute = 4 if cpu else 2
-    if t.model is None or t.cache:  # a teacher cache: no weights
+    if not teacher_kind(t).runs_here:  # a cache or a server: no weights in this process
         return 0.0, 0, False, False
     gguf = gguf_type(teacher_source(t)) if cpu else None
     if t.quantization != "none":  # NF4 with double quantization: 4.13 bits; LLM.int8: 8 and a scale
@@ -146,7 +147,7 @@ def memory_plan(
     length, trained, prompt, new_tokens = on_policy_widths(cfg, widest)
     where = torch.device("cpu" if cpu else "cuda")  # on CPU a chunk's logits stay under 24 MB
     chunk = chunk_rows(cfg.loss.chunk_size or rows * length, s_shape.vocab, where)
-    live = t_shape if not t.cache else None
+    live = t_shape if teacher_kind(t).runs_here else None
     cross = live is not None and live.vocab != s_shape.vocab
     hidden = cfg.loss.hidden.weight > 0 and live is not None
     lora = _lora_params(cfg, s_shape, layers)

@@ -1,19 +1,23 @@
-"""The checks of `training.on_policy` that need no weights: which teachers can grade the student's samples."""
+"""The checks of `training.on_policy` that need no weights: which teachers can grade the student's
+samples, and where the student's engine can run. They are in `preflight.CHECKS` with the others."""
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
 
-from kdistill.config import RunConfig
 from kdistill.errors import KdistillError
+from kdistill.prerun.checked import Checked
+from kdistill.teacher.roster import teacher_kind
 
 
-def check_on_policy(cfg: RunConfig) -> None:
-    """On-policy steps need a live teacher: a cache holds only the sequences it was built from."""
+def on_policy_possible(checked: Checked) -> None:
+    """On-policy steps need a teacher that grades the student's samples: a cache holds only the
+    sequences it was built from."""
+    cfg = checked.cfg
     lmbda = cfg.training.on_policy.lmbda
     if lmbda == 0:
         return
-    cached = [name for name, t in cfg.teacher_list() if t.cache is not None]
+    cached = [name for name, t in cfg.teacher_list() if not teacher_kind(t).grades_samples]
     if len(cached) == len(cfg.teacher_list()):
         raise KdistillError(
             f"training.on_policy.lmbda={lmbda:g} trains on responses the student writes during training, "
@@ -41,10 +45,32 @@ def check_on_policy(cfg: RunConfig) -> None:
         )
 
 
-def check_on_policy_vocabularies(cfg: RunConfig, cross: dict[str, Any]) -> None:
+def engine_python_exists(checked: Checked) -> None:
+    """engine vllm without a running server: kdistill starts vLLM with the configured Python."""
+    o = checked.cfg.training.on_policy
+    if o.lmbda > 0 and o.engine == "vllm" and o.vllm.server is None and not Path(o.vllm.python).exists():
+        raise KdistillError(
+            f"training.on_policy.vllm.python={o.vllm.python!r}: no Python there to start the student's "
+            "engine with; create vLLM's environment with `make vllm-env`, point the key at vLLM's Python, "
+            "or give training.on_policy.vllm.server (a running engine)"
+        )
+
+
+def engine_processes(checked: Checked) -> None:
+    """The vLLM engine is synced from the main process's copy of the student: it must be whole there."""
+    o, launch = checked.cfg.training.on_policy, checked.launch
+    if o.engine == "vllm" and o.lmbda > 0 and launch.processes > 1 and launch.sharded:
+        raise KdistillError(
+            f"training.on_policy.engine=vllm with {launch.processes} processes under {launch.kind}: the "
+            "engine is synced from the main process's copy of the student, which FSDP and ZeRO-3 shard; "
+            "use DDP or ZeRO-1/2, or engine: hf"
+        )
+
+
+def on_policy_vocabularies(checked: Checked) -> None:
     """`sampled` mode reads the teacher's log-prob of each token the student sampled, which a teacher of
     another tokenizer does not have (it reads other tokens); `divergence` mode re-aligns each response."""
-    on = cfg.training.on_policy
+    on, cross = checked.cfg.training.on_policy, checked.vocabs.cross
     if on.lmbda > 0 and on.mode == "sampled" and cross:
         raise KdistillError(
             "training.on_policy.mode=sampled with teacher(s) of another tokenizer "

@@ -1,20 +1,21 @@
 """The checks `kdistill validate` and `kdistill train` both make before any weight loads: one list.
 
-`CHECKS` is that list. Each check reads a `Plan`: the config, and what can be known without weights
-(model configs, tokenizers, models built on the meta device, the tokenized data). Validate runs the
-list and reports; train runs the same list first, then loads the models, so a run that would be
-refused is refused before minutes of loading, with the message validate gives.
+`CHECKS` is that list, and `run_checks` runs it. Each check reads a `Checked`: the config, the
+launch, and what can be known without weights (model configs, tokenizers, models built on the meta
+device, the tokenized data). Validate runs the list and reports; train runs the same list first,
+then loads the models, so a run that would be refused is refused before minutes of loading, with
+the message validate gives. The on-policy checks are in `on_policy.py`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from kdistill.config import RunConfig
-from kdistill.data import DataSplits, Example, build_datasets
+from kdistill.data import Example, build_datasets
 from kdistill.errors import KdistillError
 from kdistill.losses.hidden import LayerPairs, copied_layer_pairs, require_live_teacher, resolve_layer_pairs
 from kdistill.models.build import (
@@ -26,44 +27,27 @@ from kdistill.models.build import (
     teacher_source,
     with_lora,
 )
-from kdistill.models.loading import ModelSource, load_config_only
 from kdistill.models.parts import default_device, depth_and_width, text_config
+from kdistill.prerun.checked import Checked, launch_of
+from kdistill.prerun.on_policy import (
+    engine_processes,
+    engine_python_exists,
+    on_policy_possible,
+    on_policy_vocabularies,
+)
 from kdistill.storage.checkpoint import check_writable
 from kdistill.teacher.responses import check_responses_teacher
-from kdistill.teacher.vocabularies import Vocabularies, load_vocabularies
+from kdistill.teacher.roster import teacher_kind
+from kdistill.teacher.vocabularies import load_vocabularies
 
 
-@dataclass
-class Plan:
-    """What the checks read, each loaded once and without weights."""
-
-    cfg: RunConfig
-    vocabs: Vocabularies | None = None  # set by `vocabularies_match`
-    data: DataSplits | None = None  # the dataset's own responses, tokenized; set by `data_reads`
-    _configs: dict[str, Any] = field(default_factory=dict)
-
-    def config_of(self, source: ModelSource) -> Any:
-        if source.identity not in self._configs:
-            self._configs[source.identity] = load_config_only(source)
-        return self._configs[source.identity]
-
-    def live_teachers(self) -> list[tuple[str, ModelSource]]:
-        """Every teacher that runs as a model (no cache), with its source."""
-        return [(name, teacher_source(t)) for name, t in self.cfg.teacher_list() if t.cache is None]
-
-    def student_config(self) -> tuple[str, Any]:
-        """The student's name in messages and its config (a `from_teacher` student's: the teacher's)."""
-        if self.cfg.student.model is not None:
-            return f"student '{self.cfg.student.model}'", self.config_of(student_source(self.cfg.student))
-        return "the teacher copied by student.from_teacher", self.config_of(teacher_source(self.cfg.teacher))
-
-
-def hidden_teachers_live(plan: Plan) -> None:
+def hidden_teachers_live(checked: Checked) -> None:
     """loss.hidden needs every teacher live: a teacher cache, or a server, gives no hidden states."""
-    if plan.cfg.loss.hidden.weight > 0:
-        for name, teacher in plan.cfg.teacher_list():
-            require_live_teacher(teacher.cache is not None, str(teacher.cache), name)
-            if teacher.server:
+    if checked.cfg.loss.hidden.weight > 0:
+        for name, teacher in checked.cfg.teacher_list():
+            kind = teacher_kind(teacher)
+            require_live_teacher(not kind.grades_samples, str(teacher.cache), name)  # a cache
+            if not kind.has_hidden:  # a server
                 raise KdistillError(
                     f"loss.hidden needs a live teacher, but teacher {name!r} is served "
                     f"({teacher.server[0]}): a server gives top-k log-probs, not hidden states. Remove "
@@ -71,38 +55,39 @@ def hidden_teachers_live(plan: Plan) -> None:
                 )
 
 
-def output_dir_usable(plan: Plan) -> None:
+def output_dir_usable(checked: Checked) -> None:
     """output_dir is a folder, or can become one, that this process can write into."""
-    check_writable(Path(plan.cfg.output_dir))
+    check_writable(Path(checked.cfg.output_dir))
 
 
-def model_sources_resolve(plan: Plan) -> None:
+def model_sources_resolve(checked: Checked) -> None:
     """Local folders exist, `package:` models are installed, a `gguf_file` is in its folder."""
-    for _, teacher in plan.cfg.teacher_list():
+    for _, teacher in checked.cfg.teacher_list():
         if teacher.model is not None:
             teacher_source(teacher)
-    student_source(plan.cfg.student)
+    student_source(checked.cfg.student)
 
 
-def quantization_supported(plan: Plan) -> None:
-    """teacher.quantization needs a bitsandbytes that runs on this device (CPU or CUDA)."""
-    for _, teacher in plan.cfg.teacher_list():
-        if teacher.cache is None:
+def quantization_supported(checked: Checked) -> None:
+    """teacher.quantization needs a bitsandbytes that runs on this device (CPU or CUDA), for every
+    teacher whose weights load here."""
+    for _, teacher in checked.cfg.teacher_list():
+        if teacher_kind(teacher).runs_here:
             quantization_kwargs(teacher, teacher_source(teacher), default_device())
 
 
-def responses_teacher_live(plan: Plan) -> None:
-    check_responses_teacher(plan.cfg)
+def responses_teacher_live(checked: Checked) -> None:
+    check_responses_teacher(checked.cfg)
 
 
-def vocabularies_match(plan: Plan) -> None:
+def vocabularies_match(checked: Checked) -> None:
     """Tokenizers load, same-vocabulary heads are wide enough, cross-tokenizer options are possible."""
-    plan.vocabs = load_vocabularies(plan.cfg, plan.config_of)
+    checked.vocabs = load_vocabularies(checked.cfg, checked.config_of)
 
 
-def student_from_teacher(plan: Plan) -> None:
+def student_from_teacher(checked: Checked) -> None:
     """A `from_teacher` student: a teacher model (cut at full precision) with at least that many layers."""
-    cfg, shrink = plan.cfg, plan.cfg.student.from_teacher
+    cfg, shrink = checked.cfg, checked.cfg.student.from_teacher
     if shrink is None:
         return
     if cfg.teacher.model is None:
@@ -111,16 +96,18 @@ def student_from_teacher(plan: Plan) -> None:
             "give teacher.model beside teacher.cache"
         )
     source = teacher_source(cfg.teacher)
-    teacher = meta_model(plan.config_of(source), trust_remote_code=source.trust_remote_code)
+    teacher = meta_model(checked.config_of(source), trust_remote_code=source.trust_remote_code)
     if teacher is not None:
         check_shrinkable(teacher, shrink.num_layers)
 
 
-def max_length_fits(plan: Plan) -> None:
+def max_length_fits(checked: Checked) -> None:
     """data.max_length within the context (max_position_embeddings) of the student and live teachers."""
-    wanted = plan.cfg.data.max_length
-    models = [plan.student_config()]
-    models += [(f"teacher '{source.spec}'", plan.config_of(source)) for _, source in plan.live_teachers()]
+    wanted = checked.cfg.data.max_length
+    models = [checked.student_config()]
+    models += [
+        (f"teacher '{source.spec}'", checked.config_of(source)) for _, source in checked.reading_teachers()
+    ]
     for who, config in models:
         limit = getattr(text_config(config), "max_position_embeddings", None)
         if isinstance(limit, int) and wanted > limit:
@@ -130,60 +117,50 @@ def max_length_fits(plan: Plan) -> None:
             )
 
 
-def lora_targets_match(plan: Plan) -> None:
+def lora_targets_match(checked: Checked) -> None:
     """student.lora.target_modules name modules the student has (peft runs on a meta-device copy)."""
-    student = plan.cfg.student
+    student = checked.cfg.student
     if student.finetune == "lora":
         layers = student.from_teacher.num_layers if student.from_teacher is not None else None
-        model = meta_model(plan.student_config()[1], layers, student.trust_remote_code)
+        model = meta_model(checked.student_config()[1], layers, student.trust_remote_code)
         if model is not None:
             with_lora(model, student.lora)
 
 
-def hidden_layers_resolve(plan: Plan) -> None:
+def hidden_layers_resolve(checked: Checked) -> None:
     """loss.hidden.layers name layers both models have."""
-    if plan.cfg.loss.hidden.weight > 0:
-        hidden_pairs(plan.cfg, *model_shapes(plan))
+    if checked.cfg.loss.hidden.weight > 0:
+        hidden_pairs(checked.cfg, *model_shapes(checked))
 
 
-def data_reads(plan: Plan) -> None:
+def data_reads(checked: Checked) -> None:
     """The data reads, converts and tokenizes (with the dataset's responses), with training rows left.
 
     Where the teacher writes the responses, the dataset's own may be empty: they stand in as text.
     """
-    cfg, vocabs = plan.cfg, plan.vocabs
+    cfg, vocabs = checked.cfg, checked.vocabs
     data = cfg.data.model_copy(update={"responses": "dataset"})
     stand_in = None if cfg.data.responses == "dataset" else _stand_in_responses
-    plan.data = build_datasets(data, vocabs.tokenizer, cfg.training.seed, stand_in, vocabs.cross)
+    checked.data = build_datasets(data, vocabs.tokenizer, cfg.training.seed, stand_in, vocabs.cross)
 
 
 def _stand_in_responses(examples: list[Example]) -> list[Example]:
     return [e if e.response.strip() else replace(e, response="(the teacher's response)") for e in examples]
 
 
-def engine_python_exists(plan: Plan) -> None:
-    """engine vllm without a running server: kdistill starts vLLM with the configured Python."""
-    o = plan.cfg.training.on_policy
-    if o.lmbda > 0 and o.engine == "vllm" and o.vllm.server is None and not Path(o.vllm.python).exists():
-        raise KdistillError(
-            f"training.on_policy.vllm.python={o.vllm.python!r}: no Python there to start the student's "
-            "engine with; create vLLM's environment with `make vllm-env`, point the key at vLLM's Python, "
-            "or give training.on_policy.vllm.server (a running engine)"
-        )
-
-
-Check = Callable[[Plan], None]
+Check = Callable[[Checked], None]
 
 # Checks that read no model file; those that depend on the machine rather than the config (validate
 # reports them: a config checked on a laptop may be meant for a GPU); those that read model configs,
 # tokenizers and the data (never weights).
 LOCAL_CHECKS: tuple[Check, ...] = (
+    on_policy_possible,
     hidden_teachers_live,
     output_dir_usable,
     model_sources_resolve,
     responses_teacher_live,
 )
-MACHINE_CHECKS: tuple[Check, ...] = (quantization_supported, engine_python_exists)
+MACHINE_CHECKS: tuple[Check, ...] = (quantization_supported, engine_python_exists, engine_processes)
 MODEL_CHECKS: tuple[Check, ...] = (
     vocabularies_match,
     student_from_teacher,
@@ -191,24 +168,32 @@ MODEL_CHECKS: tuple[Check, ...] = (
     lora_targets_match,
     hidden_layers_resolve,
     data_reads,
+    on_policy_vocabularies,
 )
 CHECKS = LOCAL_CHECKS + MACHINE_CHECKS + MODEL_CHECKS
 
 
-def run_checks(cfg: RunConfig, checks: tuple[Check, ...] = CHECKS, plan: Plan | None = None) -> Plan:
-    """Run `checks` in order; the first that fails raises its `KdistillError`."""
-    plan = plan or Plan(cfg)
+def run_checks(
+    cfg: RunConfig,
+    checks: tuple[Check, ...] = CHECKS,
+    checked: Checked | None = None,
+    accelerator: Any = None,
+) -> Checked:
+    """Run `checks` in order on what `checked` holds (a new `Checked` of `cfg`, launched as
+    `accelerator` is, or as this process's environment says without one); the first that fails raises
+    its `KdistillError`."""
+    checked = checked or Checked(cfg, launch_of(accelerator))
     for check in checks:
-        check(plan)
-    return plan
+        check(checked)
+    return checked
 
 
-def model_shapes(plan: Plan) -> tuple[dict[str, tuple[int, int]], tuple[int, int]]:
+def model_shapes(checked: Checked) -> tuple[dict[str, tuple[int, int]], tuple[int, int]]:
     """Each live teacher's `(layers, hidden size)` by name, and the student's, from their configs."""
-    shapes = {name: depth_and_width(plan.config_of(source)) for name, source in plan.live_teachers()}
-    own = depth_and_width(plan.student_config()[1])
-    if plan.cfg.student.from_teacher is not None:
-        own = (plan.cfg.student.from_teacher.num_layers, own[1])
+    shapes = {name: depth_and_width(checked.config_of(source)) for name, source in checked.reading_teachers()}
+    own = depth_and_width(checked.student_config()[1])
+    if checked.cfg.student.from_teacher is not None:
+        own = (checked.cfg.student.from_teacher.num_layers, own[1])
     return shapes, own
 
 

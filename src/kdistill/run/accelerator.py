@@ -53,10 +53,3 @@ def mixed_precision(name: str) -> str:
 def single_process(accelerator: Accelerator) -> bool:
     """No DDP, FSDP or DeepSpeed: nothing hooks the gradients or gathers weights per called module."""
     return accelerator.distributed_type == DistributedType.NO
-
-
-def sharded_weights(accelerator: Accelerator) -> bool:
-    """FSDP or DeepSpeed ZeRO-3: no process holds the student's whole weights between steps."""
-    plugin = accelerator.state.deepspeed_plugin
-    zero3 = plugin is not None and plugin.zero_stage == 3
-    return accelerator.distributed_type == DistributedType.FSDP or zero3

@@ -20,10 +20,10 @@ from kdistill.files import RunFiles
 from kdistill.losses.hidden import HiddenProjections
 from kdistill.models.build import build_student, full_precision, load_teacher
 from kdistill.models.parts import base_model, depth_and_width
-from kdistill.prerun.on_policy import check_on_policy, check_on_policy_vocabularies
 from kdistill.prerun.preflight import hidden_pairs, run_checks
+from kdistill.teacher.base import Teacher
 from kdistill.teacher.responses import load_data
-from kdistill.teacher.roster import Teacher, build_teachers, compact_teachers, load_live_teachers
+from kdistill.teacher.roster import build_teachers, compact_teachers, load_live_teachers
 
 log = logging.getLogger("kdistill")
 
@@ -40,21 +40,27 @@ class Components:
     teacher_tokenizers: dict[str, Any] = field(default_factory=dict)  # the same teachers' tokenizers
 
 
-def build_components(cfg: RunConfig, device: torch.device, config_path: str = "CONFIG") -> Components:
-    """Make validate's checks (`run/preflight.py`), then load the models, the data and any teacher caches."""
-    check_on_policy(cfg)  # needs nothing loaded
-    plan = run_checks(cfg)  # every refusal that needs no weights, before any weight loads
-    vocabs = plan.vocabs
-    check_on_policy_vocabularies(cfg, vocabs.cross)
-    tokenizer, vocab_size = vocabs.tokenizer, vocabs.width
+def build_components(
+    cfg: RunConfig, device: torch.device, config_path: str = "CONFIG", accelerator: Any = None
+) -> Components:
+    """Make validate's checks (`prerun/preflight.py`, launched as `accelerator` is), then load the
+    models, the data and any teacher caches."""
+    checked = run_checks(cfg, accelerator=accelerator)  # every refusal that needs no weights, first
+    vocabs = checked.vocabs
     student, live = load_student_and_teachers(cfg, device)
     first_name = cfg.teacher_list()[0][0]
     compact_teachers(cfg, live)  # after the student has copied any teacher layers
-    data = load_data(cfg, tokenizer, live.get(first_name), vocabs.cross, ready=plan.data)
-    teachers = build_teachers(cfg, live, vocabs, data, config_path)
-    projections = build_projections(cfg, live, student, device)
-    pads = {name: tok.pad_token_id for name, tok in vocabs.cross.items()}
-    return Components(teachers, student, tokenizer, data, vocab_size, projections, pads, vocabs.cross)
+    data = load_data(cfg, vocabs.tokenizer, live.get(first_name), vocabs.cross, ready=checked.data)
+    return Components(
+        teachers=build_teachers(cfg, live, vocabs, data, config_path),
+        student=student,
+        tokenizer=vocabs.tokenizer,
+        data=data,
+        vocab_size=vocabs.width,
+        projections=build_projections(cfg, live, student, device),
+        teacher_pads={name: tok.pad_token_id for name, tok in vocabs.cross.items()},
+        teacher_tokenizers=vocabs.cross,
+    )
 
 
 def load_student_and_teachers(cfg: RunConfig, device: torch.device) -> tuple[Any, dict[str, Any]]:
@@ -65,12 +71,7 @@ def load_student_and_teachers(cfg: RunConfig, device: torch.device) -> tuple[Any
     copied, so for a bitsandbytes teacher those weights are dropped before the quantized teacher loads.
     """
     first_name, first = cfg.teacher_list()[0]
-    copies = cfg.student.from_teacher is not None
-    if copies and first.model is None:
-        raise KdistillError(
-            "student.from_teacher copies the teacher's layers, but the teacher has only a cache; "
-            "give teacher.model beside teacher.cache"
-        )
+    copies = cfg.student.from_teacher is not None  # with the teacher's model: `student_from_teacher` checked
     if copies and first.quantization != "none":
         student = build_student(cfg.student, load_teacher(full_precision(first), device), device)
         return student, load_live_teachers(cfg, device)
@@ -79,16 +80,6 @@ def load_student_and_teachers(cfg: RunConfig, device: torch.device) -> tuple[Any
     if copies and base is None:
         base = load_teacher(first, device)  # only to copy its layers; it teaches from elsewhere
     return build_student(cfg.student, base, device), live
-
-
-
-
-
-
-
-
-
-
 
 
 def build_projections(
@@ -125,4 +116,3 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool, main: bool) -> 
                 path.unlink()
     if main:
         out.mkdir(parents=True, exist_ok=True)
-

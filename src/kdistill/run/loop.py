@@ -93,7 +93,7 @@ def _steps(run: Run, step: int, epoch: int, skip: int, engine: Engine | None = N
     )  # fmt: skip
     # FLOP/s in the metrics: the student's and the live teachers' shapes; a cache costs no FLOPs.
     runs = cfg.loss.alpha > 0 or cfg.loss.hidden.weight > 0  # else the step never calls the teachers
-    live = [model_shape(x.model) for x in parts.teachers if x.model is not None and runs]
+    live = [model_shape(m) for x in parts.teachers if runs for m in x.local_models()]
     window_log = LogWindow(model_shape(parts.student), live)
     bar = tqdm(
         total=total, initial=step, desc="distill", unit="step", disable=not accelerator.is_main_process
@@ -169,7 +169,7 @@ def _step(run: Run, window: list[dict[str, Any]], generated: bool = False) -> di
     """
     max_norm, teachers, settings = run.cfg.training.max_grad_norm, run.parts.teachers, run.settings
     if generated:
-        live = [x for x in teachers if x.cache is None]
+        live = [x for x in teachers if x.grades_samples]
         share = sum(x.weight for x in live)  # the live teachers share the whole weight
         teachers = [replace(x, weight=x.weight / share) for x in live]
         settings = replace(settings, ce=False)

@@ -14,12 +14,11 @@ from transformers import get_cosine_schedule_with_warmup
 
 from kdistill.config import RunConfig, save_config
 from kdistill.data import Collator
-from kdistill.errors import KdistillError
 from kdistill.files import RunFiles
 from kdistill.models.build import checkpoint_student
 from kdistill.objective.batch import LossSettings, StudentLoss
 from kdistill.objective.settings import loss_settings
-from kdistill.run.accelerator import flat_hparams, mixed_precision, sharded_weights, whole_models
+from kdistill.run.accelerator import flat_hparams, mixed_precision, whole_models
 from kdistill.run.components import Components, build_components, prepare_output_dir
 from kdistill.run.guards import OomBackoff, SkipNonFinite, oom_advice
 from kdistill.run.health import HealthMonitor, build_health
@@ -97,7 +96,6 @@ def start_run(cfg: RunConfig, resume: bool, overwrite: bool, config_path: str) -
     )
     set_seed(cfg.training.seed)
     main = accelerator.is_main_process
-    _check_engine_processes(cfg, accelerator)
     if main:
         check_writable(out)  # before the models load: a read-only folder should not cost minutes
     # Before anything loads, is deleted or written: a second run on this folder stops here.
@@ -107,17 +105,6 @@ def start_run(cfg: RunConfig, resume: bool, overwrite: bool, config_path: str) -
     except BaseException:
         lock.release()
         raise
-
-
-def _check_engine_processes(cfg: RunConfig, accelerator: Accelerator) -> None:
-    """The vLLM engine is synced from the main process's copy of the student: it must be whole there."""
-    engine = cfg.training.on_policy.engine == "vllm" and cfg.training.on_policy.lmbda > 0
-    if engine and accelerator.num_processes > 1 and sharded_weights(accelerator):
-        raise KdistillError(
-            f"training.on_policy.engine=vllm with {accelerator.num_processes} processes under "
-            f"{accelerator.distributed_type.value}: the engine is synced from the main process's copy of "
-            "the student, which FSDP and ZeRO-3 shard; use DDP or ZeRO-1/2, or engine: hf"
-        )
 
 
 def _build_run(
@@ -131,7 +118,7 @@ def _build_run(
 ) -> Run:
     t = cfg.training
     with whole_models(accelerator):  # everything that can fail on bad input happens here
-        parts = build_components(cfg, accelerator.device, config_path)
+        parts = build_components(cfg, accelerator.device, config_path, accelerator)
     _open_run_folder(cfg, out, accelerator, resume, overwrite)
     model = StudentLoss(parts.student, parts.projections)
     if t.gradient_checkpointing:
@@ -159,9 +146,26 @@ def _build_run(
     settings = loss_settings(cfg, parts.vocab_size)
     sampling, engine = sampling_settings(cfg, parts.tokenizer), engine_settings(cfg)
     return Run(
-        cfg, out, accelerator, parts, settings, model, optimizer, guarded, scheduler, collator, metrics,
-        held_out, backoff, monitor, total_steps, windows_per_epoch, lock, sampling, engine,
-    )  # fmt: skip
+        cfg=cfg,
+        out=out,
+        accelerator=accelerator,
+        parts=parts,
+        settings=settings,
+        model=model,
+        optimizer=optimizer,
+        guarded=guarded,
+        scheduler=scheduler,
+        collator=collator,
+        metrics=metrics,
+        held_out=held_out,
+        backoff=backoff,
+        monitor=monitor,
+        total_steps=total_steps,
+        windows_per_epoch=windows_per_epoch,
+        lock=lock,
+        sampling=sampling,
+        engine=engine,
+    )
 
 
 def _open_run_folder(

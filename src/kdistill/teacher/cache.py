@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors import SafetensorError
@@ -23,8 +24,9 @@ from kdistill.data import trained_rows
 from kdistill.errors import KdistillError
 from kdistill.files import save_atomic
 from kdistill.losses import Sparse, VocabMap
-from kdistill.losses.signal import log1mexp
+from kdistill.losses.hidden import require_live_teacher
 from kdistill.teacher import packing as fmt
+from kdistill.teacher.base import Teacher, TeacherSignal
 
 log = logging.getLogger("kdistill")
 
@@ -137,9 +139,9 @@ def _shard(
         out = teacher_forward(batch, mask)
         temperature = spec.temperatures[split]
         if isinstance(out, Sparse):  # a served teacher's top k
-            packed = encode_top_k(out, temperature, vocab_size)
+            packed = fmt.encode_top_k(out, temperature, vocab_size)
         else:
-            packed = encode_rows(out, spec, temperature, vocab_size, generator)
+            packed = fmt.encode_rows(out, spec.top_k, spec.tail_samples, temperature, vocab_size, generator)
         counts = mask.sum(dim=1).tolist()
         offsets = [0, *torch.tensor(counts).cumsum(0).tolist()]
         for j, i in enumerate(members):
@@ -149,35 +151,6 @@ def _shard(
     tensors = {k: torch.cat([r[k] for r in ordered]).contiguous() for k in ordered[0]}
     tensors["lengths"] = torch.tensor([len(r["tail"]) for r in ordered], dtype=torch.int32)
     return tensors
-
-
-def encode_rows(
-    logits: Tensor, spec: CacheSpec, temperature: float, vocab_size: int, generator: torch.Generator
-) -> dict[str, Tensor]:
-    """Pack ``(N, V)`` teacher logits: top k, the log tail mass at T, and tail samples drawn at T."""
-    out = []
-    for start in range(0, logits.shape[0], 256):  # a few (256, V) fp32 temporaries at a time
-        lp = torch.log_softmax(logits[start : start + 256].float(), dim=-1)
-        top, ids = lp.topk(spec.top_k, dim=-1)
-        tempered = lp / temperature
-        kept = torch.logsumexp(top / temperature, dim=-1) - torch.logsumexp(tempered, dim=-1)
-        tail = log1mexp(kept)
-        if spec.tail_samples:
-            weights = torch.softmax(tempered, dim=-1).scatter_(-1, ids, 0.0).clamp_(min=1e-30)
-            draws = torch.multinomial(weights, spec.tail_samples, replacement=True, generator=generator)
-            ids, top = torch.cat([ids, draws], dim=-1), torch.cat([top, lp.gather(-1, draws)], dim=-1)
-        out.append(fmt.encode(ids, top, tail, vocab_size))
-    return {k: torch.cat([o[k] for o in out]) for k in out[0]}
-
-
-def encode_top_k(signal: Sparse, temperature: float, vocab_size: int) -> dict[str, Tensor]:
-    """Pack a teacher's top k (T = 1 log-probs, best first) with its tail mass at `temperature`.
-
-    Exact at T = 1; at another temperature the tail's shape is unknown and it is `Sparse`'s stated
-    approximation, stored so that reading the cache gives exactly what the live signal gives.
-    """
-    tail = signal.bucket_log_probs(vocab_size, temperature)[:, -1]
-    return fmt.encode(signal.ids, signal.logprobs, tail, vocab_size)
 
 
 def _shard_problem(folder: Path, shard: dict[str, Any]) -> str | None:
@@ -282,3 +255,33 @@ class TeacherCache:
             tail=data["tail"][index].float(),
             temperature=self.temperatures[split],
         )
+
+
+@dataclass
+class CachedTeacher(Teacher):
+    """A teacher read from its cache: the dataset's rows only, and no hidden states."""
+
+    cache: TeacherCache
+
+    has_hidden: ClassVar[bool] = False
+    grades_samples: ClassVar[bool] = False  # it holds only the sequences it was built from
+    runs_here: ClassVar[bool] = False
+
+    def signal(
+        self, batch: dict[str, Any], split: str, vocab: int | None = None, layers: Sequence[int] = ()
+    ) -> TeacherSignal:
+        require_live_teacher(bool(layers), str(self.cache.folder), self.name)  # setup refuses this first
+        if "row" not in batch:
+            raise KdistillError("a cached teacher needs each batch's dataset row indices (batch['row'])")
+        rows, device = batch["row"].cpu(), batch["input_ids"].device
+        values = self.cache.signal(split, rows).to(device)
+        if self.mapping is not None:  # another tokenizer: the cache stores where its rows meet the student's
+            pairs = tuple(t.to(device) for t in self.cache.alignment(split, rows))
+            return TeacherSignal(values, pairs=pairs)
+        trained = int(trained_rows(batch["labels"])[0].sum())
+        if values.ids.shape[0] != trained:
+            raise KdistillError(
+                f"teacher cache {self.cache.folder} holds {values.ids.shape[0]} tokens for this "
+                f"batch, the batch trains {trained}; rebuild it with `kdistill cache`"
+            )
+        return TeacherSignal(values)

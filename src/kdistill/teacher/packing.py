@@ -27,6 +27,8 @@ from torch import Tensor
 
 from kdistill.errors import KdistillError
 from kdistill.files import write_atomic
+from kdistill.losses import Sparse
+from kdistill.losses.signal import log1mexp
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -131,3 +133,37 @@ def header_mismatch(folder: Path, built: dict[str, Any], wanted: dict[str, Any])
         have, want = built.get(key), wanted[key]
         return f"teacher cache {folder} was built with {label} {have!r}; the config has {want!r}"
     return None
+
+
+def encode_rows(
+    logits: Tensor,
+    top_k: int,
+    tail_samples: int,
+    temperature: float,
+    vocab_size: int,
+    generator: torch.Generator,
+) -> dict[str, Tensor]:
+    """Pack ``(N, V)`` teacher logits: top k, the log tail mass at T, and tail samples drawn at T."""
+    out = []
+    for start in range(0, logits.shape[0], 256):  # a few (256, V) fp32 temporaries at a time
+        lp = torch.log_softmax(logits[start : start + 256].float(), dim=-1)
+        top, ids = lp.topk(top_k, dim=-1)
+        tempered = lp / temperature
+        kept = torch.logsumexp(top / temperature, dim=-1) - torch.logsumexp(tempered, dim=-1)
+        tail = log1mexp(kept)
+        if tail_samples:
+            weights = torch.softmax(tempered, dim=-1).scatter_(-1, ids, 0.0).clamp_(min=1e-30)
+            draws = torch.multinomial(weights, tail_samples, replacement=True, generator=generator)
+            ids, top = torch.cat([ids, draws], dim=-1), torch.cat([top, lp.gather(-1, draws)], dim=-1)
+        out.append(encode(ids, top, tail, vocab_size))
+    return {k: torch.cat([o[k] for o in out]) for k in out[0]}
+
+
+def encode_top_k(signal: Sparse, temperature: float, vocab_size: int) -> dict[str, Tensor]:
+    """Pack a teacher's top k (T = 1 log-probs, best first) with its tail mass at `temperature`.
+
+    Exact at T = 1; at another temperature the tail's shape is unknown and it is `Sparse`'s stated
+    approximation, stored so that reading the cache gives exactly what the live signal gives.
+    """
+    tail = signal.bucket_log_probs(vocab_size, temperature)[:, -1]
+    return encode(signal.ids, signal.logprobs, tail, vocab_size)

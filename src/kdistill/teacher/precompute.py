@@ -14,7 +14,7 @@ from kdistill.data.alignment import TeacherView
 from kdistill.errors import KdistillError
 from kdistill.models.build import load_teacher
 from kdistill.teacher.cache import build_cache, save_vocab_map
-from kdistill.teacher.forward import live_teacher
+from kdistill.teacher.live import live_teacher
 from kdistill.teacher.responses import load_data
 from kdistill.teacher.roster import cache_header, cache_spec, checked_server, compact_teacher
 from kdistill.teacher.vocabularies import load_vocabularies

@@ -1,4 +1,4 @@
-"""The teachers of a run as the step sees them: each a live model or a cache, with its weight.
+"""The teachers of a run as the step sees them: each live, cached or served (`base.Teacher`), with its weight.
 
 These functions read the config; the `Teacher`s they return are plain.
 """
@@ -6,7 +6,6 @@ These functions read the config; the `Teacher`s they return are plain.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,32 +14,25 @@ from torch import nn
 from kdistill.config import RunConfig, TeacherConfig
 from kdistill.data import DataSplits
 from kdistill.errors import KdistillError
-from kdistill.losses import VocabMap
 from kdistill.models.build import load_teacher, teacher_source
 from kdistill.models.compact import compact_frozen
-from kdistill.teacher.cache import CacheSpec, TeacherCache
+from kdistill.teacher.base import Teacher
+from kdistill.teacher.cache import CachedTeacher, CacheSpec, TeacherCache
+from kdistill.teacher.live import LiveTeacher
 from kdistill.teacher.packing import rows_fingerprint, tokenizer_fingerprint
-from kdistill.teacher.served import ServedTeacher, ServerSettings
+from kdistill.teacher.served import ServedTeacher, ServerClient, ServerSettings
 from kdistill.teacher.vocabularies import Vocabularies, check_cross_options
 
 log = logging.getLogger("kdistill")
 
 
-@dataclass
-class Teacher:
-    """One teacher: exactly one of `model` (run live), `cache` (read from disk) and `server` (asked over
-    HTTP).
-
-    `mapping` is set when the teacher's tokenizer differs from the student's: the batch then holds
-    its own tokens and the aligned positions (`data.alignment`), or its cache holds them.
-    """
-
-    name: str
-    weight: float  # normalised over the run's teachers
-    model: nn.Module | None = None
-    cache: TeacherCache | None = None
-    mapping: VocabMap | None = None
-    server: ServedTeacher | None = None
+def teacher_kind(teacher: TeacherConfig) -> type[Teacher]:
+    """The kind of teacher a config section gives, known before anything loads: a cache is read when
+    given (a `model` beside it only names the weights a `from_teacher` student copies), a server is
+    asked when given, else the model runs live."""
+    if teacher.cache is not None:
+        return CachedTeacher
+    return ServedTeacher if teacher.server else LiveTeacher
 
 
 def cache_command(config_path: str) -> str:
@@ -93,16 +85,14 @@ def cache_spec(cfg: RunConfig) -> CacheSpec:
 
 
 def load_live_teachers(cfg: RunConfig, device: torch.device) -> dict[str, nn.Module]:
-    """Every teacher without a cache or a server, loaded; the others load no model at all."""
-    return {
-        name: load_teacher(t, device) for name, t in cfg.teacher_list() if t.cache is None and not t.server
-    }
+    """Every teacher that runs here, loaded; the others (caches, servers) load no model at all."""
+    return {name: load_teacher(t, device) for name, t in cfg.teacher_list() if teacher_kind(t).runs_here}
 
 
-def served_teacher(cfg: RunConfig, teacher: TeacherConfig, name: str) -> ServedTeacher:
+def served_teacher(cfg: RunConfig, teacher: TeacherConfig, name: str) -> ServerClient:
     """The client of a served teacher; its top k is the cache's (`cache.top_k`)."""
     urls = tuple(teacher.server or ())
-    return ServedTeacher(ServerSettings(urls, teacher.served_name or name, cfg.cache.top_k))
+    return ServerClient(ServerSettings(urls, teacher.served_name or name, cfg.cache.top_k))
 
 
 def compact_teacher(name: str, teacher: TeacherConfig, model: nn.Module) -> None:
@@ -134,39 +124,51 @@ def build_teachers(
     """The run's teachers with normalised weights; caches are opened and checked against the config.
 
     A teacher of another tokenizer gets its vocabulary map: built from both tokenizers for a live
-    one, read from its cache (where `kdistill cache` stored it) for a cache-only one.
+    one, read from its cache (where `kdistill cache` stored it) for a cached one.
     """
     named = cfg.teacher_list()
     total = sum(t.weight for _, t in named)
-    teachers = []
-    for name, t in named:
-        cache, cross = None, name in vocabs.cross  # a cache-only teacher's tokenizer is known from its cache
-        if t.cache is not None:
-            wanted = cache_header(cfg, t, vocabs, data, name)
-            cache = TeacherCache.open(t.cache, wanted, cache_command(config_path))
-            if t.model is not None and cross != cache.aligned:
-                built, now = ("another", "the same") if cache.aligned else ("the same", "another")
-                raise KdistillError(
-                    f"teacher cache {t.cache} was built for a teacher with {built} tokenizer as the "
-                    f"student's, but teacher {name!r} now has {now} one; rebuild it with "
-                    f"`{cache_command(config_path)}`"
-                )
-        mapping = None
-        if cache is not None and cache.aligned:
-            mapping = cache.vocab_map()  # stored by `kdistill cache`: no need to build it again
-        elif cross:
-            mapping = vocabs.mapping(name)
-        server = None
-        if t.server and cache is None:
-            server = checked_server(cfg, t, name, cross, vocabs.tokenizer, data)
-        teachers.append(Teacher(name, t.weight / total, live.get(name), cache, mapping, server))
+    teachers = [
+        _teacher(cfg, name, t, t.weight / total, live, vocabs, data, config_path) for name, t in named
+    ]
     check_cross_options(cfg, [t.name for t in teachers if t.mapping is not None])
     return teachers
 
 
+def _teacher(
+    cfg: RunConfig,
+    name: str,
+    t: TeacherConfig,
+    weight: float,
+    live: dict[str, nn.Module],
+    vocabs: Vocabularies,
+    data: DataSplits,
+    config_path: str,
+) -> Teacher:
+    """One teacher of the run, of the kind its section gives (`teacher_kind`)."""
+    kind, cross = teacher_kind(t), name in vocabs.cross  # a cache-only teacher's tokenizer is in its cache
+    if kind is ServedTeacher:
+        client = checked_server(cfg, t, name, cross, vocabs.tokenizer, data)
+        return ServedTeacher(name=name, weight=weight, client=client)
+    if kind is LiveTeacher:
+        mapping = vocabs.mapping(name) if cross else None
+        return LiveTeacher(name=name, weight=weight, model=live[name], mapping=mapping)
+    cache = TeacherCache.open(t.cache, cache_header(cfg, t, vocabs, data, name), cache_command(config_path))
+    if t.model is not None and cross != cache.aligned:
+        built, now = ("another", "the same") if cache.aligned else ("the same", "another")
+        raise KdistillError(
+            f"teacher cache {t.cache} was built for a teacher with {built} tokenizer as the "
+            f"student's, but teacher {name!r} now has {now} one; rebuild it with "
+            f"`{cache_command(config_path)}`"
+        )
+    # An aligned cache stores its vocabulary map (`kdistill cache`): no need to build it again.
+    mapping = cache.vocab_map() if cache.aligned else vocabs.mapping(name) if cross else None
+    return CachedTeacher(name=name, weight=weight, cache=cache, mapping=mapping)
+
+
 def checked_server(
     cfg: RunConfig, teacher: TeacherConfig, name: str, cross: bool, tokenizer: Any, data: DataSplits
-) -> ServedTeacher:
+) -> ServerClient:
     """A served teacher's client, after checking the servers against the first training rows."""
     if cross:
         raise KdistillError(

@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -27,6 +27,7 @@ from kdistill.data import trained_rows
 from kdistill.errors import KdistillError
 from kdistill.losses import Sparse
 from kdistill.serving.http import request_json
+from kdistill.teacher.base import Teacher, TeacherSignal
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class ServerSettings:
     concurrency: int = 8  # requests in flight
 
 
-class ServedTeacher:
+class ServerClient:
     """Top-k log-probs of a served teacher for rows of token ids (see the module docstring)."""
 
     def __init__(self, settings: ServerSettings) -> None:
@@ -154,3 +155,27 @@ class ServedTeacher:
                     raise KdistillError(err.args[0].removeprefix("permanent: ")) from None
                 time.sleep(self.settings.backoff * 2**attempt)
         raise AssertionError("unreachable")
+
+
+@dataclass
+class ServedTeacher(Teacher):
+    """A teacher asked over HTTP (`ServerClient`): it scores any rows, but gives no hidden states.
+
+    It shares the student's tokenizer (`roster.checked_server` refuses another), so it has no `mapping`.
+    """
+
+    client: ServerClient
+
+    has_hidden: ClassVar[bool] = False
+    grades_samples: ClassVar[bool] = True
+    runs_here: ClassVar[bool] = False
+
+    def signal(
+        self, batch: dict[str, Any], split: str, vocab: int | None = None, layers: Sequence[int] = ()
+    ) -> TeacherSignal:
+        if layers:  # setup refuses this first; kept so that no caller gets a silent zero loss
+            raise KdistillError(
+                f"loss.hidden needs a live teacher, but teacher {self.name!r} is served "
+                f"({', '.join(self.client.urls)}): a server gives top-k log-probs, not hidden states"
+            )
+        return TeacherSignal(self.client.signal(batch))
