@@ -465,3 +465,38 @@ def test_a_lora_run_prints_no_library_notice(tmp_path: Path, tiny: dict) -> None
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Setting accelerator to CPU" not in done.stderr and "FutureWarning" not in done.stderr
+
+
+@pytest.mark.parametrize("command", ["eval", "bench", "export", "report", "fidelity", "train"])
+def test_every_command_on_a_corrupt_run_folder_says_one_line(
+    command: str, tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixture
+) -> None:
+    """The student's weights cut short (a full disk, an interrupted copy) and the metrics log damaged:
+    each command names what is wrong in one `kdistill: error:` line and exits 2."""
+    config = tiny_config(tiny, tmp_path / "run", training={"max_steps": 2, "save_steps": 1})
+    assert main(["train", str(write_config(tmp_path / "run.yaml", config))]) == 0
+    run = tmp_path / "run"
+    for weights in (run / "model.safetensors", *run.glob("checkpoints/*/trainable.safetensors")):
+        with open(weights, "r+b") as handle:
+            handle.truncate(40_000)
+    (run / "metrics.jsonl").write_text('{"step": 1, "lo\n{"step": 2, "loss": 2.0}\n')
+    capsys.readouterr()
+    args = {
+        "eval": ["eval", str(run), "--tasks", "none"],
+        "bench": ["bench", str(run), "--repeats", "1", "--new-tokens", "2", "--prompt-tokens", "8"],
+        "export": ["export", str(run), "--gguf"],
+        "report": ["report", str(run)],
+        "fidelity": ["fidelity", str(run), "--against", str(run), "--rows", "2"],
+        "train": ["train", str(run / "kdistill_config.yaml"), "--resume", "--set", "training.max_steps=3"],
+    }[command]
+    code = main(args)
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kdistill")]
+    assert code == 2 and len(said) == 1 and said[0].startswith("kdistill: error: "), said
+    err = said[0]
+    if command == "report":
+        assert f"{run / 'metrics.jsonl'}:1: damaged JSON line" in err
+    elif command == "train":
+        assert "--resume: checkpoint" in err and "trainable.safetensors is truncated or damaged" in err
+    else:
+        assert f"{run / 'model.safetensors'} is truncated or damaged" in err
+        assert "the file holds 40,000" in err

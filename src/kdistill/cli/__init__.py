@@ -8,6 +8,7 @@ import os
 import shlex
 import signal
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,11 @@ EPILOG = (
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdistill", description="Knowledge distillation of language models.", epilog=EPILOG
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an error, print the full traceback too (for bug reports; also KDISTILL_DEBUG=1)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -106,6 +112,9 @@ def _memory_options(validate: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    debug = args.debug or bool(os.environ.get("KDISTILL_DEBUG"))
+    if debug:
+        os.environ["KDISTILL_DEBUG"] = "1"  # child processes (bench) then pass their tracebacks on
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("transformers", "accelerate", "datasets", "peft", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -130,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         return handlers[args.command](args)
     except KdistillError as err:
+        if debug:
+            traceback.print_exc()
         print(f"kdistill: error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 2)  # 2: bad input; 3: a guard stopped the run
     except ResumableInterrupt as stop:  # Ctrl-C in a long phase whose work was kept: the same command
@@ -139,6 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kdistill: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a failure no check foresaw (a library's, or a bug): one line unless --debug
+        if debug:
+            traceback.print_exc()
+        first = (str(err).splitlines() or [""])[0][:300]
+        hint = "" if debug else "; run with --debug for the traceback"
+        print(f"kdistill: error: {type(err).__name__}: {first}{hint}", file=sys.stderr)
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)

@@ -97,6 +97,7 @@ def ratios(student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, float]
     return {k: student[k] / teacher[k] for k in MEASURES if teacher.get(k)}
 
 
+CHILD_ERROR = "kdistill: error: "  # how a measuring child process reports a KdistillError
 MEASURES = ("parameters", "disk_bytes", "peak_memory_bytes", "prompt_tok_s", "generate_tok_s")
 
 
@@ -121,9 +122,13 @@ def _measure_in_child(
     command = [sys.executable, "-m", "kdistill.eval.bench", payload, str(out)]
     done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0 or not out.is_file():
-        tail = "\n".join(done.stderr.strip().splitlines()[-15:])
         name = spec.get("folder") or spec["teacher"]["model"]
-        raise KdistillError(f"bench: measuring the {role} {name} failed (exit {done.returncode}):\n{tail}")
+        lines = done.stderr.strip().splitlines() or [f"exit {done.returncode}"]
+        said = next((line for line in reversed(lines) if line.startswith(CHILD_ERROR)), None)
+        if said is not None:  # the child's own one-line message: what the user can fix
+            raise KdistillError(f"bench: the {role} {name}: {said.removeprefix(CHILD_ERROR)}")
+        detail = "\n".join(lines[-15:]) if os.environ.get("KDISTILL_DEBUG") else lines[-1]
+        raise KdistillError(f"bench: measuring the {role} {name} failed (exit {done.returncode}): {detail}")
     return json.loads(out.read_text())
 
 
@@ -207,5 +212,9 @@ def _peak_memory(device: torch.device) -> int:
 if __name__ == "__main__":
     # The child process: `python -m kdistill.eval.bench SPEC_JSON OUT_PATH`.
     job = json.loads(sys.argv[1])
-    numbers = measure(job["spec"], BenchSettings(**job["settings"]))
+    try:
+        numbers = measure(job["spec"], BenchSettings(**job["settings"]))
+    except KdistillError as err:  # one line for the parent to relay, not a traceback
+        print(f"{CHILD_ERROR}{err}".replace("\n", " "), file=sys.stderr)
+        sys.exit(2)
     Path(sys.argv[2]).write_text(json.dumps(numbers))

@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from kdistill.errors import KdistillError
 from kdistill.eval.tables import Table, bench_table, eval_table, markdown_table, number
 from kdistill.files import RunFiles, write_atomic
 
@@ -28,8 +29,6 @@ def write_report(run_dir: str | Path) -> Path:
     """Write `report.md`, `report.html` and `report/*.png` into `run_dir`; returns the HTML's path."""
     run_dir = Path(run_dir)
     if not (run_dir / RunFiles.CONFIG).is_file():
-        from kdistill.errors import KdistillError
-
         raise KdistillError(f"{run_dir}: not a kdistill run folder (no kdistill_config.yaml in it)")
     blocks = report_blocks(run_dir)
     images = run_dir / "report"
@@ -234,10 +233,27 @@ pre {{ background: #f6f6f6; padding: 1rem; overflow-x: auto; }}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise KdistillError(f"{path}:{getattr(err, 'lineno', 1)}: damaged JSON; {_UNREADABLE}") from None
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line_number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            where = f"{path}:{line_number}"
+            raise KdistillError(f"{where}: damaged JSON line ({err.msg}); {_UNREADABLE}") from None
+    return rows
+
+
+_UNREADABLE = "this run file cannot be read (was the run killed while writing it, or the disk full?)"

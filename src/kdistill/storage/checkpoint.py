@@ -32,6 +32,7 @@ from torch import nn
 from kdistill.errors import KdistillError
 from kdistill.files import default_permissions
 from kdistill.losses.hidden import HiddenProjections, load_projections, projections_filename, save_projections
+from kdistill.models.loading import damaged_weights
 from kdistill.storage.tensor_files import load_tensors, tensors_only
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -174,7 +175,14 @@ def load_checkpoint(
         return json.loads((path / "state.json").read_text())
     for (_, current), loaded in zip(projections, saved):
         current.load_state_dict(loaded.state_dict())
-    weights = load_file(str(path / "trainable.safetensors"))
+    try:
+        weights = load_file(str(path / "trainable.safetensors"))
+    except Exception as err:  # safetensors raises its own error types for a short or damaged file
+        damaged = damaged_weights(path) or f"{path / 'trainable.safetensors'} cannot be read ({err})"
+        raise KdistillError(
+            f"--resume: checkpoint {path}: {damaged}. Remove {path} to resume from the checkpoint before it, "
+            "or --overwrite to start again"
+        ) from None
     params = dict(accelerator.unwrap_model(student).model.named_parameters())
     with torch.no_grad():
         for name, value in weights.items():
