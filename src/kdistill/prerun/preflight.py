@@ -164,11 +164,12 @@ def _stand_in_responses(examples: list[Example]) -> list[Example]:
 def engine_python_exists(plan: Plan) -> None:
     """engine vllm without a running server: kdistill starts vLLM with the configured Python."""
     o = plan.cfg.training.on_policy
-    if o.lmbda > 0 and o.engine == "vllm" and o.vllm.server is None and not Path(o.vllm.python).exists():
+    e = o.engine
+    if o.lmbda > 0 and e.kind == "vllm" and e.server is None and not Path(e.python).exists():
         raise KdistillError(
-            f"training.on_policy.vllm.python={o.vllm.python!r}: no Python there to start the student's "
+            f"training.on_policy.engine.python={e.python!r}: no Python there to start the student's "
             "engine with; create vLLM's environment with `make vllm-env`, point the key at vLLM's Python, "
-            "or give training.on_policy.vllm.server (a running engine)"
+            "or give training.on_policy.engine.server (a running engine)"
         )
 
 

@@ -111,7 +111,7 @@ def start_run(cfg: RunConfig, resume: bool, overwrite: bool, config_path: str) -
 
 def _check_engine_processes(cfg: RunConfig, accelerator: Accelerator) -> None:
     """The vLLM engine is synced from the main process's copy of the student: it must be whole there."""
-    engine = cfg.training.on_policy.engine == "vllm" and cfg.training.on_policy.lmbda > 0
+    engine = cfg.training.on_policy.engine.kind == "vllm" and cfg.training.on_policy.lmbda > 0
     if engine and accelerator.num_processes > 1 and sharded_weights(accelerator):
         raise KdistillError(
             f"training.on_policy.engine=vllm with {accelerator.num_processes} processes under "
