@@ -218,9 +218,11 @@ def test_overlap_samples_the_next_step_while_this_one_trains(
     weights of two steps before (synced every step)."""
     import threading
 
-    import kdistill.run.loop as loop
+    from kdistill.run.step import Step
+    from kdistill.sampling.engine_sampler import OverlapSampler
 
-    sampled, trained, real_sample, real_step = [], [], VllmEngine.sample, loop.optimizer_step
+    sampled, trained, real_sample, real_step = [], [], VllmEngine.sample, Step.__call__
+    rows, real_rows = [], OverlapSampler.rows
 
     def recorded_sample(self, batches, sampling, seeds):  # which weights, which thread, when
         began = time.perf_counter()
@@ -228,19 +230,26 @@ def test_overlap_samples_the_next_step_while_this_one_trains(
         sampled.append((self.synced, threading.current_thread().name, began, answer))
         return answer
 
-    def recorded_step(accelerator, model, teachers, window, *args):
+    def recorded_rows(self, window, step):  # the rows the step trains on
+        out = real_rows(self, window, step)
+        rows.append(
+            [
+                b["input_ids"][i][b["labels"][i] != -100].tolist()
+                for b in out.window
+                for i in range(len(b["labels"]))
+            ]
+        )
+        return out
+
+    def recorded_step(self, *args):
         began = time.perf_counter()
-        stats = real_step(accelerator, model, teachers, window, *args)
-        ids = [
-            b["input_ids"][i][b["labels"][i] != -100].tolist()
-            for b in window
-            for i in range(len(b["labels"]))
-        ]
-        trained.append((began, time.perf_counter(), ids))
+        stats = real_step(self, *args)
+        trained.append((began, time.perf_counter(), rows[-1]))
         return stats
 
     monkeypatch.setattr(VllmEngine, "sample", recorded_sample)
-    monkeypatch.setattr(loop, "optimizer_step", recorded_step)
+    monkeypatch.setattr(OverlapSampler, "rows", recorded_rows)
+    monkeypatch.setattr(Step, "__call__", recorded_step)
     config = tiny_config(tiny, tmp_path / "out", training={"max_steps": 5, "on_policy": _on(overlap=True)})
     assert main(["train", str(write_config(tmp_path / "run.yaml", config))]) == 0
     steps = [r for r in _metrics(tmp_path / "out") if "loss" in r]
@@ -281,12 +290,12 @@ def test_lora_student_syncs_through_adapters(tmp_path: Path, tiny: dict, fake_on
 def test_an_error_mid_run_stops_the_engine(
     tmp_path: Path, tiny: dict, fake_on_path: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kdistill.run.loop as loop
+    from kdistill.run.step import Step
 
     def fails(*args: object, **kwargs: object) -> None:
         raise RuntimeError("a step that fails")
 
-    monkeypatch.setattr(loop, "optimizer_step", fails)
+    monkeypatch.setattr(Step, "__call__", fails)
     config = tiny_config(tiny, tmp_path / "out", training={"max_steps": 3, "on_policy": _on()})
     with pytest.raises(RuntimeError, match="a step that fails"):
         main(["train", str(write_config(tmp_path / "run.yaml", config))])
@@ -441,7 +450,7 @@ def test_resume_on_the_engine_reproduces_samples_and_weights(
     `overlap`, step 4's rows (from step 2's weights) were in flight at the checkpoint, which keeps them."""
     from safetensors.torch import load_file
 
-    import kdistill.run.loop as loop
+    from kdistill.run.step import Step
 
     training = {"max_steps": 6, "save_steps": 3, "on_policy": _on(overlap=overlap)}
 
@@ -450,7 +459,7 @@ def test_resume_on_the_engine_reproduces_samples_and_weights(
         return main(["train", str(write_config(tmp_path / f"{folder}.yaml", config)), *args])
 
     assert run("straight") == 0
-    real_step, calls = loop.optimizer_step, {"n": 0}
+    real_step, calls = Step.__call__, {"n": 0}
 
     def dies_at_5(*args: object, **kwargs: object) -> object:
         calls["n"] += 1
@@ -458,10 +467,10 @@ def test_resume_on_the_engine_reproduces_samples_and_weights(
             raise KeyboardInterrupt  # as if the process were stopped mid-run
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "optimizer_step", dies_at_5)
+    monkeypatch.setattr(Step, "__call__", dies_at_5)
     assert run("resumed") == 130
     assert not _servers_in(tmp_path / "resumed")
-    monkeypatch.setattr(loop, "optimizer_step", real_step)
+    monkeypatch.setattr(Step, "__call__", real_step)
     assert run("resumed", "--resume") == 0
     a, b = (
         load_file(tmp_path / "straight" / "model.safetensors"),

@@ -1,19 +1,21 @@
-"""`training.on_policy` as the plain values the samplers take."""
+"""`training.on_policy` as the plain values the samplers take, and the sampler a run holds."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from kdistill.config import RunConfig
+from kdistill.sampling.base import InProcess, OnPolicyParts, PassThrough, Sampler
 from kdistill.sampling.engine import EngineSettings
+from kdistill.sampling.engine_sampler import EngineSampler, OverlapSampler
 from kdistill.sampling.generate import Sampling
 
 
-def sampling_settings(cfg: RunConfig, tokenizer: Any) -> Sampling | None:
-    """`training.on_policy`'s generation settings as plain values; None while it is off."""
+def sampling_settings(cfg: RunConfig, tokenizer: Any) -> Sampling:
+    """`training.on_policy`'s generation settings as plain values (`lmbda` 0: off-policy)."""
     o = cfg.training.on_policy
-    if o.lmbda == 0:
-        return None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Sampling(
         lmbda=o.lmbda,
@@ -54,3 +56,25 @@ def engine_settings(cfg: RunConfig) -> EngineSettings | None:
         overlap=e.overlap,
         devices=e.devices,
     )
+
+
+def build_sampler(
+    parts: OnPolicyParts,
+    engine: EngineSettings | None,
+    *,
+    batch_size: int,
+    micro: Callable[[], int],
+    folder: Path,
+    tokenizer: Any,
+    processes: Any,
+) -> Sampler:
+    """The sampler `parts.sampling` and `engine` (None: in process) ask for: a pass-through while
+    on-policy training is off, else in process (`batch_size` rows a batch, `micro()` a micro-batch now),
+    on the vLLM engine (its files in `folder`), or on that engine a step ahead (`overlap`). `processes`
+    is the run's accelerator."""
+    if parts.sampling.lmbda == 0:
+        return PassThrough()
+    if engine is None:
+        return InProcess(parts, batch_size, micro)
+    kind = OverlapSampler if engine.overlap else EngineSampler
+    return kind(parts, engine, folder, tokenizer, processes)
