@@ -6,7 +6,7 @@ sampling settings, in this one invocation:
 - `hf, N rows a call`: kdistill's in-process path (`run/generate.py: sample_grouped`), `generate` on N
   prompts at a time, left padded, with its KV cache: N = `--batch-size` (one micro-batch a call) and
   N = `--rows` (the whole window in one call, what an on-policy step does by default);
-- `vllm`: kdistill's engine (`run/engine.py: VllmEngine`), every prompt in flight at once, one request
+- `vllm`: kdistill's engine (`sampling/engine.py: VllmEngine`), every prompt in flight at once, one request
   each. The engine's start (vLLM's compile warm-up included) and one weight sync are timed apart.
 Generated tokens per second count the sampled tokens (EOS included) over the sampling wall time. Both
 use the threads this process is given (`OMP_NUM_THREADS`; vLLM's CPU backend also reads
@@ -74,16 +74,23 @@ def measure(args: argparse.Namespace) -> dict:
 
     student, tokenizer, prompts = student_and_prompts(args)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id or tokenizer.eos_token_id
-    sampling = Sampling(1.0, args.max_new_tokens, 1.0, 1.0, args.max_prompt_length, eos, pad, args.batch_size)
+    sampling = Sampling(
+        lmbda=1.0, max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0,
+        max_prompt_length=args.max_prompt_length, eos_token_id=eos, pad_token_id=pad,
+        generation_batch_size=args.batch_size,
+    )  # fmt: skip
     batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     groups = sorted({args.batch_size, len(prompts)})
     runs = {**{f"hf, {g} rows a call": [] for g in groups}, "vllm": []}
     settings = EngineSettings(
-        args.python, None, "student", 0.2, 1800, 1, args.max_prompt_length + args.max_new_tokens
-    )
+        python=args.python, server=None, served_name="student", memory=0.2, start_timeout=1800,
+        sync_steps=1, max_model_len=args.max_prompt_length + args.max_new_tokens,
+    )  # fmt: skip
     with tempfile.TemporaryDirectory() as work:
         began = time.perf_counter()
-        with VllmEngine(settings, Path(work) / "engine", student, tokenizer, 0) as engine:
+        with VllmEngine(
+            settings=settings, folder=Path(work) / "engine", student=student, tokenizer=tokenizer, step=0
+        ) as engine:
             start_seconds = time.perf_counter() - began
             time_engine(engine, batches[:1], sampling, 999)  # the first requests' one-off costs
             for repeat in range(args.repeats):  # alternated, so both see the same load on the machine

@@ -41,7 +41,7 @@ def place(spec: dict, engine: str) -> None:
     """This worker's cores and threads under `--cores 2` (see the module's docstring)."""
     if spec.get("cores", 1) == 1:
         return  # the invocation's own (taskset, OMP_NUM_THREADS, VLLM_CPU_OMP_THREADS_BIND)
-    own = {0} if engine == "vllm" else {0, 1}  # the engine gets core 1 (`vllm.devices`)
+    own = {0} if engine == "vllm" else {0, 1}  # the engine gets core 1 (`engine.devices`)
     os.sched_setaffinity(0, own)
     torch.set_num_threads(len(own))
 
@@ -59,14 +59,14 @@ def run_kdistill(spec: dict, out: Path, engine: str, sync_steps: int = 1, overla
 
     work, peaks, started = Path(spec["work"]), {}, {}
     on_policy = {"lmbda": 1.0, "max_new_tokens": spec["max_new_tokens"], "temperature": 1.0, "top_p": 1.0,
-                 "max_prompt_length": spec["max_length"], "engine": engine}  # fmt: skip
+                 "max_prompt_length": spec["max_length"], "engine": {"kind": engine}}  # fmt: skip
     if engine == "vllm":
         # 10 % of RAM (2.4 GB here): the weights, the profiling run and a KV cache of about 0.9 GB, which
         # holds the run's few sequences many times over (vLLM refused 5 %).
-        on_policy["vllm"] = {"python": spec.get("vllm_python", str(VLLM_PYTHON)), "memory": 0.1}
+        python = spec.get("vllm_python", str(VLLM_PYTHON))
+        on_policy["engine"].update(python=python, memory=0.1, sync_steps=sync_steps, overlap=overlap)
         if spec.get("cores", 1) == 2:
-            on_policy["vllm"]["devices"] = "1"
-        on_policy["sync_steps"], on_policy["overlap"] = sync_steps, overlap
+            on_policy["engine"]["devices"] = "1"
         enter, leave = engines.VllmEngine.__enter__, engines.VllmEngine.__exit__
 
         def timed_enter(self):  # the engine's start, outside the loop's window

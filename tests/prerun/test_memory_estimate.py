@@ -158,7 +158,8 @@ def test_on_policy_steps_count_the_generation_kv_cache() -> None:
     assert split["generation KV cache"] == 2 * 32 * 32 * 80 * 8 * (256 + 128) * 2
     assert split["prompt pass and logits"] > 6 * 8 * 51200 * 4  # the sampling logits, and more
     calls = memory_plan(
-        load_config("configs/seed.yaml", [*sets, "training.on_policy.generation_batch_size=2"]), 24 * GB
+        load_config("configs/seed.yaml", [*sets, "training.on_policy.engine.generation_batch_size=2"]),
+        24 * GB,
     )
     assert parts(calls)["generation KV cache"] == split["generation KV cache"] // 4
     assert plan.length == 512  # half the steps train on 512-token data rows, longer than 256 + 128
@@ -168,10 +169,10 @@ def test_on_policy_steps_count_the_generation_kv_cache() -> None:
     only = memory_plan(load_config("configs/seed.yaml", [*sets, "training.on_policy.lmbda=1"]), 24 * GB)
     assert only.length == 384 and only.trained == 4 * 128  # every step trains on generated rows
     # On a vLLM engine kdistill starts, the cache lives in the engine, which reserves its share of the GPU
-    engine = [*sets, "training.on_policy.engine=vllm", "training.on_policy.vllm.memory=0.25"]
+    engine = [*sets, "training.on_policy.engine=vllm", "training.on_policy.engine.memory=0.25"]
     on_vllm = parts(memory_plan(load_config("configs/seed.yaml", engine), 24 * GB))
     assert on_vllm["generation KV cache"] == 0 and on_vllm["vLLM engine's share"] == 6 * GB
-    served = [*engine, "training.on_policy.vllm.server=http://127.0.0.1:8100"]
+    served = [*engine, "training.on_policy.engine.server=http://127.0.0.1:8100"]
     assert parts(memory_plan(load_config("configs/seed.yaml", served), 24 * GB))["vLLM engine's share"] == 0
 
 

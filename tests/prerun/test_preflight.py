@@ -80,10 +80,10 @@ CASES: dict[str, tuple[Setup, str]] = {
     "engine_python_exists": (
         lambda tmp, tiny: {
             "training": {
-                "on_policy": {"lmbda": 1.0, "engine": "vllm", "vllm": {"python": str(tmp / "no-venv/python")}}
+                "on_policy": {"lmbda": 1.0, "engine": {"kind": "vllm", "python": str(tmp / "no-venv/python")}}
             }
         },
-        "training.on_policy.vllm.python='TMP/no-venv/python': no Python there to start the student's engine",
+        "training.on_policy.engine.python='TMP/no-venv/python': no Python there to start the student's",
     ),
     "engine_processes": (  # launched as two FSDP processes (`_sharded_launch`)
         lambda tmp, tiny: {

@@ -158,8 +158,8 @@ def test_two_processes_share_one_vllm_engine(
     with `overlap` too (each process sends its next rows while it trains; a sync waits for both)."""
     fake = Path(__file__).parents[1] / "fake_vllm"
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), str(Path(__file__).parents[2] / "src")]))
-    on = {"lmbda": 1.0, "max_new_tokens": 10, "max_prompt_length": 40, "engine": "vllm",
-          "vllm": {"python": sys.executable}, "overlap": overlap}  # fmt: skip
+    on = {"lmbda": 1.0, "max_new_tokens": 10, "max_prompt_length": 40,
+          "engine": {"kind": "vllm", "python": sys.executable, "overlap": overlap}}  # fmt: skip
     steps = _on_policy_pair_and_single(tmp_path, tiny, on, 3)
     assert [r["gen/rows"] for r in steps] == [8] * 3
     assert [r["gen/staleness"] for r in steps] == ([0, 1, 1] if overlap else [0, 0, 0])

@@ -49,7 +49,7 @@ def test_oom_backoff_under_several_processes_says_what_to_resume_with() -> None:
     resets = []
     backoff = OomBackoff(4, processes=2, advice="ADVICE", reset=lambda: resets.append(1))
 
-    def step(window: list) -> dict:
+    def step(window: list, *_: object) -> dict:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     with pytest.raises(GuardStop) as stop:

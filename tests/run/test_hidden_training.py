@@ -193,9 +193,9 @@ def test_resume_with_hidden_continues_exactly(
     code, straight = _run(tmp_path / "a", tiny, **sections)
     assert code == 0
 
-    import kdistill.run.loop as loop
+    from kdistill.run.step import Step
 
-    real_step, calls = loop.optimizer_step, {"n": 0}
+    real_step, calls = Step.__call__, {"n": 0}
 
     def dies_at_7(*args, **kwargs):
         calls["n"] += 1
@@ -203,13 +203,13 @@ def test_resume_with_hidden_continues_exactly(
             raise KeyboardInterrupt  # as if the process were stopped mid-run
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "optimizer_step", dies_at_7)
+    monkeypatch.setattr(Step, "__call__", dies_at_7)
     (tmp_path / "b").mkdir()
     assert _run(tmp_path / "b", tiny, **sections)[0] == 130
     checkpoints = tmp_path / "b" / "out" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000003", "step-0000006"]
     assert (checkpoints / "step-0000006" / "hidden_projections.safetensors").is_file()
-    monkeypatch.setattr(loop, "optimizer_step", real_step)
+    monkeypatch.setattr(Step, "__call__", real_step)
     code, resumed = _run(tmp_path / "b", tiny, "--resume", **sections)
     assert code == 0
     for name in ("model.safetensors", "hidden_projections.safetensors"):

@@ -66,9 +66,9 @@ def test_resume_after_a_kill_reproduces_generations_and_weights(
     code, straight = _run(tmp_path / "a", tiny, training=training)
     assert code == 0
 
-    import kdistill.run.loop as loop
+    from kdistill.run.step import Step
 
-    real_step, calls = loop.optimizer_step, {"n": 0}
+    real_step, calls = Step.__call__, {"n": 0}
 
     def dies_at_5(*args, **kwargs):
         calls["n"] += 1
@@ -76,10 +76,10 @@ def test_resume_after_a_kill_reproduces_generations_and_weights(
             raise KeyboardInterrupt  # as if the process were stopped mid-run
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "optimizer_step", dies_at_5)
+    monkeypatch.setattr(Step, "__call__", dies_at_5)
     (tmp_path / "b").mkdir()
     assert _run(tmp_path / "b", tiny, training=training)[0] == 130
-    monkeypatch.setattr(loop, "optimizer_step", real_step)
+    monkeypatch.setattr(Step, "__call__", real_step)
     code, resumed = _run(tmp_path / "b", tiny, "--resume", training=training)
     assert code == 0
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")

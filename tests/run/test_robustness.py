@@ -18,10 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import kdistill.run.loop as loop
 from conftest import tiny_config, write_config
 from kdistill.cli import main
 from kdistill.objective.batch import StudentLoss
+from kdistill.run.step import Step
 from kdistill.storage.checkpoint import latest_checkpoint
 
 # 10 steps an epoch: the run crosses two epoch boundaries, so a resume must also get the epoch order right.
@@ -126,7 +126,7 @@ def test_sigterm_checkpoints_the_current_step_and_says_how_to_resume(
 def test_sigint_finishes_the_step_then_checkpoints(
     tmp_path: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    real_step, calls = loop.optimizer_step, {"n": 0}
+    real_step, calls = Step.__call__, {"n": 0}
 
     def ctrl_c_during_step_5(*args, **kwargs):
         calls["n"] += 1
@@ -134,7 +134,7 @@ def test_sigint_finishes_the_step_then_checkpoints(
             signal.raise_signal(signal.SIGINT)  # as Ctrl-C would, in the middle of the step
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "optimizer_step", ctrl_c_during_step_5)
+    monkeypatch.setattr(Step, "__call__", ctrl_c_during_step_5)
     config, out = _config(tmp_path, tiny)
     # Whatever was installed before (a shell ignores SIGINT in background jobs), it comes back after.
     before = signal.getsignal(signal.SIGINT)
@@ -151,7 +151,7 @@ def test_sigint_finishes_the_step_then_checkpoints(
 def test_partial_checkpoints_are_never_resumed_from(
     tmp_path: Path, tiny: dict, straight: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_step, calls = loop.optimizer_step, {"n": 0}
+    real_step, calls = Step.__call__, {"n": 0}
 
     def dies_at_10(*args, **kwargs):
         calls["n"] += 1
@@ -159,10 +159,10 @@ def test_partial_checkpoints_are_never_resumed_from(
             raise KeyboardInterrupt  # a crash without a checkpoint: the newest one is step 8
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "optimizer_step", dies_at_10)
+    monkeypatch.setattr(Step, "__call__", dies_at_10)
     config, out = _config(tmp_path, tiny)
     assert main(["train", str(config)]) == 130
-    monkeypatch.setattr(loop, "optimizer_step", real_step)
+    monkeypatch.setattr(Step, "__call__", real_step)
     folder = out / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["step-0000004", "step-0000008"]
     # A run killed while writing step 9 leaves step-0000009.tmp, complete but for the rename.
@@ -269,7 +269,7 @@ def test_other_errors_are_not_mistaken_for_out_of_memory(
 
 def _nan_loss_on_steps(steps: set[int], monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     """NaN losses on the given steps (one micro-batch a step); returns what each step saw."""
-    real_loss, real_step, seen = StudentLoss.forward, loop.optimizer_step, []
+    real_loss, real_step, seen = StudentLoss.forward, Step.__call__, []
 
     def batch_loss(*args, **kwargs):
         sums = real_loss(*args, **kwargs)
@@ -277,16 +277,17 @@ def _nan_loss_on_steps(steps: set[int], monkeypatch: pytest.MonkeyPatch) -> list
             sums.total, sums.kd = sums.total * float("nan"), sums.kd * float("nan")
         return sums
 
-    def optimizer_step(accelerator, student, teacher, window, settings, optimizer, max_grad_norm):
+    def optimizer_step(self, *args):
+        student, optimizer = self.model, self.optimizer
         seen.append({"before": [p.detach().clone() for p in student.parameters()]})
-        stats = real_step(accelerator, student, teacher, window, settings, optimizer, max_grad_norm)
+        stats = real_step(self, *args)
         adam = {float(s["step"]) for s in optimizer.state.values() if "step" in s}
         seen[-1].update(after=[p.detach().clone() for p in student.parameters()], adam=adam, stats=stats)
         seen[-1]["grads"] = [p.grad for p in student.parameters()]
         return stats
 
     monkeypatch.setattr(StudentLoss, "forward", batch_loss)
-    monkeypatch.setattr(loop, "optimizer_step", optimizer_step)
+    monkeypatch.setattr(Step, "__call__", optimizer_step)
     return seen
 
 

@@ -85,9 +85,9 @@ def test_resume_continues_exactly(tmp_path: Path, tiny: dict, monkeypatch: pytes
     code, straight = _run(tmp_path / "a", tiny, training=training)
     assert code == 0
 
-    import kdistill.run.loop as loop
+    from kdistill.run.step import Step
 
-    real_step, calls = loop.optimizer_step, {"n": 0}
+    real_step, calls = Step.__call__, {"n": 0}
 
     def dies_at_13(*args, **kwargs):
         calls["n"] += 1
@@ -95,12 +95,12 @@ def test_resume_continues_exactly(tmp_path: Path, tiny: dict, monkeypatch: pytes
             raise KeyboardInterrupt  # as if the process were stopped mid-run
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "optimizer_step", dies_at_13)
+    monkeypatch.setattr(Step, "__call__", dies_at_13)
     (tmp_path / "b").mkdir()
     assert _run(tmp_path / "b", tiny, training=training)[0] == 130
     interrupted = tmp_path / "b" / "out"
     assert sorted(p.name for p in (interrupted / "checkpoints").iterdir()) == ["step-0000006", "step-0000012"]
-    monkeypatch.setattr(loop, "optimizer_step", real_step)
+    monkeypatch.setattr(Step, "__call__", real_step)
     code, resumed = _run(tmp_path / "b", tiny, "--resume", training=training)
     assert code == 0
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")

@@ -37,8 +37,12 @@ def fake_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FAKE), str(SRC)]))
 
 
-def _on(**extra: object) -> dict:
-    return {**ON, "vllm": {"python": sys.executable}, **extra}
+def _on(**engine: object) -> dict:
+    return {**ON, "engine": {"kind": "vllm", "python": sys.executable, **engine}}
+
+
+def _vllm(**engine: object) -> dict:
+    return {**ON, "engine": {"kind": "vllm", **engine}}
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -63,16 +67,35 @@ def _servers_in(folder: Path) -> list[int]:
     ("on_policy", "message"),
     [
         ({"engine": "vllm"}, "engine=vllm with lmbda=0"),
-        ({**ON, "sync_steps": 0}, "training.on_policy.sync_steps"),
-        ({"lmbda": 0.5, "sync_steps": 2}, "sync_steps=2 applies to engine: vllm only"),
-        ({"lmbda": 0.5, "vllm": {"memory": 0.5}}, "training.on_policy.vllm is set, but"),
-        ({**ON, "generation_batch_size": 4}, "generation_batch_size=4 applies to engine: hf only"),
-        ({"lmbda": 0.5, "overlap": True}, "training.on_policy.overlap applies to engine: vllm only"),
-        ({**ON, "vllm": {"devices": "gpu1"}}, "training.on_policy.vllm.devices"),
-        ({**ON, "vllm": {"devices": True}}, "training.on_policy.vllm.devices"),
-        ({**ON, "vllm": {"devices": "1", "server": "http://127.0.0.1:8100"}}, "vllm.devices='1' places an"),
-        ({**ON, "vllm": {"server": "localhost:8000"}}, "expected a URL such as http://127.0.0.1:8100"),
-        ({**ON, "vllm": {"python": "/nowhere/bin/python"}}, "training.on_policy.vllm.python='/nowhere"),
+        ({"engine": {"kind": "vllm"}}, "engine=vllm with lmbda=0"),
+        (_vllm(sync_steps=0), "training.on_policy.engine.sync_steps"),
+        (_vllm(sync_step=2), "unknown key 'training.on_policy.engine.sync_step'; did you mean 'sync_steps'?"),
+        (
+            {"lmbda": 0.5, "engine": {"kind": "hf", "sync_steps": 2}},
+            "key 'training.on_policy.engine.sync_steps'",
+        ),
+        (
+            {"lmbda": 0.5, "engine": {"kind": "hf", "memory": 0.5}},
+            "unknown key 'training.on_policy.engine.memory'; it is a key of kind 'vllm'",
+        ),
+        (_vllm(generation_batch_size=4), "unknown key 'training.on_policy.engine.generation_batch_size'"),
+        (
+            {"lmbda": 0.5, "engine": {"kind": "hf", "overlap": True}},
+            "key 'training.on_policy.engine.overlap'",
+        ),
+        (
+            {"lmbda": 0.5, "engine": "sglang"},
+            "training.on_policy.engine.kind: expected 'hf' or 'vllm' (got 'sglang')",
+        ),
+        (
+            {"lmbda": 0.5, "engine": {"memory": 0.5}},  # no kind: the default, hf
+            "engine.memory'; it is a key of kind 'vllm' (this one is kind 'hf')",
+        ),
+        (_vllm(devices="gpu1"), "training.on_policy.engine.devices"),
+        (_vllm(devices=True), "training.on_policy.engine.devices"),
+        (_vllm(devices="1", server="http://127.0.0.1:8100"), "engine.devices='1' places an"),
+        (_vllm(server="localhost:8000"), "expected a URL such as http://127.0.0.1:8100"),
+        (_vllm(python="/nowhere/bin/python"), "training.on_policy.engine.python='/nowhere"),
     ],
 )
 def test_bad_engine_configs_get_one_message(
@@ -90,8 +113,8 @@ def test_engine_devices_are_read_as_device_numbers(devices: object, ids: list[in
     from kdistill.config.on_policy import OnPolicyConfig
     from kdistill.sampling.engine import _device_ids
 
-    o = OnPolicyConfig.model_validate({**ON, "vllm": {"devices": devices}})
-    assert _device_ids(o.vllm.devices) == ids
+    o = OnPolicyConfig.model_validate(_vllm(devices=devices))
+    assert _device_ids(o.engine.devices) == ids
 
 
 def _greedy(model: torch.nn.Module, prompts: list[list[int]], eos: int) -> list[list[int]]:
@@ -195,9 +218,11 @@ def test_overlap_samples_the_next_step_while_this_one_trains(
     weights of two steps before (synced every step)."""
     import threading
 
-    import kdistill.run.loop as loop
+    from kdistill.run.step import Step
+    from kdistill.sampling.engine_sampler import OverlapSampler
 
-    sampled, trained, real_sample, real_step = [], [], VllmEngine.sample, loop.optimizer_step
+    sampled, trained, real_sample, real_step = [], [], VllmEngine.sample, Step.__call__
+    rows, real_rows = [], OverlapSampler.rows
 
     def recorded_sample(self, batches, sampling, seeds):  # which weights, which thread, when
         began = time.perf_counter()
@@ -205,19 +230,26 @@ def test_overlap_samples_the_next_step_while_this_one_trains(
         sampled.append((self.synced, threading.current_thread().name, began, answer))
         return answer
 
-    def recorded_step(accelerator, model, teachers, window, *args):
+    def recorded_rows(self, window, step):  # the rows the step trains on
+        out = real_rows(self, window, step)
+        rows.append(
+            [
+                b["input_ids"][i][b["labels"][i] != -100].tolist()
+                for b in out.window
+                for i in range(len(b["labels"]))
+            ]
+        )
+        return out
+
+    def recorded_step(self, *args):
         began = time.perf_counter()
-        stats = real_step(accelerator, model, teachers, window, *args)
-        ids = [
-            b["input_ids"][i][b["labels"][i] != -100].tolist()
-            for b in window
-            for i in range(len(b["labels"]))
-        ]
-        trained.append((began, time.perf_counter(), ids))
+        stats = real_step(self, *args)
+        trained.append((began, time.perf_counter(), rows[-1]))
         return stats
 
     monkeypatch.setattr(VllmEngine, "sample", recorded_sample)
-    monkeypatch.setattr(loop, "optimizer_step", recorded_step)
+    monkeypatch.setattr(OverlapSampler, "rows", recorded_rows)
+    monkeypatch.setattr(Step, "__call__", recorded_step)
     config = tiny_config(tiny, tmp_path / "out", training={"max_steps": 5, "on_policy": _on(overlap=True)})
     assert main(["train", str(write_config(tmp_path / "run.yaml", config))]) == 0
     steps = [r for r in _metrics(tmp_path / "out") if "loss" in r]
@@ -258,12 +290,12 @@ def test_lora_student_syncs_through_adapters(tmp_path: Path, tiny: dict, fake_on
 def test_an_error_mid_run_stops_the_engine(
     tmp_path: Path, tiny: dict, fake_on_path: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kdistill.run.loop as loop
+    from kdistill.run.step import Step
 
     def fails(*args: object, **kwargs: object) -> None:
         raise RuntimeError("a step that fails")
 
-    monkeypatch.setattr(loop, "optimizer_step", fails)
+    monkeypatch.setattr(Step, "__call__", fails)
     config = tiny_config(tiny, tmp_path / "out", training={"max_steps": 3, "on_policy": _on()})
     with pytest.raises(RuntimeError, match="a step that fails"):
         main(["train", str(write_config(tmp_path / "run.yaml", config))])
@@ -325,7 +357,7 @@ def test_a_server_already_running_is_synced_and_left_running(
     command = vllm_command(sys.executable, str(tiny["student"]), "mine", int(url.rsplit(":", 1)[1]), 1)
     log = tmp_path / "server.log"
     with ServerProcess(command, url, log, 120, {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}) as server:
-        on = _on(vllm={"server": url, "served_name": "mine"})
+        on = _on(server=url, served_name="mine")
         config = tiny_config(tiny, tmp_path / "out", training={"max_steps": 3, "on_policy": on})
         assert main(["train", str(write_config(tmp_path / "run.yaml", config))]) == 0
         assert server.process.poll() is None  # not kdistill's to stop
@@ -335,7 +367,7 @@ def test_a_server_already_running_is_synced_and_left_running(
         folder = str((tmp_path / "out" / "engine" / "student").resolve())
         assert len(reloads) == 3 and all(line.endswith(folder) for line in reloads)  # start, steps 2, 3
         assert len(_servers_in(tiny["student"])) == 1  # only the server the test started
-        on = _on(vllm={"server": url, "served_name": "student"})
+        on = _on(server=url, served_name="student")
         config = tiny_config(tiny, tmp_path / "wrong", training={"max_steps": 1, "on_policy": on})
         assert main(["train", str(write_config(tmp_path / "wrong.yaml", config))]) == 2
         err = capsys.readouterr().err
@@ -353,11 +385,12 @@ def test_the_shipped_engine_config_loads() -> None:
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "on-policy-vllm.yaml")
     o = cfg.training.on_policy
-    assert (o.engine, o.sync_steps, o.lmbda, o.vllm.python) == ("vllm", 1, 1.0, ".venv-vllm/bin/python")
+    e = o.engine
+    assert (e.kind, e.sync_steps, o.lmbda, e.python) == ("vllm", 1, 1.0, ".venv-vllm/bin/python")
 
 
 def test_validate_names_the_engine(tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixture) -> None:
-    on_policy = {**ON, "sync_steps": 3, "vllm": {"server": "http://127.0.0.1:8100"}}
+    on_policy = _vllm(sync_steps=3, server="http://127.0.0.1:8100")
     config = tiny_config(tiny, tmp_path / "out", training={"on_policy": on_policy})
     assert main(["validate", str(write_config(tmp_path / "run.yaml", config))]) == 0
     assert "sampled on http://127.0.0.1:8100, synced every 3 step(s))" in capsys.readouterr().out
@@ -419,7 +452,7 @@ def test_resume_on_the_engine_reproduces_samples_and_weights(
     `overlap`, step 4's rows (from step 2's weights) were in flight at the checkpoint, which keeps them."""
     from safetensors.torch import load_file
 
-    import kdistill.run.loop as loop
+    from kdistill.run.step import Step
 
     training = {"max_steps": 6, "save_steps": 3, "on_policy": _on(overlap=overlap)}
 
@@ -428,7 +461,7 @@ def test_resume_on_the_engine_reproduces_samples_and_weights(
         return main(["train", str(write_config(tmp_path / f"{folder}.yaml", config)), *args])
 
     assert run("straight") == 0
-    real_step, calls = loop.optimizer_step, {"n": 0}
+    real_step, calls = Step.__call__, {"n": 0}
 
     def dies_at_5(*args: object, **kwargs: object) -> object:
         calls["n"] += 1
@@ -436,10 +469,10 @@ def test_resume_on_the_engine_reproduces_samples_and_weights(
             raise KeyboardInterrupt  # as if the process were stopped mid-run
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "optimizer_step", dies_at_5)
+    monkeypatch.setattr(Step, "__call__", dies_at_5)
     assert run("resumed") == 130
     assert not _servers_in(tmp_path / "resumed")
-    monkeypatch.setattr(loop, "optimizer_step", real_step)
+    monkeypatch.setattr(Step, "__call__", real_step)
     assert run("resumed", "--resume") == 0
     a, b = (
         load_file(tmp_path / "straight" / "model.safetensors"),

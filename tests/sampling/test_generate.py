@@ -68,6 +68,7 @@ def test_the_memory_plan_samples_the_whole_window(tmp_path: Path, tiny: dict) ->
     training = {"batch_size": 4, "gradient_accumulation_steps": 3, "on_policy": on}
     cfg = load_config(write_config(tmp_path / "a.yaml", tiny_config(tiny, tmp_path / "a", training=training)))
     assert memory_plan(cfg, None).gen_rows == 12
-    training = {**training, "micro_batch_size": 2, "on_policy": {**on, "generation_batch_size": 6}}
+    engine = {"kind": "hf", "generation_batch_size": 6}
+    training = {**training, "micro_batch_size": 2, "on_policy": {**on, "engine": engine}}
     cfg = load_config(write_config(tmp_path / "b.yaml", tiny_config(tiny, tmp_path / "b", training=training)))
     assert memory_plan(cfg, None).gen_rows == 3

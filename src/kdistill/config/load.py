@@ -27,6 +27,8 @@ _FLAT_KEYS = {
     "temperature": ("loss", "temperature"),
     "alpha": ("loss", "alpha"),
 }
+# Sections that a plain string stands for (`teacher: NAME`), and the key that string fills.
+_SHORTHANDS = {"teacher": "model", "student": "model", "engine": "kind"}
 _TRAINING_KEYS = set(RunConfig.model_fields["training"].annotation.model_fields) - {"temperature", "alpha"}
 
 
@@ -112,8 +114,8 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     parts = key.split(".")
     for part in parts[:-1]:
         child = node.get(part)
-        if isinstance(child, str) and part in ("teacher", "student"):
-            child = {"model": child}
+        if isinstance(child, str) and part in _SHORTHANDS:  # `teacher: NAME`, `engine: vllm`
+            child = {_SHORTHANDS[part]: child}
         if not isinstance(child, dict):
             child = {}
         node[part] = child
@@ -122,11 +124,16 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 
 
 def _describe(error: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in error["loc"])
+    path, _ = _walk(error["loc"])
+    loc = ".".join(path)
     if error["type"] == "extra_forbidden":
         return f"unknown key '{loc}'{_suggest(error['loc'])}"
     if error["type"] == "missing":
         return f"missing required key '{loc}'"
+    if error["type"] in ("union_tag_invalid", "union_tag_not_found"):  # a section picked by its `kind`
+        kinds = " or ".join(repr(t) for t in _kinds(error["loc"]))
+        got = error.get("input", {}).get("kind") if isinstance(error.get("input"), dict) else None
+        return f"{loc}.kind: expected {kinds}" + (f" (got {got!r})" if got is not None else "")
     value = error.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     message = error["msg"].removeprefix("Value error, ")
@@ -139,25 +146,60 @@ def _describe(error: dict[str, Any]) -> str:
 
 def _suggest(loc: tuple[Any, ...]) -> str:
     """Nearest valid key name for an unknown key, found by walking the schema along `loc`."""
-    model: type[BaseModel] | None = RunConfig
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part)) if model else None
-        annotation = getattr(field, "annotation", None)
-        model = _model_of(annotation)
+    _, model = _walk(loc[:-1])
     if model is None:
         return ""
     names = list(model.model_fields)
     close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.5)
     if close:
         return f"; did you mean '{close[0]}'?"
+    kinds = [_tag(m) for m in _variants(loc[:-2]) if str(loc[-1]) in m.model_fields] if _tag(model) else []
+    if kinds:  # a key of another variant of a section picked by its `kind`
+        return f"; it is a key of kind '{kinds[0]}' (this one is kind '{_tag(model)}')"
     return f"; valid keys: {', '.join(names)}"
 
 
-def _model_of(annotation: Any) -> type[BaseModel] | None:
+def _walk(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None]:
+    """The key path of `loc` without the tags pydantic adds inside a section picked by its `kind`
+    (`engine.vllm.sync_steps` is the key `engine.sync_steps`), and the model the path ends in."""
+    path: list[str] = []
+    model: type[BaseModel] | None = RunConfig
+    variants: dict[str, type[BaseModel]] = {}
+    for part in map(str, loc):
+        if part in variants:  # the tag of the variant pydantic picked
+            model, variants = variants[part], {}
+            continue
+        path.append(part)
+        field = model.model_fields.get(part) if model else None
+        annotation = getattr(field, "annotation", None)
+        variants = {_tag(m): m for m in _models_of(annotation) if _tag(m)}
+        model = _model_of(annotation)
+    return path, model
+
+
+def _kinds(loc: tuple[Any, ...]) -> list[str]:
+    """The `kind`s the section at `loc` accepts."""
+    return [t for t in map(_tag, _variants(loc)) if t]
+
+
+def _variants(loc: tuple[Any, ...]) -> list[type[BaseModel]]:
+    """The models the section at `loc` may be (one, or each variant of a union)."""
+    _, parent = _walk(loc[:-1])
+    field = parent.model_fields.get(str(loc[-1])) if parent and loc else None
+    return _models_of(getattr(field, "annotation", None))
+
+
+def _tag(model: type[BaseModel]) -> str | None:
+    kind = model.model_fields.get("kind")
+    return kind.default if kind is not None and isinstance(kind.default, str) else None
+
+
+def _models_of(annotation: Any) -> list[type[BaseModel]]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _model_of(arg)
-        if found:
-            return found
-    return None
+        return [annotation]
+    return [m for arg in getattr(annotation, "__args__", ()) for m in _models_of(arg)]
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    models = _models_of(annotation)
+    return models[0] if models else None

@@ -1,9 +1,9 @@
 """Pydantic models of `training.on_policy`: how often the student trains on its own samples, and what
-samples them."""
+samples them (`engine`: `hf` in the training process, or `vllm`; pydantic picks the variant by `kind`)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, field_validator, model_validator
@@ -11,7 +11,39 @@ from pydantic import Field, field_validator, model_validator
 from kdistill.config.strict import Strict
 
 
-class EngineSettings(Strict):
+class HfConfig(Strict):
+    """`engine: hf`: transformers' generate in the training process, always with the current weights."""
+
+    kind: Literal["hf"] = "hf"
+    generation_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Rows the student samples in one generate call; default every row of the optimizer "
+        "step on this process (batch_size x gradient_accumulation_steps). Decoding reads every weight once "
+        "per token for all rows of a call, so fewer, larger calls are faster while memory lasts. Scaled "
+        "down with micro_batch_size and the out-of-memory back-off. Each row samples from its own seed, so "
+        "the samples do not depend on it.",
+    )
+
+
+class VllmConfig(Strict):
+    """`engine: vllm`: a vLLM server that kdistill starts on the student's weights (or one already
+    running) and updates every `sync_steps` optimizer steps."""
+
+    kind: Literal["vllm"] = "vllm"
+    sync_steps: int = Field(
+        1,
+        ge=1,
+        description="Optimizer steps between two updates of the engine's weights (LoRA: a new adapter; "
+        "full: a weight reload). Samples between two updates come from weights up to sync_steps - 1 steps "
+        "old (logged as gen/staleness).",
+    )
+    overlap: bool = Field(
+        False,
+        description="The engine samples the next step's rows while this step trains, so an engine on a "
+        "device of its own keeps working. Every step then samples at least one step behind (gen/staleness "
+        "from 1 to sync_steps, against 0 to sync_steps - 1 without).",
+    )
     python: str = Field(
         ".venv-vllm/bin/python",
         description="The Python of vLLM's own environment (`make vllm-env`) that kdistill starts the "
@@ -57,13 +89,16 @@ class EngineSettings(Strict):
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value  # devices: 1
 
     @model_validator(mode="after")
-    def _placed(self) -> EngineSettings:
+    def _placed(self) -> VllmConfig:
         if self.devices is not None and self.server is not None:
             raise ValueError(
-                f"training.on_policy.vllm.devices={self.devices!r} places an engine kdistill starts; the "
+                f"training.on_policy.engine.devices={self.devices!r} places an engine kdistill starts; the "
                 f"server at {self.server} runs where it was started"
             )
         return self
+
+
+Engine = Annotated[HfConfig | VllmConfig, Field(discriminator="kind")]
 
 
 class OnPolicyConfig(Strict):
@@ -87,59 +122,25 @@ class OnPolicyConfig(Strict):
     max_prompt_length: int = Field(
         256, gt=0, description="Prompt tokens kept (the last ones) when the student writes a response."
     )
-    engine: Literal["hf", "vllm"] = Field(
-        "hf",
-        description="What the student samples with: `hf` is transformers' generate in the training "
-        "process, always with the current weights; `vllm` is a vLLM server that kdistill starts on the "
-        "student's weights and updates every `sync_steps` optimizer steps.",
-    )
-    generation_batch_size: int | None = Field(
-        None,
-        gt=0,
-        description="engine hf: rows the student samples in one generate call; default every row of the "
-        "optimizer step on this process (batch_size x gradient_accumulation_steps). Decoding reads every "
-        "weight once per token for all rows of a call, so fewer, larger calls are faster while memory "
-        "lasts. Scaled down with micro_batch_size and the out-of-memory back-off. Each row samples from "
-        "its own seed, so the samples do not depend on it.",
-    )
-    sync_steps: int = Field(
-        1,
-        ge=1,
-        description="engine vllm: optimizer steps between two updates of the engine's weights (LoRA: a new "
-        "adapter; full: a weight reload). Samples between two updates come from weights up to "
-        "sync_steps - 1 steps old (logged as gen/staleness).",
-    )
-    overlap: bool = Field(
-        False,
-        description="engine vllm: the engine samples the next step's rows while this step trains, so an "
-        "engine on a device of its own keeps working. Every step then samples at least one step behind "
-        "(gen/staleness from 1 to sync_steps, against 0 to sync_steps - 1 without).",
-    )
-    vllm: EngineSettings = Field(
-        default_factory=EngineSettings, description="engine vllm: where and how the engine runs."
+    engine: Engine = Field(
+        default_factory=HfConfig,
+        description="What the student samples with, by `kind`: `hf` (transformers' generate in the "
+        "training process) or `vllm` (a vLLM server on the student's weights). `engine: hf` or "
+        "`engine: vllm` is that kind with its defaults.",
     )
 
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _kind_alone(cls, value: object) -> object:
+        if isinstance(value, str):
+            return {"kind": value}  # engine: vllm
+        if isinstance(value, dict) and "kind" not in value:
+            return {"kind": "hf", **value}  # the default kind, as `engine` left out is
+        return value
+
     @model_validator(mode="after")
-    def _engine(self) -> OnPolicyConfig:
-        if self.engine == "hf":
-            if self.overlap:
-                raise ValueError(
-                    "training.on_policy.overlap applies to engine: vllm only; the hf engine samples in the "
-                    "training process, which cannot train at the same time"
-                )
-            if self.sync_steps != 1:
-                raise ValueError(
-                    f"training.on_policy.sync_steps={self.sync_steps} applies to engine: vllm only; the hf "
-                    "engine always samples with the current weights"
-                )
-            if self.vllm != EngineSettings():  # a resolved config writes the defaults out: those pass
-                raise ValueError("training.on_policy.vllm is set, but training.on_policy.engine is hf")
-        elif self.generation_batch_size is not None:
-            raise ValueError(
-                f"training.on_policy.generation_batch_size={self.generation_batch_size} applies to engine: "
-                "hf only; the vLLM engine has every row of a step in flight at once"
-            )
-        elif self.lmbda == 0:
+    def _engine_used(self) -> OnPolicyConfig:
+        if self.engine.kind == "vllm" and self.lmbda == 0:
             raise ValueError(
                 "training.on_policy.engine=vllm with lmbda=0: no step generates, so the engine would "
                 "never be used; set lmbda > 0 or engine: hf"

@@ -120,8 +120,8 @@ def _engine(cfg: RunConfig, device: int | None) -> tuple[bool, int]:
     """(on-policy steps sample on a vLLM engine, the share of the device it reserves): an engine
     kdistill starts runs beside training on the same device; one the user started, elsewhere."""
     op = cfg.training.on_policy
-    engine = op.lmbda > 0 and op.engine == "vllm"
-    share = op.vllm.memory * (device or machine_memory()) if engine and not op.vllm.server else 0
+    engine = op.lmbda > 0 and op.engine.kind == "vllm"
+    share = op.engine.memory * (device or machine_memory()) if engine and not op.engine.server else 0
     return engine, int(share)
 
 

@@ -48,18 +48,19 @@ def on_policy_possible(checked: Checked) -> None:
 def engine_python_exists(checked: Checked) -> None:
     """engine vllm without a running server: kdistill starts vLLM with the configured Python."""
     o = checked.cfg.training.on_policy
-    if o.lmbda > 0 and o.engine == "vllm" and o.vllm.server is None and not Path(o.vllm.python).exists():
+    e = o.engine
+    if o.lmbda > 0 and e.kind == "vllm" and e.server is None and not Path(e.python).exists():
         raise KdistillError(
-            f"training.on_policy.vllm.python={o.vllm.python!r}: no Python there to start the student's "
+            f"training.on_policy.engine.python={e.python!r}: no Python there to start the student's "
             "engine with; create vLLM's environment with `make vllm-env`, point the key at vLLM's Python, "
-            "or give training.on_policy.vllm.server (a running engine)"
+            "or give training.on_policy.engine.server (a running engine)"
         )
 
 
 def engine_processes(checked: Checked) -> None:
     """The vLLM engine is synced from the main process's copy of the student: it must be whole there."""
     o, launch = checked.cfg.training.on_policy, checked.launch
-    if o.engine == "vllm" and o.lmbda > 0 and launch.processes > 1 and launch.sharded:
+    if o.engine.kind == "vllm" and o.lmbda > 0 and launch.processes > 1 and launch.sharded:
         raise KdistillError(
             f"training.on_policy.engine=vllm with {launch.processes} processes under {launch.kind}: the "
             "engine is synced from the main process's copy of the student, which FSDP and ZeRO-3 shard; "

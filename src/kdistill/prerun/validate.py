@@ -46,10 +46,10 @@ def on_policy_line(cfg: RunConfig) -> str:
     )
     mix = f"{o.lmbda:.0%} on the student's own samples, {1 - o.lmbda:.0%} on {source}"
     engine = "sampled in process (hf)"
-    if o.engine == "vllm":
-        where = o.vllm.server or f"a vLLM server kdistill starts with {o.vllm.python}"
-        engine = f"sampled on {where}, synced every {o.sync_steps} step(s)"
-        if o.overlap:
+    if o.engine.kind == "vllm":
+        where = o.engine.server or f"a vLLM server kdistill starts with {o.engine.python}"
+        engine = f"sampled on {where}, synced every {o.engine.sync_steps} step(s)"
+        if o.engine.overlap:
             engine += ", each step's rows sampled while the step before trains (overlap)"
     return (
         f"steps: {mix}; a generated step: {formula}, no CE (max_new_tokens {o.max_new_tokens}, "

@@ -90,10 +90,19 @@ class OomBackoff:
     def __init__(self, micro: int, processes: int, advice: str, reset: Callable[[], None]) -> None:
         self.micro, self.processes, self.advice, self.reset = micro, processes, advice, reset
 
-    def run(self, step_fn: Callable[[list], dict[str, float]], window: list, step: int) -> dict[str, float]:
+    def run(
+        self,
+        step_fn: Callable[[list, int, list | None], dict[str, float]],
+        window: list,
+        step: int,
+        upcoming: list | None = None,
+    ) -> dict[str, float]:
+        """`step_fn(window, step, upcoming)` with both windows cut into micro-batches of `micro` rows
+        (`upcoming`, the next step's window, None after the last), retried finer on out-of-memory."""
         while True:
             try:
-                return step_fn(split_window(window, self.micro))
+                cut = None if upcoming is None else split_window(upcoming, self.micro)
+                return step_fn(split_window(window, self.micro), step, cut)
             except Exception as err:  # anything that is not an OOM is raised again
                 if not is_out_of_memory(err):
                     raise

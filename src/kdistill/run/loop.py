@@ -1,21 +1,19 @@
 """The training loop: one accelerate loop that reads top to bottom.
 
 `train` starts the run (`start.start_run`), then steps through accumulation windows. Each window is
-one optimizer step (`step.optimizer_step`); once in a while the loop logs, evaluates on the held-out
-rows, saves a checkpoint, or stops on a signal after saving one.
+one optimizer step (`run.step`, a `step.Step`, called through the out-of-memory back-off), which
+takes its rows from the run's sampler (`sampling.base`). Once in a while the loop logs, evaluates on
+the held-out rows, saves a checkpoint, or stops on a signal after saving one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from kdistill.config import RunConfig
@@ -23,19 +21,12 @@ from kdistill.data.batches import ahead, epoch_loader, windows
 from kdistill.files import RunFiles
 from kdistill.prerun.flops import model_shape
 from kdistill.run.export import export_student
-from kdistill.run.guards import split_window
 from kdistill.run.metrics import LogWindow
 from kdistill.run.start import Run, start_run
-from kdistill.run.step import optimizer_step
 from kdistill.run.stop_signals import Interrupted, StopSignals
-from kdistill.sampling.cross_samples import with_teacher_views
-from kdistill.sampling.engine import VllmEngine
-from kdistill.sampling.generate import generated_window, is_on_policy, requests, rows_per_call, step_seed
-from kdistill.sampling.overlap import Overlap
 from kdistill.storage.checkpoint import latest_checkpoint, load_checkpoint, remove_partial
 
 log = logging.getLogger("kdistill")
-Engine = VllmEngine | Overlap
 
 
 @dataclass
@@ -60,33 +51,14 @@ def train(
     started = time.perf_counter()
     run = start_run(cfg, resume, overwrite, config_path)
     with run.lock:  # the folder stays this run's until it ends, however it ends
-        step, epoch, skip, in_flight = _starting_point(run, resume)
-        with _engine(run, step, in_flight) as engine:  # the student's vLLM engine, stopped however it ends
-            step = _steps(run, step, epoch, skip, engine)
+        step, epoch, skip, saved = _starting_point(run, resume)
+        run.sampler.restore(saved)  # a checkpoint's step and rows in flight (an engine's)
+        with run.sampler:  # the student's vLLM engine, if any, stopped however the run ends
+            step = _steps(run, step, epoch, skip)
         return _finish(run, step, started)
 
 
-@contextlib.contextmanager
-def _engine(run: Run, step: int, in_flight: list | None) -> Iterator[Engine | None]:
-    """The student's vLLM engine (`training.on_policy.engine: vllm`) holding the weights of `step`;
-    with `overlap`, wrapped to sample a step ahead, with the rows a checkpoint kept in flight
-    (`in_flight`, one entry per process) put back."""
-    if run.engine is None:
-        yield None
-        return
-    student = run.accelerator.unwrap_model(run.model).model
-    args = (run.engine, run.out / RunFiles.ENGINE, student, run.parts.tokenizer, step, run.accelerator)
-    with VllmEngine(*args) as engine:
-        if not run.engine.overlap:
-            yield engine
-            return
-        with Overlap(engine) as overlap:
-            if in_flight and len(in_flight) == run.accelerator.num_processes:
-                overlap.restore(in_flight[run.accelerator.process_index])
-            yield overlap
-
-
-def _steps(run: Run, step: int, epoch: int, skip: int, engine: Engine | None = None) -> int:
+def _steps(run: Run, step: int, epoch: int, skip: int) -> int:
     """Optimizer steps from `step` (`skip` windows into `epoch`) to the last; returns the last step."""
     cfg, t, accelerator, parts, held_out, total = (
         run.cfg, run.cfg.training, run.accelerator, run.parts, run.held_out, run.total_steps
@@ -108,15 +80,11 @@ def _steps(run: Run, step: int, epoch: int, skip: int, engine: Engine | None = N
                 if index < skip:
                     continue  # already trained before the checkpoint we resumed from
                 upcoming = upcoming if step + 1 < total else None  # the next step's window, if it runs
-                stats = run.backoff.run(
-                    lambda w, s=step + 1, u=upcoming: _generate_and_step(run, w, s, engine, u),
-                    window,
-                    step + 1,
-                )
+                stats = run.backoff.run(run.step, window, step + 1, upcoming)
                 run.scheduler.step()
                 step += 1
                 bar.update(1)
-                if run.monitor.after_step(step, stats, run.guarded.skipped):
+                if run.monitor.after_step(step, stats, run.step.optimizer.skipped):
                     window_log.add(stats)
                 # Once in a while: log, evaluate, checkpoint; on a signal, checkpoint and stop.
                 if (step % t.logging_steps == 0 or step == total) and window_log.sums["trained"]:
@@ -128,7 +96,7 @@ def _steps(run: Run, step: int, epoch: int, skip: int, engine: Engine | None = N
                     held_out.evaluate(step)
                 signum = stop.requested(held_out.agree) if step < total else None
                 if signum or (t.save_steps and step % t.save_steps == 0 and step < total):
-                    checkpoint = run.save(step, epoch, index + 1, _in_flight(run, engine))
+                    checkpoint = run.save(step, epoch, index + 1, run.sampler.state())
                 if signum:
                     accelerator.end_training()  # trackers flush what they hold
                     raise Interrupted(signum, step, checkpoint)
@@ -138,107 +106,9 @@ def _steps(run: Run, step: int, epoch: int, skip: int, engine: Engine | None = N
     return step
 
 
-def _generate_and_step(
-    run: Run,
-    window: list[dict[str, Any]],
-    step: int,
-    engine: Engine | None = None,
-    upcoming: list[dict[str, Any]] | None = None,
-) -> dict[str, float]:
-    """One optimizer step; on an on-policy step the student first writes the window's responses
-    (in process, or on `engine`). With `overlap`, the engine is sent the rows of the next step
-    (`upcoming`) before this one trains.
-
-    Both run inside the out-of-memory back-off: a generation that runs out of memory is retried, with
-    the step, on the window cut into smaller micro-batches (each writes for its own rows).
-    """
-    window, generated = _on_policy(run, window, step, engine)
-    stats = {}
-    if isinstance(engine, Overlap) and upcoming is not None:
-        began = time.perf_counter()
-        _send_ahead(run, upcoming, step + 1, engine)  # syncs first when the next rows need it
-        stats["gen_sync_seconds"] = generated.get("gen_sync_seconds", 0.0) + time.perf_counter() - began
-    return {**_step(run, window, bool(generated)), **generated, **stats}
-
-
-def _step(run: Run, window: list[dict[str, Any]], generated: bool = False) -> dict[str, float]:
-    """One optimizer step over `window` (the out-of-memory back-off may have cut it finer).
-
-    On a window the student wrote (`generated`), only live teachers score it (a cache cannot) and
-    there is no CE term; `sampled` mode swaps the divergence for the policy-gradient estimate.
-    """
-    max_norm, teachers, settings = run.cfg.training.max_grad_norm, run.parts.teachers, run.settings
-    if generated:
-        live = [x for x in teachers if x.grades_samples]
-        share = sum(x.weight for x in live)  # the live teachers share the whole weight
-        teachers = [replace(x, weight=x.weight / share) for x in live]
-        settings = replace(settings, ce=False)
-        if run.cfg.training.on_policy.mode == "sampled":
-            settings = replace(settings, divergence="sampled_reverse_kl", divergence_kwargs={})
-    return optimizer_step(run.accelerator, run.model, teachers, window, settings, run.guarded, max_norm)
-
-
-def _on_policy(
-    run: Run, window: list[dict[str, Any]], step: int, engine: Engine | None
-) -> tuple[list[dict[str, Any]], dict]:
-    """`window` with the student's own responses on an on-policy step (and the generation's sums).
-
-    With the vLLM engine, the engine is first brought to the current weights when they are
-    `sync_steps` steps ahead of its own; the step logs how far behind it samples (`gen_staleness`).
-    """
-    seed = run.cfg.training.seed
-    if run.sampling is None or not is_on_policy(run.sampling.lmbda, seed, step):
-        return window, {}
-    student = run.accelerator.unwrap_model(run.model).model
-    synced = {}
-    if engine is not None:
-        began = time.perf_counter()
-        engine.maybe_sync(student, step)
-        seconds = time.perf_counter() - began
-        synced = {"gen_steps": 1, "gen_staleness": engine.staleness(step), "gen_sync_seconds": seconds}
-    # The samples differ per step and per batch; each process writes for its own rows.
-    process = (run.accelerator.process_index, run.accelerator.num_processes)
-    group = rows_per_call(run.sampling.generation_batch_size, run.cfg.training.batch_size, run.backoff.micro)
-    written, sums = generated_window(
-        student, window, run.sampling, run.collator, step_seed(seed, step), process, engine, group
-    )
-    if isinstance(engine, Overlap):  # the engine's time the step did not wait for
-        synced["gen_hidden_seconds"] = max(0.0, engine.engine_seconds - sums["gen_seconds"])
-    if run.parts.teacher_tokenizers:  # teachers of another tokenizer read each response re-aligned
-        longest = run.cfg.data.max_length + run.sampling.max_new_tokens
-        args = (
-            run.parts.data.train,
-            run.parts.tokenizer,
-            run.parts.teacher_tokenizers,
-            longest,
-            run.collator,
-        )
-        written = with_teacher_views(window, written, *args)
-    return written, {**sums, **synced}
-
-
-def _send_ahead(run: Run, upcoming: list[dict[str, Any]], step: int, engine: Overlap) -> None:
-    """Send the engine the rows step `step` will ask for (its window cut as the back-off cuts it)."""
-    seed = run.cfg.training.seed
-    if run.sampling is None or not is_on_policy(run.sampling.lmbda, seed, step):
-        return
-    student = run.accelerator.unwrap_model(run.model).model
-    process = (run.accelerator.process_index, run.accelerator.num_processes)
-    cut = split_window(upcoming, run.backoff.micro)
-    batches, seeds = requests(cut, run.sampling, step_seed(seed, step), process)
-    engine.send(student, step, batches, run.sampling, seeds)
-
-
-def _in_flight(run: Run, engine: Engine | None) -> dict[str, Any]:
-    """For a checkpoint: every process's rows in flight on an overlapping engine (gathered on all)."""
-    if not isinstance(engine, Overlap):
-        return {}
-    return {"in_flight": gather_object([engine.state()])}
-
-
-def _starting_point(run: Run, resume: bool) -> tuple[int, int, int, list | None]:
-    """`(step, epoch, window, in_flight)` to start from: the newest checkpoint's on --resume, else
-    zeros, after measuring the held-out quality before training."""
+def _starting_point(run: Run, resume: bool) -> tuple[int, int, int, dict[str, Any]]:
+    """`(step, epoch, window, state)` to start from: the newest checkpoint's on --resume (`state`, what
+    it kept), else zeros and no state, after measuring the held-out quality before training."""
     folder = run.out / RunFiles.CHECKPOINTS
     checkpoint = latest_checkpoint(folder) if resume else None
     if resume and run.accelerator.is_main_process:
@@ -251,14 +121,14 @@ def _starting_point(run: Run, resume: bool) -> tuple[int, int, int, list | None]
             run.backoff.micro = state.get("micro_batch_size", run.backoff.micro)
         run.metrics.truncate_after(state["step"])
         log.info("resumed from %s (step %d)", checkpoint, state["step"])
-        return state["step"], state["epoch"], state["window"], state.get("in_flight")
+        return state["step"], state["epoch"], state["window"], state
     if resume:
         log.warning("--resume: no checkpoint in %s; starting from step 0", folder)
         run.metrics.truncate_after(-1)
     before = run.held_out.before = run.held_out.evaluate(0)
     if "kl" in before:
         log.info("before training: held-out KL to teacher %.4f, perplexity %.2f", before["kl"], before["ppl"])
-    return 0, 0, 0, None
+    return 0, 0, 0, {}
 
 
 def _finish(run: Run, step: int, started: float) -> RunSummary:

@@ -16,7 +16,7 @@ from kdistill.config import RunConfig, save_config
 from kdistill.data import Collator
 from kdistill.files import RunFiles
 from kdistill.models.build import checkpoint_student
-from kdistill.objective.batch import LossSettings, StudentLoss
+from kdistill.objective.batch import StudentLoss
 from kdistill.objective.settings import loss_settings
 from kdistill.run.accelerator import flat_hparams, mixed_precision, whole_models
 from kdistill.run.components import Components, build_components, prepare_output_dir
@@ -26,9 +26,10 @@ from kdistill.run.held_out import HeldOut
 from kdistill.run.lean import lean_student
 from kdistill.run.metrics import MetricsFile
 from kdistill.run.optimizer import adamw, param_groups
-from kdistill.sampling.engine import EngineSettings
-from kdistill.sampling.generate import Sampling
-from kdistill.sampling.settings import engine_settings, sampling_settings
+from kdistill.run.step import Step
+from kdistill.sampling.base import OnPolicyParts, Sampler
+from kdistill.sampling.cross_samples import TeacherViews
+from kdistill.sampling.settings import build_sampler, engine_settings, sampling_settings
 from kdistill.storage.checkpoint import check_resume_config, check_writable, save_checkpoint
 from kdistill.storage.folder_lock import FolderLock, lock_run_folder
 
@@ -38,17 +39,17 @@ class Run:
     """One training run: its config and folder, the prepared model and optimizer, and its guards.
 
     `model` is the prepared `StudentLoss`; `optimizer` the prepared optimizer, which the step uses
-    through `guarded` (the NaN guard) and checkpoints save as it is.
+    through the NaN guard (`guards.SkipNonFinite`) and checkpoints save as it is. `step` is one
+    optimizer step (`step.Step`), which the out-of-memory back-off (`backoff`) calls; `sampler` gives
+    each step its rows (the student's own on an on-policy step).
     """
 
     cfg: RunConfig
     out: Path
     accelerator: Accelerator
     parts: Components
-    settings: LossSettings
     model: Any
     optimizer: Any
-    guarded: SkipNonFinite
     scheduler: Any
     collator: Collator
     metrics: MetricsFile
@@ -58,8 +59,8 @@ class Run:
     total_steps: int
     windows_per_epoch: int
     lock: FolderLock  # one run per folder: held until the run ends
-    sampling: Sampling | None = None  # training.on_policy: how the student writes its responses
-    engine: EngineSettings | None = None  # training.on_policy.engine vllm: where the student samples
+    sampler: Sampler
+    step: Step
 
     def projections(self) -> list[tuple[str, Any]]:
         """Each teacher's name with its hidden-state projections; empty without loss.hidden."""
@@ -142,29 +143,58 @@ def _build_run(
     monitor = build_health(
         t.health, cfg.loss.alpha, cfg.loss.temperature, bool(parts.teachers), held_out.reduce
     )
-    guarded = SkipNonFinite(optimizer, held_out.reduce)
-    settings = loss_settings(cfg, parts.vocab_size)
-    sampling, engine = sampling_settings(cfg, parts.tokenizer), engine_settings(cfg)
-    return Run(
-        cfg=cfg,
-        out=out,
+    sampler = _sampler(cfg, out, accelerator, model, parts, collator, backoff)
+    step = Step(
         accelerator=accelerator,
-        parts=parts,
-        settings=settings,
         model=model,
-        optimizer=optimizer,
-        guarded=guarded,
-        scheduler=scheduler,
-        collator=collator,
-        metrics=metrics,
-        held_out=held_out,
-        backoff=backoff,
-        monitor=monitor,
-        total_steps=total_steps,
-        windows_per_epoch=windows_per_epoch,
-        lock=lock,
+        teachers=parts.teachers,
+        settings=loss_settings(cfg, parts.vocab_size),
+        sampler=sampler,
+        optimizer=SkipNonFinite(optimizer, held_out.reduce),
+        max_grad_norm=t.max_grad_norm,
+        sampled_mode=t.on_policy.mode == "sampled",
+    )
+    return Run(
+        cfg=cfg, out=out, accelerator=accelerator, parts=parts, model=model, optimizer=optimizer,
+        scheduler=scheduler, collator=collator, metrics=metrics, held_out=held_out, backoff=backoff,
+        monitor=monitor, total_steps=total_steps, windows_per_epoch=windows_per_epoch, lock=lock,
+        sampler=sampler, step=step,
+    )  # fmt: skip
+
+
+def _sampler(
+    cfg: RunConfig,
+    out: Path,
+    accelerator: Accelerator,
+    model: Any,
+    parts: Components,
+    collator: Collator,
+    backoff: OomBackoff,
+) -> Sampler:
+    """What gives each step its rows (`training.on_policy`): a pass-through while it is off."""
+    sampling = sampling_settings(cfg, parts.tokenizer)
+    views = TeacherViews(
+        train=parts.data.train,
+        tokenizer=parts.tokenizer,
+        teachers=parts.teacher_tokenizers,  # teachers of another tokenizer read each response re-aligned
+        max_length=cfg.data.max_length + sampling.max_new_tokens,
+    )
+    on_policy = OnPolicyParts(
         sampling=sampling,
-        engine=engine,
+        student=accelerator.unwrap_model(model).model,
+        collator=collator,
+        seed=cfg.training.seed,
+        process=(accelerator.process_index, accelerator.num_processes),
+        views=views,
+    )
+    return build_sampler(
+        on_policy,
+        engine_settings(cfg),
+        batch_size=cfg.training.batch_size,
+        micro=lambda: backoff.micro,  # the out-of-memory back-off may lower it
+        folder=out / RunFiles.ENGINE,
+        tokenizer=parts.tokenizer,
+        processes=accelerator,
     )
 
 

@@ -8,6 +8,7 @@ response's text through its own template (`generated_view`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,6 +16,26 @@ import torch
 from kdistill.data import Collator
 from kdistill.data.alignment import generated_view
 from kdistill.data.tokenize import IGNORE_INDEX, Tokenized
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TeacherViews:
+    """What re-aligns the student's responses for the teachers of another tokenizer (`teachers`, name
+    -> tokenizer; none: the written batches are read as they are)."""
+
+    train: list[Tokenized] = field(default_factory=list)
+    tokenizer: Any = None
+    teachers: dict[str, Any] = field(default_factory=dict)
+    max_length: int = 0  # the longest sequence: data.max_length + max_new_tokens
+
+    def apply(self, window: list[Batch], written: list[Batch], collator: Collator) -> list[Batch]:
+        """`written` (the student's batches for `window`) as every teacher here reads it."""
+        if not self.teachers:
+            return written
+        args = (self.train, self.tokenizer, self.teachers, self.max_length, collator)
+        return with_teacher_views(window, written, *args)
 
 
 def with_teacher_views(

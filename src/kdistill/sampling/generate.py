@@ -12,6 +12,7 @@ same as for data rows.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,8 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 from kdistill.data import IGNORE_INDEX, Collator, Tokenized
+
+Rows = list[list[list[int]]]  # per batch, per row: token ids
 
 
 @dataclass(frozen=True)
@@ -164,34 +167,24 @@ def step_seed(seed: int, step: int) -> int:
     return seed * 100_003 + step
 
 
-def generated_window(
-    student: Any,
+def written_window(
     window: list[dict[str, torch.Tensor]],
     sampling: Sampling,
     collator: Collator,
     seed: int,
-    process: tuple[int, int] = (0, 1),
-    engine: Any = None,
-    group: int | None = None,
+    process: tuple[int, int],
+    write: Callable[[Rows, list[int]], Rows],
 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, float]]:
-    """`window` with every batch's responses written by the student, and the generation's sums
-    (`gen_tokens`, `gen_rows`, `gen_seconds`). `seed` differs per step; `process` is `(index, count)`.
+    """`window` with every batch's responses written by `write` (each batch's prompts and seed ->
+    each batch's responses), and the generation's sums (`gen_tokens`, `gen_rows`, `gen_seconds`).
+    `seed` differs per step; `process` is `(index, count)`.
 
     Each batch has its own seed (`requests`), and its row r samples from `row_seed(seed, r)`: N
-    processes of one micro-batch each sample what one process accumulating N writes. Without `engine`
-    the student samples in this process, `group` rows (default: all) per generate call
-    (`sample_grouped`); with one (`run/engine.py`), `engine.sample` writes every batch's responses
-    with the engine's weights.
+    processes of one micro-batch each sample what one process accumulating N writes.
     """
     started = time.perf_counter()
     rows, seeds = requests(window, sampling, seed, process)
-    if engine is None:
-        flat = [row for batch in rows for row in batch]
-        row_seeds = [row_seed(s, r) for batch, s in zip(rows, seeds) for r in range(len(batch))]
-        answers = iter(sample_grouped(student, flat, sampling, row_seeds, group or len(flat)))
-        written = [[next(answers) for _ in batch] for batch in rows]
-    else:
-        written = engine.sample(rows, sampling, seeds)
+    written = write(rows, seeds)
     batches, tokens, count = [], 0, 0
     for batch, prompt_rows, answers in zip(window, rows, written):
         items = [Tokenized(p + r, [IGNORE_INDEX] * len(p) + r) for p, r in zip(prompt_rows, answers)]
@@ -201,3 +194,30 @@ def generated_window(
         count += len(answers)
     seconds = time.perf_counter() - started
     return batches, {"gen_tokens": tokens, "gen_rows": count, "gen_seconds": seconds}
+
+
+def write_in_process(student: Any, rows: Rows, seeds: list[int], sampling: Sampling, group: int) -> Rows:
+    """Each batch's responses, sampled by `student` in this process, `group` rows per generate call
+    (`sample_grouped`); row r of a batch with seed s samples from `row_seed(s, r)`."""
+    flat = [row for batch in rows for row in batch]
+    row_seeds = [row_seed(s, r) for batch, s in zip(rows, seeds) for r in range(len(batch))]
+    answers = iter(sample_grouped(student, flat, sampling, row_seeds, group))
+    return [[next(answers) for _ in batch] for batch in rows]
+
+
+def generated_window(
+    student: Any,
+    window: list[dict[str, torch.Tensor]],
+    sampling: Sampling,
+    collator: Collator,
+    seed: int,
+    process: tuple[int, int] = (0, 1),
+    group: int | None = None,
+) -> tuple[list[dict[str, torch.Tensor]], dict[str, float]]:
+    """`written_window` with the student sampling in this process, `group` rows (default: all) per
+    generate call."""
+
+    def write(rows: Rows, seeds: list[int]) -> Rows:
+        return write_in_process(student, rows, seeds, sampling, group or sum(map(len, rows)))
+
+    return written_window(window, sampling, collator, seed, process, write)
