@@ -241,7 +241,8 @@ class VllmEngine:
         if self.settings.served_name not in served:
             raise KdistillError(
                 f"the student's engine at {self.url} does not serve a model named "
-                f"{self.settings.served_name!r}; it serves {served}. Set training.on_policy.engine.served_name"
+                f"{self.settings.served_name!r}; it serves {served}. "
+                "Set training.on_policy.engine.served_name"
             )
 
 
