@@ -3,7 +3,7 @@
 The same student (default: the quickstart's, the SmolLM2 teacher's 10 layers `from_teacher`), the same
 prompts (Dolly validation rows in the chat template, as an on-policy step builds them) and the same
 sampling settings, in this one invocation:
-- `hf, N rows a call`: kdistill's in-process path (`run/generate.py: sample_grouped`), `generate` on N
+- `hf, N rows a call`: kdistill's in-process path (`sampling/generate.py: sample_grouped`), `generate` on N
   prompts at a time, left padded, with its KV cache: N = `--batch-size` (one micro-batch a call) and
   N = `--rows` (the whole window in one call, what an on-policy step does by default);
 - `vllm`: kdistill's engine (`sampling/engine.py: VllmEngine`), every prompt in flight at once, one request

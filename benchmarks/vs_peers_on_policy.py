@@ -4,7 +4,7 @@ vllm synced every step and every 2 steps) against TRL's GKD trainer with lmbda 1
 
 `--cores 2` gives every trainer both cores instead of one: TRL and kdistill's engine hf run 2 torch
 threads on cores 0 and 1; kdistill's engine vllm arms train with 1 thread on core 0 and give the
-engine core 1 (`vllm.devices: "1"`: its processes pinned there, its threads bound), the engine on a
+engine core 1 (`engine.devices: "1"`: its processes pinned there, its threads bound), the engine on a
 device of its own, synced every step, without and with `overlap` (the next step's rows sampled while
 this step trains).
 

@@ -19,7 +19,7 @@ class RunFiles:
     REPORT_MD = "report.md"
     REPORT_HTML = "report.html"
     ENGINE = "engine"  # the student's generation engine: the weights it serves and its log
-    LOCK = ".kdistill.lock"  # held by the run using the folder (run/folder_lock.py)
+    LOCK = ".kdistill.lock"  # held by the run using the folder (storage/folder_lock.py)
 
 
 def cache_root() -> Path:

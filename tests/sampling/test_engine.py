@@ -170,7 +170,7 @@ def test_after_a_sync_the_engine_holds_the_students_weights(
 
 
 def test_the_engine_runs_on_the_cpus_it_is_given(tiny: dict, tmp_path: Path, fake_on_path: None) -> None:
-    """`vllm.devices` on a machine without CUDA: the server is pinned to those cores, and vLLM is told
+    """`engine.devices` on a machine without CUDA: the server is pinned to those cores, and vLLM is told
     to bind its threads there."""
     tokenizer = AutoTokenizer.from_pretrained(tiny["student"])
     student = AutoModelForCausalLM.from_pretrained(tiny["student"], dtype=torch.float32)
@@ -348,7 +348,7 @@ def test_a_killed_run_takes_its_engine_with_it(tmp_path: Path, tiny: dict, fake_
 def test_a_server_already_running_is_synced_and_left_running(
     tmp_path: Path, tiny: dict, fake_on_path: None, capsys: pytest.CaptureFixture
 ) -> None:
-    """`vllm.server`: kdistill starts nothing, brings the server to the student's weights at the start and
+    """`engine.server`: kdistill starts nothing, brings the server to the student's weights at the start and
     before every step, and leaves it running; a wrong `served_name` is one message."""
     from kdistill.sampling.engine import _free_port
     from kdistill.serving.process import ServerProcess, vllm_command

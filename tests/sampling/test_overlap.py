@@ -1,4 +1,4 @@
-"""`training.on_policy.overlap` (run/overlap.py): which weights each step's rows come from, when the
+"""`training.on_policy.overlap` (sampling/overlap.py): which weights each step's rows come from, when the
 engine syncs, rows taken only when they are the ones asked for, and the rows a checkpoint keeps.
 
 The engine here is a recorder with the engine's interface; tests/test_engine.py runs overlapping runs

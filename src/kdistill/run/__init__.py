@@ -1,2 +1,1 @@
-"""One training run, orchestration only: start, loop, step, guards, checkpoints, export, signals, and
-`kdistill validate`."""
+"""One training run: start, loop, step, guards, health, metrics, the accelerator and the optimizer."""

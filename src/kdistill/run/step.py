@@ -83,7 +83,7 @@ class Step:
                 accelerator.backward(sums.total * scale)
             _add_sums(totals, sums, [t.name for t in teachers])
             totals["tokens"] += int(batch["attention_mask"].sum())
-            totals["pairs"] += attention_pairs(batch["attention_mask"])  # for flops_per_s (run/flops.py)
+            totals["pairs"] += attention_pairs(batch["attention_mask"])  # for flops_per_s (prerun/flops.py)
         if self.max_grad_norm is not None:
             totals["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), self.max_grad_norm))
         self.optimizer.step()

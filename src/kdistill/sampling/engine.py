@@ -53,7 +53,7 @@ class EngineSettings:
     start_timeout: float
     sync_steps: int
     max_model_len: int
-    overlap: bool = False  # sample the next step's rows while this step trains (run/overlap.py)
+    overlap: bool = False  # sample the next step's rows while this step trains (sampling/overlap.py)
     devices: str | None = None  # where a server kdistill starts runs: GPUs, or CPU cores ("1", "2-3")
     concurrency: int = 32  # requests in flight
     timeout: float = 600.0  # seconds for one request

@@ -1,2 +1,2 @@
-"""Everything about teachers: the roster of live and cached teachers, their forward pass, vocabulary
-matching, teacher-written responses, the cache format and `kdistill cache`."""
+"""Everything about teachers: one interface for live, cached and served teachers (`base.Teacher`), the
+roster, vocabulary matching, teacher-written responses, the cache format and `kdistill cache`."""
