@@ -88,7 +88,7 @@ CASES: dict[str, tuple[Setup, str]] = {
     "engine_processes": (  # launched as two FSDP processes (`_sharded_launch`)
         lambda tmp, tiny: {
             "training": {
-                "on_policy": {"lmbda": 1.0, "engine": "vllm", "vllm": {"server": "http://127.0.0.1:9"}}
+                "on_policy": {"lmbda": 1.0, "engine": {"kind": "vllm", "server": "http://127.0.0.1:9"}}
             }
         },
         "training.on_policy.engine=vllm with 2 processes under FSDP: the engine is synced from the main "

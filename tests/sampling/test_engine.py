@@ -297,8 +297,7 @@ def test_an_error_mid_run_stops_the_engine(
 
     monkeypatch.setattr(Step, "__call__", fails)
     config = tiny_config(tiny, tmp_path / "out", training={"max_steps": 3, "on_policy": _on()})
-    with pytest.raises(RuntimeError, match="a step that fails"):
-        main(["train", str(write_config(tmp_path / "run.yaml", config))])
+    assert main(["train", str(write_config(tmp_path / "run.yaml", config))]) == 1
     assert not _servers_in(tmp_path / "out")
 
 
