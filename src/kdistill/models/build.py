@@ -17,6 +17,7 @@ from kdistill.config.schema import LoraSettings
 from kdistill.errors import KdistillError
 from kdistill.models.loading import ModelSource, load_model, resolve
 from kdistill.models.parts import for_inference
+from kdistill.models.prune import build_pruned
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -114,15 +115,28 @@ def bitsandbytes_version() -> str | None:
         return None
 
 
-def build_student(cfg: StudentConfig, teacher: Any | None, device: torch.device) -> Any:
-    """The student: a pretrained model or one cut from the teacher, then LoRA-wrapped or fully trainable."""
+def build_student(
+    cfg: StudentConfig,
+    teacher: Any | None,
+    device: torch.device,
+    calibration: list[dict[str, torch.Tensor]] | None = None,
+) -> Any:
+    """The student: a pretrained model or one cut from the teacher, then LoRA-wrapped or fully trainable.
+
+    A `method: importance` student is pruned from the teacher by its activations on the `calibration`
+    batches (`models.prune.calibration.load_calibration`).
+    """
     # Fully trained weights stay fp32 under `auto` (mixed precision computes in bf16 on GPUs); a LoRA
     # student's frozen base may be bf16 there, which halves its memory without touching the optimizer.
     dtype = pick_dtype(cfg.dtype, device) if cfg.finetune == "lora" or cfg.dtype != "auto" else torch.float32
     if cfg.from_teacher is not None:
         if teacher is None:
             raise KdistillError("student.from_teacher needs a live teacher model to copy layers from")
-        model = shrink(teacher, cfg.from_teacher.num_layers).to(device=device, dtype=dtype)
+        if cfg.from_teacher.method == "importance":
+            model = build_pruned(teacher, cfg.from_teacher, calibration or []).model
+        else:
+            model = shrink(teacher, cfg.from_teacher.num_layers)
+        model = model.to(device=device, dtype=dtype)
     else:
         model = load_model(student_source(cfg), dtype, device)
     model.config.use_cache = False
