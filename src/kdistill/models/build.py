@@ -13,11 +13,12 @@ from packaging.version import Version
 from torch import nn
 
 from kdistill.config import StudentConfig, TeacherConfig
-from kdistill.config.schema import LoraSettings
+from kdistill.config.schema import FromTeacher, LoraSettings
 from kdistill.errors import KdistillError
 from kdistill.models.loading import ModelSource, load_model, resolve
 from kdistill.models.parts import for_inference
-from kdistill.models.prune import build_pruned
+from kdistill.models.prune import build_pruned, build_shape
+from kdistill.models.prune.shape import student_config
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -185,6 +186,18 @@ def meta_model(
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except Exception:  # any architecture's own code may fail on meta tensors; the real load still checks
         return None
+
+
+def made_student_config(teacher_config: Any, settings: FromTeacher) -> Any:
+    """The config.json of a `from_teacher` student, from the teacher's alone (no weights).
+
+    An `even` student keeps evenly spaced layers; an `importance` one has the pruned shape, whose
+    layers are known only after calibration (per-layer settings such as Gemma's `layer_types` are
+    then the first ones').
+    """
+    if settings.method == "importance":
+        return student_config(teacher_config, build_shape(teacher_config, settings))
+    return _fewer_layers(teacher_config, keep_indices(teacher_config.num_hidden_layers, settings.num_layers))
 
 
 def checkpoint_student(model: Any) -> None:

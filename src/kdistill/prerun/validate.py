@@ -126,6 +126,12 @@ def machine_lines(plan: Plan) -> list[str]:
     return lines
 
 
+def _made(settings: Any) -> str:
+    if settings.method == "even":
+        return f"from_teacher, {settings.num_layers} evenly spaced layers"
+    return f"from_teacher, pruned by importance ({settings.depth_score}, {settings.calibration_rows} rows)"
+
+
 def _config_lines(cfg: RunConfig, width: int | None) -> list[str]:
     """The teachers, the student and the loss as the config states them (`width`: shared logits)."""
     hidden = cfg.loss.hidden
@@ -143,8 +149,7 @@ def _config_lines(cfg: RunConfig, width: int | None) -> list[str]:
             else f"logits: {width:,}"
         )
     return lines + [
-        f"student: {cfg.student.model or f'from_teacher, {cfg.student.from_teacher.num_layers} layers'} "
-        f"({cfg.student.finetune})",
+        f"student: {cfg.student.model or _made(cfg.student.from_teacher)} ({cfg.student.finetune})",
         f"loss: {cfg.loss.alpha} * {cfg.loss.divergence} * T^2 + {1 - cfg.loss.alpha:g} * CE"
         + (f" + {hidden.weight:g} * hidden ({hidden.distance})" if hidden.weight > 0 else "")
         + f", T = {cfg.loss.temperature}",

@@ -20,6 +20,7 @@ from kdistill.files import RunFiles
 from kdistill.losses.hidden import HiddenProjections
 from kdistill.models.build import build_student, full_precision, load_teacher
 from kdistill.models.parts import base_model, depth_and_width
+from kdistill.models.prune.calibration import load_calibration
 from kdistill.prerun.on_policy import check_on_policy, check_on_policy_vocabularies
 from kdistill.prerun.preflight import hidden_pairs, run_checks
 from kdistill.teacher.responses import load_data
@@ -47,7 +48,7 @@ def build_components(cfg: RunConfig, device: torch.device, config_path: str = "C
     vocabs = plan.vocabs
     check_on_policy_vocabularies(cfg, vocabs.cross)
     tokenizer, vocab_size = vocabs.tokenizer, vocabs.width
-    student, live = load_student_and_teachers(cfg, device)
+    student, live = load_student_and_teachers(cfg, device, load_calibration(cfg, tokenizer))
     first_name = cfg.teacher_list()[0][0]
     compact_teachers(cfg, live)  # after the student has copied any teacher layers
     data = load_data(cfg, tokenizer, live.get(first_name), vocabs.cross, ready=plan.data)
@@ -57,7 +58,9 @@ def build_components(cfg: RunConfig, device: torch.device, config_path: str = "C
     return Components(teachers, student, tokenizer, data, vocab_size, projections, pads, vocabs.cross)
 
 
-def load_student_and_teachers(cfg: RunConfig, device: torch.device) -> tuple[Any, dict[str, Any]]:
+def load_student_and_teachers(
+    cfg: RunConfig, device: torch.device, calibration: list[dict[str, torch.Tensor]] | None = None
+) -> tuple[Any, dict[str, Any]]:
     """The student and the live teachers.
 
     A `from_teacher` student copies the first teacher's layers: as loaded when it runs live in full
@@ -72,23 +75,13 @@ def load_student_and_teachers(cfg: RunConfig, device: torch.device) -> tuple[Any
             "give teacher.model beside teacher.cache"
         )
     if copies and first.quantization != "none":
-        student = build_student(cfg.student, load_teacher(full_precision(first), device), device)
+        student = build_student(cfg.student, load_teacher(full_precision(first), device), device, calibration)
         return student, load_live_teachers(cfg, device)
     live = load_live_teachers(cfg, device)
     base = live.get(first_name)
     if copies and base is None:
         base = load_teacher(first, device)  # only to copy its layers; it teaches from elsewhere
-    return build_student(cfg.student, base, device), live
-
-
-
-
-
-
-
-
-
-
+    return build_student(cfg.student, base, device, calibration), live
 
 
 def build_projections(
@@ -125,4 +118,3 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool, main: bool) -> 
                 path.unlink()
     if main:
         out.mkdir(parents=True, exist_ok=True)
-

@@ -10,7 +10,15 @@ from typing import Any
 import torch
 
 from kdistill.config import RunConfig
-from kdistill.data import Collator, Tokenized, load_examples, split_examples, tokenize_examples, with_response
+from kdistill.data import (
+    Collator,
+    Example,
+    Tokenized,
+    load_examples,
+    split_examples,
+    tokenize_examples,
+    with_response,
+)
 
 
 def load_calibration(cfg: RunConfig, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
@@ -23,16 +31,36 @@ def load_calibration(cfg: RunConfig, tokenizer: Any) -> list[dict[str, torch.Ten
     settings = cfg.student.from_teacher
     if settings is None or settings.method != "importance":
         return []
+    train, _ = _splits(cfg)
+    drawn = random.Random(cfg.training.seed).sample(train, min(len(train), settings.calibration_rows))
+    return _batches(drawn, tokenizer, cfg.data.max_length, settings.calibration_batch_size)
+
+
+def load_held_out(
+    cfg: RunConfig, tokenizer: Any, rows: int, batch_size: int = 4
+) -> list[dict[str, torch.Tensor]]:
+    """Batches of the first `rows` held-out rows, as training holds them out."""
+    return _batches(_splits(cfg)[1][:rows], tokenizer, cfg.data.max_length, batch_size)
+
+
+def _splits(cfg: RunConfig) -> tuple[list[Example], list[Example]]:
+    """The training and held-out examples with a response, drawn as `data.build_datasets` draws them."""
     data = cfg.data
-    examples, _ = load_examples(data.source, data.split, data.format)
-    examples = examples[: data.max_rows] if data.max_rows else examples
-    if not data.validation_source:
-        examples, _ = split_examples(examples, data.validation_size, cfg.training.seed, data.source)
-    examples, _ = with_response(examples)
-    drawn = random.Random(cfg.training.seed).sample(examples, min(len(examples), settings.calibration_rows))
-    rows = tokenize_examples(drawn, tokenizer, data.max_length)[0]
+    train, _ = load_examples(data.source, data.split, data.format)
+    train = train[: data.max_rows] if data.max_rows else train
+    if data.validation_source:
+        validation, _ = load_examples(data.validation_source, "validation", data.format)
+    else:
+        train, validation = split_examples(train, data.validation_size, cfg.training.seed, data.source)
+    return with_response(train)[0], with_response(validation)[0]
+
+
+def _batches(
+    examples: list[Example], tokenizer: Any, max_length: int, size: int
+) -> list[dict[str, torch.Tensor]]:
+    rows = tokenize_examples(examples, tokenizer, max_length)[0]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return list(padded_batches(rows, settings.calibration_batch_size, pad, torch.device("cpu")))
+    return list(padded_batches(rows, size, pad, torch.device("cpu")))
 
 
 def padded_batches(

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kdistill.models.parts import softcap
+from kdistill.models.prune.quality import response_log_probs
 
 
 @dataclass
@@ -161,11 +161,11 @@ def removal_scores(
     for batch in batches:
         mask = batch["labels"][:, 1:] != -100
         targets = batch["labels"][:, 1:][mask]
-        full = _response_log_probs(model, batch, mask)
+        full = response_log_probs(model, batch, mask, torch.float64)
         for i in range(len(layers)):
             kept, layers[i] = layers[i], _Skip()
             try:
-                cut = _response_log_probs(model, batch, mask)
+                cut = response_log_probs(model, batch, mask, torch.float64)
             finally:
                 layers[i] = kept
             if metric == "kl":
@@ -176,15 +176,3 @@ def removal_scores(
         tokens += int(mask.sum())
     bar.close()
     return (totals / max(tokens, 1)).tolist()
-
-
-def _response_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """Log-probs `(N, V)` of the next token at the `N` positions of `mask` `(B, T-1)`, in float64."""
-    hidden = model.model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-    ).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[:, :-1][mask]).double()
-    cap = softcap(model)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return torch.log_softmax(logits, dim=-1)
