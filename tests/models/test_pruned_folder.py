@@ -68,7 +68,8 @@ def test_validate_knows_the_pruned_shape_and_refuses_lora(
 ) -> None:
     config = pruned_config(tiny, tmp_path, params=0.5, intermediate_size=None)
     assert main(["validate", str(config)]) == 0
-    assert "pruned by importance" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "pruned by importance" in printed and "parameters (" in printed and "non-embedding" in printed
     bad = pruned_config(tiny, tmp_path, num_layers=9)
     assert main(["validate", str(bad)]) == 2
     assert "num_layers=9: the teacher has 4" in capsys.readouterr().err

@@ -9,6 +9,9 @@ from kdistill.config import RunConfig
 from kdistill.data import IGNORE_INDEX, DataSplits
 from kdistill.errors import KdistillError
 from kdistill.models.loading import hub_reachable
+from kdistill.models.parts import text_config
+from kdistill.models.prune import build_shape, count_params
+from kdistill.models.prune.shape import teacher_shape
 from kdistill.prerun.on_policy import check_on_policy, check_on_policy_vocabularies
 from kdistill.prerun.preflight import (
     LOCAL_CHECKS,
@@ -83,7 +86,7 @@ def validate_run(cfg: RunConfig) -> list[str]:
             f"not checked here, as the hub cannot be reached: {err}",
         ]
     vocabs, data = plan.vocabs, plan.data
-    lines = _config_lines(cfg, vocabs.width) + machine_lines(plan)
+    lines = _config_lines(cfg, vocabs.width) + machine_lines(plan) + made_student_lines(plan)
     lines.append(f"data: {data.describe()}")
     check_on_policy_vocabularies(cfg, vocabs.cross)
     lines += alignment_lines(cfg, vocabs, data)
@@ -124,6 +127,23 @@ def machine_lines(plan: Plan) -> list[str]:
         except KdistillError as err:
             lines.append(f"on this machine, train would refuse: {err}")
     return lines
+
+
+def made_student_lines(plan: Plan) -> list[str]:
+    """A pruned student's shape and size, from the teacher's config.json alone."""
+    settings = plan.cfg.student.from_teacher
+    if settings is None or settings.method != "importance":
+        return []
+    teacher = text_config(plan.student_config()[1])
+    shape = build_shape(teacher, settings)
+    (total, non_embedding), full = (
+        count_params(teacher, shape),
+        count_params(teacher, teacher_shape(teacher))[0],
+    )
+    return [
+        f"student shape: {shape.describe()}; {total:,} parameters ({total / full:.1%} of the teacher's "
+        f"{full:,}), {non_embedding:,} non-embedding"
+    ]
 
 
 def _made(settings: Any) -> str:

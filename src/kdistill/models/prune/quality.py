@@ -22,16 +22,26 @@ _MAX_CE = 50.0  # as objective.quality: exp(ce) is not reported above e^50
 
 @torch.no_grad()
 def response_quality(
-    teacher: nn.Module, student: nn.Module, batches: Iterable[dict[str, torch.Tensor]], progress: bool = True
+    teacher: nn.Module,
+    student: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    progress: bool = True,
+    memo: dict[int, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Per response token: KL(teacher || student), the student's and the teacher's cross-entropy and
-    perplexity, and top-1 agreement. Batches carry `input_ids`, `attention_mask` and `labels` `(B, T)`."""
+    perplexity, and top-1 agreement. Batches carry `input_ids`, `attention_mask` and `labels` `(B, T)`.
+    `memo` keeps the teacher's log-probs per batch index between calls on the same batches."""
     sums = dict.fromkeys(("kl", "ce", "teacher_ce", "agree"), 0.0)
     tokens = 0
-    for batch in tqdm(list(batches), desc="held-out quality", unit="batch", disable=not progress):
+    memo = {} if memo is None else memo
+    for i, batch in enumerate(
+        tqdm(list(batches), desc="held-out quality", unit="batch", disable=not progress)
+    ):
         mask = batch["labels"][:, 1:] != -100
         targets = batch["labels"][:, 1:][mask]
-        t, s = response_log_probs(teacher, batch, mask), response_log_probs(student, batch, mask)
+        if i not in memo:
+            memo[i] = response_log_probs(teacher, batch, mask)
+        t, s = memo[i], response_log_probs(student, batch, mask)
         sums["kl"] += float((t.exp() * (t - s)).sum())
         sums["ce"] -= float(s.gather(-1, targets[:, None]).sum())
         sums["teacher_ce"] -= float(t.gather(-1, targets[:, None]).sum())
