@@ -109,7 +109,8 @@ def measure_arm(name: str, teacher: Any, shared: dict[str, Any], args: argparse.
     else:
         importance = shared["importance"]
         if settings.depth_score == "removal_kl":
-            rows = shared["calibration"][: -(-args.removal_rows // 4)]
+            batches = -(-args.removal_rows // settings.calibration_batch_size)
+            rows = shared["calibration"][-batches:]  # the shortest rows: 31 passes for each batch
             importance = replace(importance, removal=removal_scores(teacher, rows, "kl"))
         shape = build_shape(teacher.config, settings)
         depth = importance.influence if importance.removal is None else importance.removal
@@ -180,7 +181,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     parser.add_argument("--calibration-rows", type=int, default=32)
-    parser.add_argument("--removal-rows", type=int, default=8, help="of the calibration rows, for removal_kl")
+    parser.add_argument("--removal-rows", type=int, default=4, help="of the calibration rows, for removal_kl")
     parser.add_argument("--eval-rows", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens timed for decode speed")
@@ -211,14 +212,21 @@ def main() -> None:
         del row["student"]
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "quality"} | {"ppl": row["quality"]["ppl"]}))
-    teacher_ppl = rows[0]["quality"]["teacher_ppl"]
-    print(table(rows, teacher_ppl))
+        save(args, shared, teacher, teacher_speed, rows)  # after every arm: a long run keeps what it measured
+    print(table(rows, rows[0]["quality"]["teacher_ppl"]))
     print(f"teacher decode: {teacher_speed:.1f} tok/s; budget {shared['budget']:,} parameters")
+
+
+def save(args: argparse.Namespace, shared: dict[str, Any], teacher: Any, speed: float, rows: list) -> None:
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "budget": shared["budget"],
         "calibration_s": shared["calibration_s"],
-        "teacher": {"ppl": teacher_ppl, "decode_tok_s": teacher_speed, "params": parameter_counts(teacher)},
+        "teacher": {
+            "ppl": rows[0]["quality"]["teacher_ppl"],
+            "decode_tok_s": speed,
+            "params": parameter_counts(teacher),
+        },
         "settings": vars(args),
         "arms": rows,
     }

@@ -87,3 +87,11 @@ def test_prune_needs_from_teacher(tiny: dict[str, Path], tmp_path: Path) -> None
     )
     with pytest.raises(KdistillError, match="give student.from_teacher"):
         write_pruned(cfg, tmp_path / "x")
+
+
+def test_kdistill_train_with_an_importance_student(tiny: dict[str, Path], tmp_path: Path) -> None:
+    config = pruned_config(tiny, tmp_path, hidden_size=48)
+    assert main(["train", str(config), "--set", "training.max_steps=2"]) == 0
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    assert (trained.config.num_hidden_layers, trained.config.hidden_size) == (3, 48)
+    assert trained.config.intermediate_size == 64 and trained.config.head_dim == 16
