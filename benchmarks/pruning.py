@@ -17,9 +17,11 @@ decode tokens/s at batch 1. `--train-quickstart` then trains each arm's student 
 configs/quickstart.yaml (`kdistill train` in a fresh process, `student.model`) and reads its before
 and after figures on the quickstart's held-out rows.
 
-Time on 2 cores: the teacher loads in about 30 s; each arm scores 64 calibration rows in about a
-minute (`depth_removal` 31 passes over 16 rows: a few minutes); the held-out rows take about a
-minute an arm; the quickstart's training about 4 minutes an arm.
+The teacher's activation scores are the same for every importance arm, so the 32 calibration rows
+are scored once; `depth_removal` adds 30 passes over its `--removal-rows`. Time on 2 shared cores
+(load average 8 to 12): calibration about 200 s, removal about 430 s, held-out rows about 3 minutes
+an arm, about 25 minutes for all five arms; an idle machine is several times faster. The quickstart's
+training takes about 4 minutes an arm on an idle machine.
 """
 
 from __future__ import annotations
@@ -211,7 +213,7 @@ def main() -> None:
                 row["quickstart"] = train_quickstart(row["student"], tokenizer, Path(folder))
         del row["student"]
         rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "quality"} | {"ppl": row["quality"]["ppl"]}))
+        print(json.dumps(row))
         save(args, shared, teacher, teacher_speed, rows)  # after every arm: a long run keeps what it measured
     print(table(rows, rows[0]["quality"]["teacher_ppl"]))
     print(f"teacher decode: {teacher_speed:.1f} tok/s; budget {shared['budget']:,} parameters")

@@ -66,8 +66,8 @@ def test_train_prunes_in_process_as_prune_does(tiny: dict[str, Path], tmp_path: 
 def test_validate_knows_the_pruned_shape_and_refuses_lora(
     tiny: dict[str, Path], tmp_path: Path, capsys
 ) -> None:
-    config = pruned_config(tiny, tmp_path, params=0.5, intermediate_size=None)
-    assert main(["validate", str(config)]) == 0
+    config = pruned_config(tiny, tmp_path, params=0.5, intermediate_size=None, hidden_size=32)
+    assert main(["validate", str(config), "--memory"]) == 0
     printed = capsys.readouterr().out
     assert "pruned by importance" in printed and "parameters (" in printed and "non-embedding" in printed
     bad = pruned_config(tiny, tmp_path, num_layers=9)
