@@ -64,6 +64,3 @@ def build_pruned(
     kept = choose(importance, depth, shape, teacher_shape(teacher.config))
     return Pruned(prune(teacher, shape, kept), shape, kept, importance, cfg.depth_score, seconds)
 
-
-def pruned_student(teacher: Any, cfg: FromTeacher, calibration: list[dict[str, torch.Tensor]]) -> nn.Module:
-    return build_pruned(teacher, cfg, calibration).model
