@@ -62,4 +62,3 @@ def build_pruned(
     depth = importance.influence if importance.removal is None else importance.removal
     kept = choose(importance, depth, shape, teacher_shape(teacher.config))
     return Pruned(prune(teacher, shape, kept), shape, kept, importance, cfg.depth_score, seconds)
-
