@@ -15,6 +15,7 @@ from typing import Any
 
 from kdistill.cli.evaluation import HANDLERS as EVAL_HANDLERS
 from kdistill.cli.evaluation import add_eval_commands
+from kdistill.cli.prune import add_prune_command, prune
 from kdistill.errors import KdistillError, ResumableInterrupt
 
 EPILOG = (
@@ -84,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
         help="share of the device's memory vLLM reserves (its --gpu-memory-utilization; on CPU, of RAM)",
     )
     add_eval_commands(commands)
+    add_prune_command(commands, EPILOG)
     return parser
 
 
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             "cache": _cache,
             "validate": _validate,
             "serve": _serve,
+            "prune": prune,
             **EVAL_HANDLERS,
         }
         return handlers[args.command](args)

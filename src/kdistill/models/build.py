@@ -13,10 +13,12 @@ from packaging.version import Version
 from torch import nn
 
 from kdistill.config import StudentConfig, TeacherConfig
-from kdistill.config.schema import LoraSettings
+from kdistill.config.schema import FromTeacher, LoraSettings
 from kdistill.errors import KdistillError
 from kdistill.models.loading import ModelSource, load_model, resolve
 from kdistill.models.parts import for_inference
+from kdistill.models.prune import build_pruned, build_shape
+from kdistill.models.prune.shape import student_config
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -114,15 +116,28 @@ def bitsandbytes_version() -> str | None:
         return None
 
 
-def build_student(cfg: StudentConfig, teacher: Any | None, device: torch.device) -> Any:
-    """The student: a pretrained model or one cut from the teacher, then LoRA-wrapped or fully trainable."""
+def build_student(
+    cfg: StudentConfig,
+    teacher: Any | None,
+    device: torch.device,
+    calibration: list[dict[str, torch.Tensor]] | None = None,
+) -> Any:
+    """The student: a pretrained model or one cut from the teacher, then LoRA-wrapped or fully trainable.
+
+    A `method: importance` student is pruned from the teacher by its activations on the `calibration`
+    batches (`models.prune.calibration.load_calibration`).
+    """
     # Fully trained weights stay fp32 under `auto` (mixed precision computes in bf16 on GPUs); a LoRA
     # student's frozen base may be bf16 there, which halves its memory without touching the optimizer.
     dtype = pick_dtype(cfg.dtype, device) if cfg.finetune == "lora" or cfg.dtype != "auto" else torch.float32
     if cfg.from_teacher is not None:
         if teacher is None:
             raise KdistillError("student.from_teacher needs a live teacher model to copy layers from")
-        model = shrink(teacher, cfg.from_teacher.num_layers).to(device=device, dtype=dtype)
+        if cfg.from_teacher.method == "importance":
+            model = build_pruned(teacher, cfg.from_teacher, calibration or []).model
+        else:
+            model = shrink(teacher, cfg.from_teacher.num_layers)
+        model = model.to(device=device, dtype=dtype)
     else:
         model = load_model(student_source(cfg), dtype, device)
     model.config.use_cache = False
@@ -171,6 +186,18 @@ def meta_model(
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except Exception:  # any architecture's own code may fail on meta tensors; the real load still checks
         return None
+
+
+def made_student_config(teacher_config: Any, settings: FromTeacher) -> Any:
+    """The config.json of a `from_teacher` student, from the teacher's alone (no weights).
+
+    An `even` student keeps evenly spaced layers; an `importance` one has the pruned shape, whose
+    layers are known only after calibration (per-layer settings such as Gemma's `layer_types` are
+    then the first ones').
+    """
+    if settings.method == "importance":
+        return student_config(teacher_config, build_shape(teacher_config, settings))
+    return _fewer_layers(teacher_config, keep_indices(teacher_config.num_hidden_layers, settings.num_layers))
 
 
 def checkpoint_student(model: Any) -> None:

@@ -11,7 +11,7 @@ import torch
 from kdistill.config import RunConfig
 from kdistill.errors import KdistillError
 from kdistill.losses.chunked import chunk_rows
-from kdistill.models.build import student_source, teacher_source
+from kdistill.models.build import made_student_config, student_source, teacher_source
 from kdistill.models.loading import gguf_type, load_config_only
 from kdistill.prerun.memory import (
     GB,
@@ -113,6 +113,9 @@ def _shapes(cfg: RunConfig) -> tuple[Shape | None, Shape, int]:
         return t_shape, s_shape, s_shape.layers
     if t_shape is None:
         raise KdistillError("student.from_teacher needs the teacher's model; give teacher.model")
+    if s.from_teacher.method == "importance":
+        made = shape_of(made_student_config(load_config_only(teacher_source(t)), s.from_teacher))
+        return t_shape, made, made.layers
     return t_shape, t_shape, s.from_teacher.num_layers
 
 

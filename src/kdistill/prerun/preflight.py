@@ -21,6 +21,7 @@ from kdistill.losses.hidden import LayerPairs, copied_layer_pairs, require_live_
 from kdistill.models.build import (
     check_shrinkable,
     keep_indices,
+    made_student_config,
     meta_model,
     quantization_kwargs,
     student_source,
@@ -96,6 +97,15 @@ def student_from_teacher(checked: Checked) -> None:
             "give teacher.model beside teacher.cache"
         )
     source = teacher_source(cfg.teacher)
+    if shrink.method == "importance":
+        made_student_config(checked.config_of(source), shrink)  # refuses shapes the teacher cannot give
+        if cfg.student.finetune == "lora":
+            raise KdistillError(
+                "student.from_teacher.method: importance with finetune: lora: the adapter's base would "
+                "have to be pruned again wherever it is loaded; run `kdistill prune CONFIG` once and give "
+                "its folder as student.model (or use finetune: full)"
+            )
+        return
     teacher = meta_model(checked.config_of(source), trust_remote_code=source.trust_remote_code)
     if teacher is not None:
         check_shrinkable(teacher, shrink.num_layers)
@@ -121,8 +131,7 @@ def lora_targets_match(checked: Checked) -> None:
     """student.lora.target_modules name modules the student has (peft runs on a meta-device copy)."""
     student = checked.cfg.student
     if student.finetune == "lora":
-        layers = student.from_teacher.num_layers if student.from_teacher is not None else None
-        model = meta_model(checked.student_config()[1], layers, student.trust_remote_code)
+        model = meta_model(made_config(checked), trust_remote_code=student.trust_remote_code)
         if model is not None:
             with_lora(model, student.lora)
 
@@ -191,10 +200,14 @@ def run_checks(
 def model_shapes(checked: Checked) -> tuple[dict[str, tuple[int, int]], tuple[int, int]]:
     """Each live teacher's `(layers, hidden size)` by name, and the student's, from their configs."""
     shapes = {name: depth_and_width(checked.config_of(source)) for name, source in checked.reading_teachers()}
-    own = depth_and_width(checked.student_config()[1])
-    if checked.cfg.student.from_teacher is not None:
-        own = (checked.cfg.student.from_teacher.num_layers, own[1])
-    return shapes, own
+    return shapes, depth_and_width(made_config(checked))
+
+
+def made_config(checked: Checked) -> Any:
+    """The student's config: its own, or the one a `from_teacher` student gets (`made_student_config`)."""
+    settings = checked.cfg.student.from_teacher
+    config = checked.student_config()[1]
+    return config if settings is None else made_student_config(text_config(config), settings)
 
 
 def hidden_pairs(
@@ -211,7 +224,8 @@ def hidden_pairs(
     found = []
     for index, (name, _) in enumerate(cfg.teacher_list()):
         depth = teachers[name][0]
-        if layers == "auto" and index == 0 and cfg.student.from_teacher is not None:
+        made = cfg.student.from_teacher
+        if layers == "auto" and index == 0 and made is not None and made.method == "even":
             pairs = copied_layer_pairs(keep_indices(depth, student[0]))
         else:
             key = f"loss.hidden.layers (teacher {name!r})" if several else "loss.hidden.layers"

@@ -9,6 +9,9 @@ from kdistill.config import RunConfig
 from kdistill.data import IGNORE_INDEX, DataSplits
 from kdistill.errors import KdistillError
 from kdistill.models.loading import hub_reachable
+from kdistill.models.parts import text_config
+from kdistill.models.prune import build_shape, count_params
+from kdistill.models.prune.shape import teacher_shape
 from kdistill.prerun.checked import Checked
 from kdistill.prerun.preflight import (
     LOCAL_CHECKS,
@@ -82,7 +85,7 @@ def validate_run(cfg: RunConfig) -> list[str]:
             f"not checked here, as the hub cannot be reached: {err}",
         ]
     vocabs, data = checked.vocabs, checked.data
-    lines = _config_lines(cfg, vocabs.width) + machine_lines(checked)
+    lines = _config_lines(cfg, vocabs.width) + machine_lines(checked) + made_student_lines(checked)
     lines.append(f"data: {data.describe()}")
     lines += alignment_lines(cfg, vocabs, data)
     if cfg.loss.hidden.weight > 0:
@@ -124,6 +127,29 @@ def machine_lines(checked: Checked) -> list[str]:
     return lines
 
 
+def made_student_lines(checked: Checked) -> list[str]:
+    """A pruned student's shape and size, from the teacher's config.json alone."""
+    settings = checked.cfg.student.from_teacher
+    if settings is None or settings.method != "importance":
+        return []
+    teacher = text_config(checked.student_config()[1])
+    shape = build_shape(teacher, settings)
+    (total, non_embedding), full = (
+        count_params(teacher, shape),
+        count_params(teacher, teacher_shape(teacher))[0],
+    )
+    return [
+        f"student shape: {shape.describe()}; {total:,} parameters ({total / full:.1%} of the teacher's "
+        f"{full:,}), {non_embedding:,} non-embedding"
+    ]
+
+
+def _made(settings: Any) -> str:
+    if settings.method == "even":
+        return f"from_teacher, {settings.num_layers} evenly spaced layers"
+    return f"from_teacher, pruned by importance ({settings.depth_score}, {settings.calibration_rows} rows)"
+
+
 def _config_lines(cfg: RunConfig, width: int | None) -> list[str]:
     """The teachers, the student and the loss as the config states them (`width`: shared logits)."""
     hidden = cfg.loss.hidden
@@ -141,8 +167,7 @@ def _config_lines(cfg: RunConfig, width: int | None) -> list[str]:
             else f"logits: {width:,}"
         )
     return lines + [
-        f"student: {cfg.student.model or f'from_teacher, {cfg.student.from_teacher.num_layers} layers'} "
-        f"({cfg.student.finetune})",
+        f"student: {cfg.student.model or _made(cfg.student.from_teacher)} ({cfg.student.finetune})",
         f"loss: {cfg.loss.alpha} * {cfg.loss.divergence} * T^2 + {1 - cfg.loss.alpha:g} * CE"
         + (f" + {hidden.weight:g} * hidden ({hidden.distance})" if hidden.weight > 0 else "")
         + f", T = {cfg.loss.temperature}",

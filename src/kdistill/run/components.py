@@ -20,6 +20,7 @@ from kdistill.files import RunFiles
 from kdistill.losses.hidden import HiddenProjections
 from kdistill.models.build import build_student, full_precision, load_teacher
 from kdistill.models.parts import base_model, depth_and_width
+from kdistill.models.prune.calibration import load_calibration
 from kdistill.prerun.preflight import hidden_pairs, run_checks
 from kdistill.teacher.base import Teacher
 from kdistill.teacher.responses import load_data
@@ -44,10 +45,11 @@ def build_components(
     cfg: RunConfig, device: torch.device, config_path: str = "CONFIG", accelerator: Any = None
 ) -> Components:
     """Make validate's checks (`prerun/preflight.py`, launched as `accelerator` is), then load the
-    models, the data and any teacher caches."""
+    models (a pruned student calibrated on the training rows), the data and any teacher caches."""
     checked = run_checks(cfg, accelerator=accelerator)  # every refusal that needs no weights, first
     vocabs = checked.vocabs
-    student, live = load_student_and_teachers(cfg, device)
+    calibration = load_calibration(cfg, vocabs.tokenizer)
+    student, live = load_student_and_teachers(cfg, device, calibration)
     first_name = cfg.teacher_list()[0][0]
     compact_teachers(cfg, live)  # after the student has copied any teacher layers
     data = load_data(cfg, vocabs.tokenizer, live.get(first_name), vocabs.cross, ready=checked.data)
@@ -63,7 +65,9 @@ def build_components(
     )
 
 
-def load_student_and_teachers(cfg: RunConfig, device: torch.device) -> tuple[Any, dict[str, Any]]:
+def load_student_and_teachers(
+    cfg: RunConfig, device: torch.device, calibration: list[dict[str, torch.Tensor]] | None = None
+) -> tuple[Any, dict[str, Any]]:
     """The student and the live teachers.
 
     A `from_teacher` student copies the first teacher's layers: as loaded when it runs live in full
@@ -73,13 +77,13 @@ def load_student_and_teachers(cfg: RunConfig, device: torch.device) -> tuple[Any
     first_name, first = cfg.teacher_list()[0]
     copies = cfg.student.from_teacher is not None  # with the teacher's model: `student_from_teacher` checked
     if copies and first.quantization != "none":
-        student = build_student(cfg.student, load_teacher(full_precision(first), device), device)
+        student = build_student(cfg.student, load_teacher(full_precision(first), device), device, calibration)
         return student, load_live_teachers(cfg, device)
     live = load_live_teachers(cfg, device)
     base = live.get(first_name)
     if copies and base is None:
         base = load_teacher(first, device)  # only to copy its layers; it teaches from elsewhere
-    return build_student(cfg.student, base, device), live
+    return build_student(cfg.student, base, device, calibration), live
 
 
 def build_projections(

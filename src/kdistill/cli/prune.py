@@ -1,0 +1,58 @@
+"""`kdistill prune`: the `from_teacher` student written as a model folder. Parsing and printing only."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def add_prune_command(commands: argparse._SubParsersAction, epilog: str) -> None:
+    text = (
+        "Make CONFIG's student.from_teacher student (pruned by importance, or cut evenly) and write it as a "
+        "model folder: the model, the tokenizer, importance.json (each unit's score), prune.json (shape, "
+        "parameters, held-out perplexity and KL to the teacher before training) and layers.png. Give the "
+        "folder as student.model to train it."
+    )
+    sub = commands.add_parser("prune", help=text, description=text, epilog=epilog)
+    sub.add_argument("config", help="run config, YAML or JSON")
+    sub.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key"
+    )
+    sub.add_argument("--output", help="the student's folder (default: OUTPUT_DIR-pruned, beside the run's)")
+    sub.add_argument("--eval-rows", type=int, default=64, help="held-out rows measured (default 64)")
+
+
+def prune(args: argparse.Namespace) -> int:
+    from kdistill.config import load_config
+    from kdistill.models.pruned_folder import write_pruned
+
+    cfg = load_config(args.config, args.overrides)
+    output = Path(args.output or f"{cfg.output_dir.rstrip('/')}-pruned")
+    summary = write_pruned(cfg, output, args.eval_rows)
+    print(summary_lines(summary, output))
+    return 0
+
+
+def summary_lines(summary: dict[str, Any], output: Path) -> str:
+    s, p, tp, q = (
+        summary["shape"],
+        summary["params"],
+        summary["teacher_params"],
+        summary["held_out_before_training"],
+    )
+    return "\n".join(
+        [
+            f"student written to {output} ({summary['method']}"
+            + (f", layers by {summary['depth_score']})" if summary["depth_score"] else ")"),
+            f"shape: {s['num_hidden_layers']} layers, hidden {s['hidden_size']}, "
+            f"MLP {s['intermediate_size']}, {s['num_attention_heads']} heads / "
+            f"{s['num_key_value_heads']} key-value groups",
+            f"parameters: {p['total']:,} ({p['total'] / tp['total']:.1%} of the teacher's), non-embedding "
+            f"{p['non_embedding']:,}",
+            f"held-out before training ({q['tokens']:.0f} response tokens): perplexity {q['ppl']:,.1f} "
+            f"(teacher {q['teacher_ppl']:,.2f}), KL to the teacher {q['kl']:.3f}, "
+            f"top-1 agreement {q['agree']:.1%}",
+            f"time: {summary['seconds']['total']:.0f} s to score and prune",
+        ]
+    )

@@ -1,0 +1,132 @@
+"""`kdistill prune`: a `from_teacher` student written as a model folder, with how it was chosen.
+
+The folder holds the model (safetensors and config.json) and the teacher's tokenizer, so it can be
+given as `student.model`, and beside them:
+- `importance.json`: every unit's score and the units kept;
+- `prune.json`: the shape, parameter counts (total and non-embedding), held-out perplexity and KL to
+  the teacher before training, the time calibration and scoring took;
+- `layers.png`: the layer scores, the kept layers marked (skipped with a note without matplotlib).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from kdistill.config import RunConfig
+from kdistill.errors import KdistillError
+from kdistill.models.build import full_precision, load_teacher, shrink, teacher_source
+from kdistill.models.loading import load_tokenizer, resolve
+from kdistill.models.parts import default_device
+from kdistill.models.prune import Pruned, build_pruned
+from kdistill.models.prune.calibration import load_calibration, load_held_out
+from kdistill.models.prune.quality import response_quality
+
+log = logging.getLogger("kdistill")
+
+
+def write_pruned(cfg: RunConfig, output: Path, eval_rows: int = 64, progress: bool = True) -> dict[str, Any]:
+    """Prune (or cut) the run's `from_teacher` student, measure it and write it to `output`.
+
+    The folder appears only when complete: it is written beside `output` and renamed at the end.
+    Returns what `prune.json` holds.
+    """
+    settings = cfg.student.from_teacher
+    if settings is None:
+        raise KdistillError("kdistill prune makes a student from the teacher: give student.from_teacher")
+    if output.exists() and any(output.iterdir()):
+        raise KdistillError(f"--output {output} is not empty; give a new folder")
+    device = default_device()
+    t = cfg.teacher
+    tokenizer = load_tokenizer(resolve(t.tokenizer) if t.tokenizer else teacher_source(t))
+    teacher = load_teacher(full_precision(t), device)
+    started = time.perf_counter()
+    pruned = None
+    if settings.method == "importance":
+        pruned = build_pruned(teacher, settings, load_calibration(cfg, tokenizer), progress)
+        student = pruned.model
+    else:
+        student = shrink(teacher, settings.num_layers)
+    seconds = time.perf_counter() - started
+    quality = response_quality(teacher, student, load_held_out(cfg, tokenizer, eval_rows), progress)
+    summary = {
+        "method": settings.method,
+        "depth_score": settings.depth_score if pruned else None,
+        "shape": _shape(student.config),
+        "teacher_shape": _shape(teacher.config),
+        "params": parameter_counts(student),
+        "teacher_params": parameter_counts(teacher),
+        "held_out_before_training": quality,
+        "seconds": {"total": seconds, **(pruned.seconds if pruned else {})},
+    }
+    partial = output.with_name(output.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    student.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    (partial / "prune.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if pruned is not None:
+        (partial / "importance.json").write_text(json.dumps(importance_record(pruned)) + "\n")
+        plot_layers(pruned, partial / "layers.png")
+    if output.exists():
+        output.rmdir()
+    partial.rename(output)
+    return summary
+
+
+def parameter_counts(model: Any) -> dict[str, int]:
+    """Total parameters (a tied head once) and non-embedding ones (no input embedding, no untied head)."""
+    total = sum(p.numel() for p in model.parameters())
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    outside = embedding.numel() + (0 if head is embedding else head.numel())
+    return {"total": total, "non_embedding": total - outside}
+
+
+def importance_record(pruned: Pruned) -> dict[str, Any]:
+    return {
+        "depth_score": pruned.depth_score,
+        "scores": pruned.importance.to_json(),
+        "kept": pruned.kept.to_json(),
+    }
+
+
+def _shape(config: Any) -> dict[str, int]:
+    keys = (
+        "num_hidden_layers",
+        "hidden_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+    )
+    return {key: int(getattr(config, key)) for key in keys} | {
+        "head_dim": int(getattr(config, "head_dim", 0))
+    }
+
+
+def plot_layers(pruned: Pruned, path: Path) -> None:
+    """A bar per teacher layer: its score, the kept ones in colour."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed: no layers.png (pip install matplotlib)")
+        return
+    scores = pruned.depth_scores()
+    kept = set(pruned.kept.layers)
+    fig, ax = plt.subplots(figsize=(max(6, len(scores) * 0.3), 3.2))
+    ax.bar(
+        range(len(scores)),
+        scores,
+        color=["tab:blue" if i in kept else "lightgray" for i in range(len(scores))],
+    )
+    ax.set_xlabel("teacher layer (kept in blue)")
+    ax.set_ylabel(pruned.depth_score.replace("_", " "))
+    ax.set_title(f"layer importance: {len(kept)} of {len(scores)} kept")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
