@@ -94,6 +94,11 @@ CASES: dict[str, tuple[Setup, str]] = {
         "training.on_policy.engine=vllm with 2 processes under FSDP: the engine is synced from the main "
         "process's copy of the student, which FSDP and ZeRO-3 shard",
     ),
+    "disk_space_fits": (  # 100 kB free on this machine
+        lambda tmp, tiny: {},
+        "output_dir TMP/out: 100.0 kB free, but one checkpoint (1.1 MB) and the final student (378.1 kB) "
+        "need 1.5 MB; free some space there or choose another output_dir",
+    ),
     "vocabularies_match": (
         lambda tmp, tiny: {
             "teacher": {"model": str(_other_vocabulary(tmp, tiny))},
@@ -171,6 +176,7 @@ def test_validate_and_train_refuse_alike_without_loading_weights(
     if check in MACHINE_CHECKS:  # a machine without bitsandbytes, launched as two FSDP processes
         monkeypatch.setattr("kdistill.models.build.bitsandbytes_version", lambda: None)
         monkeypatch.setattr("kdistill.prerun.preflight.launch_of", _sharded_launch)
+        monkeypatch.setattr("kdistill.files.free_bytes", lambda path: 100_000)
     sections = setup(tmp_path, tiny)
     out = Path(sections.pop("output_dir", tmp_path / "out"))
     config = write_config(tmp_path / "run.yaml", tiny_config(tiny, out, **sections))

@@ -30,6 +30,7 @@ from kdistill.models.build import (
 )
 from kdistill.models.parts import default_device, depth_and_width, text_config
 from kdistill.prerun.checked import Checked, launch_of
+from kdistill.prerun.disk_space import disk_space_fits
 from kdistill.prerun.on_policy import (
     engine_processes,
     engine_python_exists,
@@ -169,7 +170,12 @@ LOCAL_CHECKS: tuple[Check, ...] = (
     model_sources_resolve,
     responses_teacher_live,
 )
-MACHINE_CHECKS: tuple[Check, ...] = (quantization_supported, engine_python_exists, engine_processes)
+MACHINE_CHECKS: tuple[Check, ...] = (
+    quantization_supported,
+    engine_python_exists,
+    engine_processes,
+    disk_space_fits,
+)
 MODEL_CHECKS: tuple[Check, ...] = (
     vocabularies_match,
     student_from_teacher,

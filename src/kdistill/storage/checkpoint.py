@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kdistill.errors import KdistillError
-from kdistill.files import default_permissions
+from kdistill.files import default_permissions, writing
 from kdistill.losses.hidden import HiddenProjections, load_projections, projections_filename, save_projections
 from kdistill.models.loading import damaged_weights
 from kdistill.storage.tensor_files import load_tensors, tensors_only
@@ -69,32 +69,64 @@ def save_checkpoint(
     """
     final, tmp = folder / f"step-{step:07d}", folder / f"step-{step:07d}.tmp"
     main = accelerator.is_main_process
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()  # the folder exists before any process writes into it
-    if is_sharded(accelerator):
-        accelerator.save_state(str(tmp))  # each process ends by writing its own RNG file, unsynchronised
-        projections = _gathered_projections(accelerator, student, projections)
-        accelerator.wait_for_everyone()  # so every process has written before the folder is renamed
-    if main:
+    with writing(f"checkpoint step {step}", tmp, kept_checkpoint(folder), partial=[tmp] if main else []):
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()  # the folder exists before any process writes into it
         if is_sharded(accelerator):
-            torch.save({"scheduler": scheduler.state_dict()}, tmp / "scheduler.pt")
-        else:
-            model = accelerator.unwrap_model(student).model
-            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-            optim = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-            torch.save(optim, tmp / "optim.pt")
-            torch.save(_rng_state(), tmp / "rng.pt")
-        save_hidden(projections, tmp)
-        # state.json is written last: it marks the checkpoint complete (see latest_checkpoint).
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
-        default_permissions(tmp)
+            accelerator.save_state(str(tmp))  # each process ends by writing its own RNG file, unsynchronised
+            projections = _gathered_projections(accelerator, student, projections)
+            accelerator.wait_for_everyone()  # so every process has written before the folder is renamed
+        if main:
+            _write_files(tmp, accelerator, student, optimizer, scheduler, projections)
+            # state.json is written last: it marks the checkpoint complete (see latest_checkpoint).
+            (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
+            default_permissions(tmp)
+    if main:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         _prune(folder, keep)
     accelerator.wait_for_everyone()  # no process may go on (or exit) before the checkpoint is complete
     return final
+
+
+def _write_files(
+    tmp: Path,
+    accelerator: Accelerator,
+    student: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    projections: Sequence[tuple[str, HiddenProjections]],
+) -> None:
+    """The main process's files of a checkpoint: weights, optimizer, RNG (or the sharded scheduler)."""
+    if is_sharded(accelerator):
+        _save({"scheduler": scheduler.state_dict()}, tmp / "scheduler.pt")
+    else:
+        model = accelerator.unwrap_model(student).model
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        optim = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        _save(optim, tmp / "optim.pt")
+        _save(_rng_state(), tmp / "rng.pt")
+    save_hidden(projections, tmp)
+
+
+def _save(value: Any, path: Path) -> None:
+    # Through a Python file: a failed write then carries the OS's error (errno) as its context;
+    # torch.save given a path raises only its C++ writer's "unexpected pos".
+    with path.open("wb") as handle:
+        torch.save(value, handle)
+
+
+def kept_checkpoint(folder: Path) -> str:
+    """What a failed write leaves to continue from: the newest complete checkpoint, if any."""
+    last = latest_checkpoint(folder)
+    if last is None:
+        return (
+            "No checkpoint was saved before it, so no step is kept: free some space, then start again "
+            "with --overwrite"
+        )
+    return f"The previous checkpoint {last} is intact: free some space, then continue from it with --resume"
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

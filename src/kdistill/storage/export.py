@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdistill.files import default_permissions
+from kdistill.files import RunFiles, default_permissions, writing
 from kdistill.losses.hidden import HiddenProjections
-from kdistill.storage.checkpoint import save_hidden
+from kdistill.storage.checkpoint import kept_checkpoint, save_hidden
 
 
 def write_student(
@@ -31,15 +31,17 @@ def write_student(
     """
     tmp = output_dir / ".student.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=_untied(model, weights))  # a PeftModel keeps its adapter only
-    tokenizer.save_pretrained(tmp)
-    save_hidden(projections, tmp)
-    if merge and hasattr(model, "merge_and_unload"):
-        merged = tmp / "merged"
-        # merge_and_unload folds the adapter into the base weights in place: export is a run's last step.
-        # A sharded model cannot merge in place: merge a whole copy built from the gathered weights.
-        (_whole_copy(model, weights) if sharded else model).merge_and_unload().save_pretrained(merged)
-        tokenizer.save_pretrained(merged)
+    kept = kept_checkpoint(output_dir / RunFiles.CHECKPOINTS)
+    with writing("the trained student", tmp, kept, partial=[tmp]):
+        model.save_pretrained(tmp, state_dict=_untied(model, weights))  # a PeftModel keeps its adapter only
+        tokenizer.save_pretrained(tmp)
+        save_hidden(projections, tmp)
+        if merge and hasattr(model, "merge_and_unload"):
+            merged = tmp / "merged"
+            # merge_and_unload folds the adapter into the base weights in place: export is a run's last
+            # step. A sharded model cannot merge in place: merge a whole copy built from the gathered weights.
+            (_whole_copy(model, weights) if sharded else model).merge_and_unload().save_pretrained(merged)
+            tokenizer.save_pretrained(merged)
     default_permissions(tmp)
     markers = {"config.json", "adapter_config.json"}
     items = sorted(tmp.iterdir(), key=lambda p: p.name in markers)

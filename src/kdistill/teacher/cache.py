@@ -85,31 +85,38 @@ def build_cache(
             manifest["complete"] = False
             fmt.save_manifest(folder, manifest)  # so an interruption now cannot leave it marked complete
         count = math.ceil(len(rows) / spec.rows_per_shard)
-        bar = tqdm(total=count, initial=len(shards["shards"]), desc=f"cache {split}", unit="shard")
-        for index in range(len(shards["shards"]), count):
-            start, end = index * spec.rows_per_shard, min(len(rows), (index + 1) * spec.rows_per_shard)
-            tensors = _shard(teacher_forward, rows, start, end, split, spec, collate, vocab_size, extras)
-            name = f"{split}-{index:05d}.safetensors"
-            save_atomic(folder / name, lambda tmp, t=tensors: save_file(t, str(tmp)))
-            tokens = int(tensors["lengths"].sum())
-            path = folder / name
-            shards["shards"].append(
-                {
-                    "file": name,
-                    "rows": [start, end],
-                    "tokens": tokens,
-                    "bytes": path.stat().st_size,
-                    "sha256": fmt.sha256_file(path),
-                }
-            )
-            shards["tokens"] += tokens
-            fmt.save_manifest(folder, manifest)  # the shard is now part of the cache
-            bar.update(1)
-        bar.close()
+        # The bar is closed however the loop ends, so an error starts on a line of its own.
+        with tqdm(total=count, initial=len(shards["shards"]), desc=f"cache {split}", unit="shard") as bar:
+            for index in range(len(shards["shards"]), count):
+                start, end = index * spec.rows_per_shard, min(len(rows), (index + 1) * spec.rows_per_shard)
+                tensors = _shard(teacher_forward, rows, start, end, split, spec, collate, vocab_size, extras)
+                _add_shard(folder, manifest, split, (start, end), tensors)
+                bar.update(1)
     if not manifest["complete"]:
         manifest["complete"] = True
         fmt.save_manifest(folder, manifest)
     return manifest
+
+
+def _add_shard(
+    folder: Path, manifest: dict[str, Any], split: str, rows: tuple[int, int], tensors: dict[str, Tensor]
+) -> None:
+    """Write one shard of `split` (its `rows`), then record it in the manifest: it is part of the cache."""
+    shards = manifest["splits"][split]
+    name = f"{split}-{len(shards['shards']):05d}.safetensors"
+    done = sum(len(s["shards"]) for s in manifest["splits"].values())
+    kept = (
+        f"The {done} shards before it are intact: free some space, then run the same `kdistill cache` "
+        "command to write the rest"
+    )
+    save_atomic(folder / name, lambda tmp: save_file(tensors, str(tmp)), f"cache shard {name}", kept)
+    path, tokens = folder / name, int(tensors["lengths"].sum())
+    size, digest = path.stat().st_size, fmt.sha256_file(path)
+    shards["shards"].append(
+        {"file": name, "rows": list(rows), "tokens": tokens, "bytes": size, "sha256": digest}
+    )
+    shards["tokens"] += tokens
+    fmt.save_manifest(folder, manifest)
 
 
 def _keep_whole_shards(folder: Path, shards: dict[str, Any]) -> bool:

@@ -1,0 +1,149 @@
+"""A write that fails for want of space: real `kdistill train` and `kdistill cache` processes under a
+file-size limit (RLIMIT_FSIZE), which makes a write fail with EFBIG as a full disk fails with ENOSPC.
+
+Each child ignores SIGXFSZ, so the kernel fails the write instead of killing the process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_config, write_config
+from kdistill.cli import main
+
+
+def _limited(limit: int):
+    def preexec() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return preexec
+
+
+def _run_limited(command: str, config: Path, limit: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "kdistill", command, str(config)],
+        capture_output=True, text=True, env=env, preexec_fn=_limited(limit), timeout=600,
+    )  # fmt: skip
+
+
+def _errors(stderr: str) -> list[str]:
+    """The error lines; each must start a line of its own (a progress bar ends its line first)."""
+    return [line for line in stderr.split("\n") if line.startswith("kdistill: error:")]
+
+
+def _leftovers(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.endswith(".tmp") or ".tmp" in p.suffix]
+
+
+LORA = {"finetune": "lora", "merge": True, "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}}
+TRAINING = {"max_steps": 10, "save_steps": 4, "save_total_limit": 2}
+
+
+def test_a_failed_final_write_keeps_the_checkpoint_and_resume_finishes(tmp_path: Path, tiny: dict) -> None:
+    """LoRA with merge: the checkpoints (adapter and its optimizer) are small, the merged model is not."""
+    straight = tmp_path / "straight"
+    write_config(tmp_path / "s.yaml", tiny_config(tiny, straight, student=LORA, training=TRAINING))
+    assert main(["train", str(tmp_path / "s.yaml")]) == 0
+    merged = (straight / "merged" / "model.safetensors").stat().st_size
+    biggest = max(p.stat().st_size for p in (straight / "checkpoints").rglob("*") if p.is_file())
+    assert biggest < merged // 2
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "r.yaml", tiny_config(tiny, out, student=LORA, training=TRAINING))
+
+    done = _run_limited("train", config, merged // 2)
+
+    assert done.returncode == 2, done.stderr
+    (line,) = _errors(done.stderr)
+    checkpoint = out / "checkpoints" / "step-0000008"
+    assert f"could not write the trained student to {out / '.student.tmp'}: File too large [EFBIG]" in line
+    assert "free there when it failed" in line and "(ulimit -f)" in line
+    assert f"The previous checkpoint {checkpoint} is intact" in line and "--resume" in line
+    assert not _leftovers(out) and not (out / "merged").exists()
+
+    assert main(["train", str(config), "--resume"]) == 0
+    a, b = (
+        load_file(straight / "merged" / "model.safetensors"),
+        load_file(out / "merged" / "model.safetensors"),
+    )
+    # The limited run used one thread, this process two: Adam turns the summation-order noise in the
+    # LoRA gradients (B starts at zero) into differences of about 3e-5 in the merged weights.
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-4, msg=name)
+
+
+def test_a_failed_checkpoint_write_leaves_no_partial_folder(tmp_path: Path, tiny: dict) -> None:
+    """The first checkpoint does not fit (its optimizer file is twice the weights): no step is kept."""
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "r.yaml", tiny_config(tiny, out, training=TRAINING))
+
+    done = _run_limited("train", config, 600_000)
+
+    assert done.returncode == 2, done.stderr
+    (line,) = _errors(done.stderr)
+    tmp = out / "checkpoints" / "step-0000004.tmp"
+    assert f"could not write checkpoint step 4 to {tmp}: File too large [EFBIG]" in line
+    assert "No checkpoint was saved before it" in line and "--overwrite" in line
+    assert not _leftovers(out) and "Traceback" not in done.stderr
+    assert main(["train", str(config), "--overwrite"]) == 0
+
+
+def test_a_failed_cache_shard_keeps_the_shards_before_it(tmp_path: Path, tiny: dict) -> None:
+    whole = tmp_path / "whole"
+    section = {"top_k": 8, "tail_samples": 0, "rows_per_shard": 4}
+
+    def config(name: str, cache: Path) -> Path:
+        values = tiny_config(tiny, tmp_path / f"out-{name}", cache=section)
+        values["teacher"]["cache"] = str(cache)
+        return write_config(tmp_path / f"{name}.yaml", values)
+
+    assert main(["cache", str(config("whole", whole))]) == 0
+    shards = json.loads((whole / "manifest.json").read_text())["splits"]["train"]["shards"]
+    sizes = [s["bytes"] for s in shards]
+    # The limit lets the first shard through and stops at the first one larger than it.
+    failing = next(i for i, size in enumerate(sizes) if size > sizes[0])
+    limited = tmp_path / "cache"
+
+    done = _run_limited("cache", config("limited", limited), sizes[0] + 1)
+
+    assert done.returncode == 2, done.stderr
+    (line,) = _errors(done.stderr) or [done.stderr[-3000:]]
+    name = f"train-{failing:05d}.safetensors"
+    assert f"could not write cache shard {name} to {limited / name}: File too large [EFBIG]" in line
+    assert f"The {failing} shards before it are intact" in line
+    assert not [p for p in limited.iterdir() if ".tmp" in p.name]
+    assert main(["cache", str(config("limited", limited))]) == 0
+    for shard in shards:
+        a, b = load_file(whole / shard["file"]), load_file(limited / shard["file"])
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EFBIG"])
+def test_the_message_names_the_errno(tmp_path: Path, code: str) -> None:
+    import errno
+
+    from kdistill.errors import KdistillError
+    from kdistill.files import write_atomic
+
+    def full(*args: object) -> None:
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    target = tmp_path / "x.json"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Path, "write_bytes", full)
+        with pytest.raises(
+            KdistillError, match=rf"could not write x.json to {target}: .* \[{code}\]; .* free"
+        ):
+            write_atomic(target, "{}")
+    assert list(tmp_path.iterdir()) == []
