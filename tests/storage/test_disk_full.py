@@ -147,3 +147,33 @@ def test_the_message_names_the_errno(tmp_path: Path, code: str) -> None:
         ):
             write_atomic(target, "{}")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cache_is_refused_where_it_cannot_fit(
+    tmp_path: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    values = tiny_config(tiny, tmp_path / "out", cache={"top_k": 8, "tail_samples": 0})
+    values["teacher"]["cache"] = str(tmp_path / "cache")
+    config = write_config(tmp_path / "c.yaml", values)
+    monkeypatch.setattr("kdistill.files.free_bytes", lambda path: 1000)
+
+    assert main(["cache", str(config)]) == 2
+
+    err = capsys.readouterr().err
+    assert f"kdistill: error: teacher.cache {tmp_path / 'cache'}: 1.0 kB free, but the cache (" in err
+    assert " trained tokens, 8 entries each) need " in err and "choose another teacher.cache" in err
+    assert not list((tmp_path / "cache").glob("*.safetensors"))
+
+
+def test_a_tight_disk_warns_with_both_figures(
+    tmp_path: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from kdistill.api import load_config
+    from kdistill.prerun.disk_space import disk_space_fits
+    from kdistill.prerun.preflight import Checked
+
+    monkeypatch.setattr("kdistill.files.free_bytes", lambda path: 2_000_000)  # the need is 1.5 MB
+    disk_space_fits(Checked(load_config(tiny_config(tiny, tmp_path / "out"))))
+    assert (
+        "2.0 MB free, and one checkpoint (1.1 MB) and the final student (378.1 kB) need 1.5 MB" in caplog.text
+    )

@@ -11,10 +11,13 @@ import torch
 from kdistill.config import RunConfig
 from kdistill.data import Collator
 from kdistill.data.alignment import TeacherView
+from kdistill.data.tokenize import IGNORE_INDEX
 from kdistill.errors import KdistillError
+from kdistill.files import check_space
 from kdistill.models.build import load_teacher
 from kdistill.teacher.cache import build_cache, save_vocab_map
 from kdistill.teacher.live import live_teacher
+from kdistill.teacher.packing import bytes_per_token
 from kdistill.teacher.responses import load_data
 from kdistill.teacher.roster import cache_header, cache_spec, checked_server, compact_teacher
 from kdistill.teacher.vocabularies import load_vocabularies
@@ -60,10 +63,28 @@ def cache_teachers(cfg: RunConfig, device: torch.device) -> list[tuple[str, dict
         else:
             splits = {"train": data.train, "validation": data.validation}
             collate, extras = Collator(vocabs.tokenizer.pad_token_id), None
+        _check_space(folder, splits, spec.top_k + spec.tail_samples, width, extras is not None)
         manifest = build_cache(folder, forward, splits, header, spec, collate, width, extras)
         written.append((name, manifest))
         del forward
     return written
+
+
+def _check_space(folder: Path, splits: dict[str, list[Any]], entries: int, width: int, aligned: bool) -> None:
+    """Refuse a cache that cannot fit where it goes (warn when it barely does): its size is the trained
+    tokens times the bytes each stores (`packing.bytes_per_token`, and 5 more for an alignment)."""
+    tokens = sum(_stored(row) for rows in splits.values() for row in rows)
+    size = tokens * (bytes_per_token(entries, width) + (5 if aligned else 0))
+    what = f"the cache ({tokens:,} trained tokens, {entries} entries each)"
+    check_space(folder, size, what, "teacher.cache")
+
+
+def _stored(row: Any) -> int:
+    """The entries a row stores: its trained tokens, or a teacher view's aligned pairs."""
+    pairs = getattr(row, "student_pos", None)  # a `TeacherView` (another tokenizer)
+    if pairs is not None:
+        return len(pairs)
+    return sum(label != IGNORE_INDEX for label in row.labels[1:])
 
 
 def _live_forward(model: Any, width: int, device: torch.device) -> Callable:
