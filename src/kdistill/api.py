@@ -44,18 +44,22 @@ def train(
     overrides: Sequence[str] = (),
     resume: bool = False,
     overwrite: bool = False,
+    force: bool = False,
     report: bool = True,
 ) -> RunSummary:
     """Distil the student that `config` describes into its `output_dir`; returns the run's summary
     (steps, seconds, held-out KL and perplexity before and after).
 
-    `resume` continues from the newest checkpoint, `overwrite` replaces a non-empty folder. With
+    `resume` continues from the newest checkpoint, `overwrite` replaces a non-empty folder; `force`
+    (with `resume`) continues although the config changes what is trained (it is refused otherwise). With
     `report`, the run's report (report.md, report.html) and model card (README.md) are written after.
     A run stopped by SIGINT/SIGTERM raises `kdistill.run.stop_signals.Interrupted` after its checkpoint.
     """
+    if force and not resume:
+        raise KdistillError("--force goes with --resume: it continues a run whose config has changed")
     path = str(config) if isinstance(config, str | Path) else "CONFIG"
     cfg = load_config(config, overrides)
-    summary = _train(cfg, resume=resume, overwrite=overwrite, config_path=path)
+    summary = _train(cfg, resume=resume, overwrite=overwrite, config_path=path, force=force)
     if report and Path(summary.output_dir).is_dir():  # on the main process: the others write no folder
         report_after_training(Path(summary.output_dir))
         card_after(Path(summary.output_dir))

@@ -126,8 +126,8 @@ def _read_only_message() -> str:
 
 
 def _resumed_with_other_batch(case: Case) -> list[str]:
-    assert main(case.train(training={"max_steps": 1})) == 0
-    return case.train("--resume", training={"max_steps": 2, "batch_size": 2})
+    assert main(case.train(training={"max_steps": 2, "save_steps": 1})) == 0
+    return case.train("--resume", training={"max_steps": 3, "save_steps": 1, "batch_size": 2})
 
 
 CASES = [
@@ -396,9 +396,10 @@ CASES = [
     Bad(
         "resume-other-batch-size",
         _resumed_with_other_batch,
-        "--resume: training.batch_size is 2 here but 4 in the run being resumed "
-        "(TMP/out/kdistill_config.yaml); it fixes which rows form each step, so resuming would not "
-        "continue that run. Use training.batch_size=4, or --overwrite to start again",
+        "--resume: this config changes what the run being resumed trains: training.batch_size 4 -> 2 (its "
+        "config: TMP/out/checkpoints/step-0000001/kdistill_config.yaml). Resume with its values, add --force "
+        "to continue from step 1 with these anyway (config_history.yaml then records both), or --overwrite "
+        "to start again",
     ),
 ]
 

@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from the newest checkpoint in output_dir"
     )
     start.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+    train.add_argument(
+        "--force",
+        action="store_true",
+        help="with --resume: continue although the config changes what is trained (models, data, loss, ...)",
+    )
     validate = with_config(
         "validate",
         "Check CONFIG, its data, the models and how their vocabularies are matched: every check train makes "
@@ -132,15 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
-        handlers = {
-            "train": _train,
-            "cache": _cache,
-            "validate": _validate,
-            "serve": _serve,
-            "prune": prune,
-            **EVAL_HANDLERS,
-        }
-        return handlers[args.command](args)
+        commands = {"train": _train, "cache": _cache, "validate": _validate, "serve": _serve, "prune": prune}
+        return {**commands, **EVAL_HANDLERS}[args.command](args)
     except KdistillError as err:
         if debug:
             traceback.print_exc()
@@ -170,7 +168,8 @@ def _train(args: argparse.Namespace) -> int:
     from kdistill.run.stop_signals import Interrupted
 
     try:
-        summary = train(args.config, overrides=args.overrides, resume=args.resume, overwrite=args.overwrite)
+        options = {"resume": args.resume, "overwrite": args.overwrite, "force": args.force}
+        summary = train(args.config, overrides=args.overrides, **options)
     except Interrupted as stop:
         if _rank() == 0:
             print(f"kdistill: {stop}\nkdistill: resume with: {_resume_command(args)}", file=sys.stderr)

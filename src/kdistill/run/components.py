@@ -22,6 +22,8 @@ from kdistill.models.build import build_student, full_precision, load_teacher
 from kdistill.models.parts import base_model, depth_and_width
 from kdistill.models.prune.calibration import load_calibration
 from kdistill.prerun.preflight import hidden_pairs, run_checks
+from kdistill.storage.checkpoint import latest_checkpoint
+from kdistill.storage.resume_config import HISTORY
 from kdistill.teacher.base import Teacher
 from kdistill.teacher.responses import load_data
 from kdistill.teacher.roster import build_teachers, compact_teachers, load_live_teachers
@@ -100,20 +102,46 @@ def build_projections(
     ]
 
 
-def prepare_output_dir(out: Path, resume: bool, overwrite: bool, main: bool) -> None:
-    """Refuse to write into a non-empty run folder unless asked to resume or overwrite.
+# What a run that stopped before its first checkpoint leaves (a crash while loading, a refused step):
+# nothing of it can be resumed, so the next plain `train` may take the folder over.
+_LEFTOVERS = {RunFiles.CONFIG, RunFiles.METRICS, RunFiles.ENGINE, RunFiles.LOCK, HISTORY, "logs"}
 
-    The run's own lock file (`RunFiles.LOCK`) does not count, and `--overwrite` keeps it.
+
+def _contents(out: Path) -> list[Path]:
+    """What `out` holds besides the run's own lock file."""
+    return [p for p in out.iterdir() if p.name != RunFiles.LOCK] if out.is_dir() else []
+
+
+def no_step_saved(out: Path) -> bool:
+    """Whether `out` holds only what a run leaves that stopped before its first checkpoint (and is
+    not empty): no checkpoint, no student."""
+    found = _contents(out)
+    empty = lambda p: p.name == RunFiles.CHECKPOINTS and latest_checkpoint(p) is None  # noqa: E731
+    return bool(found) and all(p.name in _LEFTOVERS or empty(p) for p in found)
+
+
+def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a non-empty run folder unless asked to resume or overwrite; changes nothing.
+
+    The run's own lock file (`RunFiles.LOCK`) does not count; nor does a folder left by a run that
+    stopped before its first checkpoint, which the run then takes over (`prepare_output_dir`).
     """
     if out.exists() and not out.is_dir():
         raise KdistillError(f"output_dir {out} exists and is not a folder")
-    found = [p for p in out.iterdir() if p.name != RunFiles.LOCK] if out.exists() else []
-    if found and not (resume or overwrite):
+    if _contents(out) and not (resume or overwrite or no_step_saved(out)):
         raise KdistillError(
             f"output_dir {out} is not empty; pass --resume to continue that run or --overwrite to replace it"
         )
-    if main and overwrite and not resume:
-        for path in found:
+
+
+def prepare_output_dir(out: Path, resume: bool, overwrite: bool, main: bool) -> None:
+    """Check the run folder (`check_output_dir`), then on the main process empty it for `--overwrite`
+    or for a run that takes over a folder in which no step was saved (`--overwrite` keeps the lock)."""
+    check_output_dir(out, resume, overwrite)
+    if main and not resume and (overwrite or no_step_saved(out)):
+        if not overwrite:
+            log.info("output_dir %s: no step of the run that left it was saved; starting it afresh", out)
+        for path in _contents(out):
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             else:

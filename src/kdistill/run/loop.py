@@ -42,14 +42,19 @@ class RunSummary:
 
 
 def train(
-    cfg: RunConfig, resume: bool = False, overwrite: bool = False, config_path: str = "CONFIG"
+    cfg: RunConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    config_path: str = "CONFIG",
+    force: bool = False,
 ) -> RunSummary:
     """Distil the student described by `cfg` and write it to `cfg.output_dir`.
 
-    `config_path` only names the config in messages (such as how to build a missing teacher cache).
+    `config_path` only names the config in messages (such as how to build a missing teacher cache);
+    `force` resumes with a config that changes what is trained (`storage/resume_config.py`).
     """
     started = time.perf_counter()
-    run = start_run(cfg, resume, overwrite, config_path)
+    run = start_run(cfg, resume, overwrite, config_path, force)
     with run.lock:  # the folder stays this run's until it ends, however it ends
         step, epoch, skip, saved = _starting_point(run, resume)
         run.sampler.restore(saved)  # a checkpoint's step and rows in flight (an engine's)

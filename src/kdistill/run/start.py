@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import get_cosine_schedule_with_warmup
@@ -19,7 +22,7 @@ from kdistill.models.build import checkpoint_student
 from kdistill.objective.batch import StudentLoss
 from kdistill.objective.settings import loss_settings
 from kdistill.run.accelerator import flat_hparams, mixed_precision, whole_models
-from kdistill.run.components import Components, build_components, prepare_output_dir
+from kdistill.run.components import Components, build_components, check_output_dir, prepare_output_dir
 from kdistill.run.guards import OomBackoff, SkipNonFinite, oom_advice
 from kdistill.run.health import HealthMonitor, build_health
 from kdistill.run.held_out import HeldOut
@@ -30,8 +33,9 @@ from kdistill.run.step import Step
 from kdistill.sampling.base import OnPolicyParts, Sampler
 from kdistill.sampling.cross_samples import TeacherViews
 from kdistill.sampling.settings import build_sampler, engine_settings, sampling_settings
-from kdistill.storage.checkpoint import check_resume_config, check_writable, save_checkpoint
+from kdistill.storage.checkpoint import check_writable, latest_checkpoint, save_checkpoint
 from kdistill.storage.folder_lock import FolderLock, lock_run_folder
+from kdistill.storage.resume_config import check_resume_config
 
 
 @dataclass
@@ -80,14 +84,15 @@ class Run:
         }
         folder, keep = self.out / RunFiles.CHECKPOINTS, self.cfg.training.save_total_limit
         args = (self.accelerator, self.model, self.optimizer, self.scheduler, state, keep, self.projections())
-        return save_checkpoint(folder, step, *args)
+        config = yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False)
+        return save_checkpoint(folder, step, *args, config=config)
 
 
-def start_run(cfg: RunConfig, resume: bool, overwrite: bool, config_path: str) -> Run:
+def start_run(cfg: RunConfig, resume: bool, overwrite: bool, config_path: str, force: bool = False) -> Run:
     """Lock and check the folder, load models and data, and prepare the model, optimizer and guards.
 
     The returned run holds the folder's lock (`Run.lock`) until its caller releases it; a start
-    that fails releases it here.
+    that fails releases it here. `force` resumes with a config that changes what is trained.
     """
     out = Path(cfg.output_dir)
     accelerator = Accelerator(
@@ -102,7 +107,9 @@ def start_run(cfg: RunConfig, resume: bool, overwrite: bool, config_path: str) -
     # Before anything loads, is deleted or written: a second run on this folder stops here.
     lock = lock_run_folder(out, main)
     try:
-        return _build_run(cfg, out, accelerator, lock, resume, overwrite, config_path)
+        # Before the models load: a folder this start may not use, or a resumed run's changed config.
+        record = _check_run_folder(cfg, out, resume, overwrite, force)
+        return _build_run(cfg, out, accelerator, lock, (resume, overwrite, record), config_path)
     except BaseException:
         lock.release()
         raise
@@ -113,14 +120,15 @@ def _build_run(
     out: Path,
     accelerator: Accelerator,
     lock: FolderLock,
-    resume: bool,
-    overwrite: bool,
+    start: tuple[bool, bool, Callable[[], None] | None],
     config_path: str,
 ) -> Run:
+    """The run's parts, loaded and prepared; `start` is `(resume, overwrite, record)`, `record`
+    writing a resumed run's config change into its history (`resume_config.record_change`)."""
     t = cfg.training
     with whole_models(accelerator):  # everything that can fail on bad input happens here
         parts = build_components(cfg, accelerator.device, config_path, accelerator)
-    _open_run_folder(cfg, out, accelerator, resume, overwrite)
+    _open_run_folder(cfg, out, accelerator, *start)
     model = StudentLoss(parts.student, parts.projections)
     if t.gradient_checkpointing:
         checkpoint_student(parts.student)
@@ -198,13 +206,32 @@ def _sampler(
     )
 
 
+def _check_run_folder(
+    cfg: RunConfig, out: Path, resume: bool, overwrite: bool, force: bool
+) -> Callable[[], None] | None:
+    """Refuse a folder this start may not use, or (`--resume`) a config that changes what the newest
+    checkpoint's run trains, unless `force`; returns what records a kept change (or None)."""
+    check_output_dir(out, resume, overwrite)
+    checkpoint = latest_checkpoint(out / RunFiles.CHECKPOINTS) if resume else None
+    if checkpoint is None:
+        return None
+    step = json.loads((checkpoint / "state.json").read_text())["step"]
+    return check_resume_config(checkpoint, step, out, cfg.model_dump(mode="json"), force)
+
+
 def _open_run_folder(
-    cfg: RunConfig, out: Path, accelerator: Accelerator, resume: bool, overwrite: bool
+    cfg: RunConfig,
+    out: Path,
+    accelerator: Accelerator,
+    resume: bool,
+    overwrite: bool,
+    record: Callable[[], None] | None,
 ) -> None:
     """Check the run folder for this start (new, resumed, overwritten), write the config, start trackers."""
-    prepare_output_dir(out, resume=resume, overwrite=overwrite, main=accelerator.is_main_process)
-    if resume:
-        check_resume_config(out / RunFiles.CONFIG, cfg.model_dump(mode="json"))
+    main = accelerator.is_main_process
+    prepare_output_dir(out, resume=resume, overwrite=overwrite, main=main)
+    if main and record is not None:
+        record()  # config_history.yaml: the config before and after, from the checkpoint's step
     # Every process checks the folder before the main one writes into it; else a slower process could
     # find the main one's config there and refuse a folder that was empty.
     accelerator.wait_for_everyone()

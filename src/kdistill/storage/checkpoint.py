@@ -23,14 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kdistill.errors import KdistillError
-from kdistill.files import default_permissions, writing
+from kdistill.files import RunFiles, default_permissions, writing
 from kdistill.losses.hidden import HiddenProjections, load_projections, projections_filename, save_projections
 from kdistill.models.loading import damaged_weights
 from kdistill.storage.tensor_files import load_tensors, tensors_only
@@ -60,12 +59,15 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int | None,
     projections: Sequence[tuple[str, HiddenProjections]] = (),
+    config: str = "",
 ) -> Path:
     """Write `folder/step-N/` (weights, projections, optimizer, RNG, state); every process calls it.
 
     `student` is the prepared `StudentHidden`; `projections` pairs each teacher's name with its
-    module in `student.projections`. Sharded runs store accelerate's `save_state` (each process's
-    shards or the gathered weights, the optimizer, each process's RNG) with the scheduler beside it.
+    module in `student.projections`; `config` is the resolved config (YAML) the run trains with, kept
+    beside the weights for `--resume` to compare with (`resume_config.py`). Sharded runs store
+    accelerate's `save_state` (each process's shards or the gathered weights, the optimizer, each
+    process's RNG) with the scheduler beside it.
     """
     final, tmp = folder / f"step-{step:07d}", folder / f"step-{step:07d}.tmp"
     main = accelerator.is_main_process
@@ -80,6 +82,7 @@ def save_checkpoint(
             accelerator.wait_for_everyone()  # so every process has written before the folder is renamed
         if main:
             _write_files(tmp, accelerator, student, optimizer, scheduler, projections)
+            (tmp / RunFiles.CONFIG).write_text(config)
             # state.json is written last: it marks the checkpoint complete (see latest_checkpoint).
             (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
             default_permissions(tmp)
@@ -159,26 +162,6 @@ def remove_partial(folder: Path) -> None:
     """Delete `step-N.tmp/` folders left by a run killed while writing a checkpoint."""
     for path in folder.glob("step-*.tmp"):
         shutil.rmtree(path, ignore_errors=True)
-
-
-# Keys that fix which rows form which optimizer step, and how many steps an epoch has: a resumed
-# run with other values would not continue the run it resumes.
-_RESUME_KEYS = (("training", "seed"), ("training", "batch_size"), ("training", "gradient_accumulation_steps"))
-
-
-def check_resume_config(saved: Path, current: dict[str, Any]) -> None:
-    """Refuse to resume a run whose saved config differs in a key that fixes the data order."""
-    if not saved.is_file():
-        return
-    old = yaml.safe_load(saved.read_text()) or {}
-    for section, key in _RESUME_KEYS:
-        before, now = old.get(section, {}).get(key), current[section][key]
-        if before is not None and before != now:
-            raise KdistillError(
-                f"--resume: {section}.{key} is {now} here but {before} in the run being resumed ({saved}); "
-                "it fixes which rows form each step, so resuming would not continue that run. "
-                f"Use {section}.{key}={before}, or --overwrite to start again"
-            )
 
 
 def load_checkpoint(
