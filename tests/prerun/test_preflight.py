@@ -120,9 +120,8 @@ CASES: dict[str, tuple[Setup, str]] = {
     ),
     "lora_targets_match": (
         lambda tmp, tiny: {"student": {"finetune": "lora", "lora": {"target_modules": ["qkv"]}}},
-        "student.lora.target_modules=['qkv']: Target modules {'qkv'} not found in the base model. Please "
-        "check the target modules and try again. The student's linear layers are named down_proj, gate_proj, "
-        "k_proj, lm_head, o_proj, q_proj, up_proj, v_proj",
+        "student.lora.target_modules: 'qkv' names no module of the student (of ['qkv']); the student's "
+        "linear layers are named down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj",
     ),
     "hidden_layers_resolve": (
         lambda tmp, tiny: {"loss": {"hidden": {"weight": 1.0, "layers": [[5, 1]]}}},
@@ -198,3 +197,35 @@ def test_validate_and_train_refuse_alike_without_loading_weights(
         assert train_err == err  # the same message, whole
     assert "Traceback" not in err + train_err
     assert not out.is_dir() or not any(out.iterdir())  # refused before anything was written
+
+
+# Lists that name things: one entry that resolves to nothing is refused, though the others resolve.
+PARTIAL: dict[str, tuple[dict, str]] = {
+    "lora_targets_match": (
+        {"student": {"finetune": "lora", "lora": {"target_modules": ["q_proj", "nonexistent_proj"]}}},
+        "student.lora.target_modules: 'nonexistent_proj' names no module of the student (of ['q_proj', "
+        "'nonexistent_proj']); the student's linear layers are named down_proj, gate_proj, k_proj, lm_head, "
+        "o_proj, q_proj, up_proj, v_proj",
+    ),
+    "hidden_layers_resolve": (
+        {"loss": {"hidden": {"weight": 1.0, "layers": [[2, 1], [4, 9]]}}},
+        "loss.hidden.layers: pair [4, 9] is out of range: teacher layers are 0..4, student layers 0..2 (0 is "
+        "the embedding output)",
+    ),
+    "hidden_layers_resolve_twice": (
+        {"loss": {"hidden": {"weight": 1.0, "layers": [[2, 1], [4, 2], [2, 1]]}}},
+        "loss.hidden.layers: pair [2, 1] is listed twice",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", PARTIAL)
+def test_one_entry_that_resolves_to_nothing_is_refused(
+    case: str, tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixture
+) -> None:
+    sections, message = PARTIAL[case]
+    config = write_config(tmp_path / "run.yaml", tiny_config(tiny, tmp_path / "out", **sections))
+    capsys.readouterr()
+    for command in ("validate", "train"):
+        code, _, err = _run(command, config, capsys)
+        assert (code, err) == (2, message), command

@@ -82,6 +82,8 @@ def resolve_layer_pairs(
                 f"{key}: pair [{t}, {s}] is out of range: teacher layers are 0..{teacher_layers}, "
                 f"student layers 0..{student_layers} (0 is the embedding output)"
             )
+        if (t, s) in pairs:  # counted twice, it would silently weigh that pair double
+            raise KdistillError(f"{key}: pair [{t}, {s}] is listed twice")
         pairs.append((t, s))
     if not pairs:
         raise KdistillError(f"{key}: the list of layer pairs is empty")

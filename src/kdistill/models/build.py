@@ -6,6 +6,7 @@ import copy
 import importlib.metadata
 import logging
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -148,9 +149,15 @@ def build_student(
 
 
 def with_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
-    """`model` wrapped by peft with LoRA adapters; target modules that match nothing are named."""
+    """`model` wrapped by peft with LoRA adapters; target modules that match nothing are named.
+
+    peft refuses a list only when none of its entries matches; every entry must match here, or a typo
+    in one would leave that module silently untrained.
+    """
     from peft import LoraConfig, get_peft_model
 
+    if not isinstance(settings.target_modules, str):  # a string is peft's regex or "all-linear"
+        _every_target_matches(model, settings.target_modules)
     lora = LoraConfig(
         r=settings.r,
         lora_alpha=settings.lora_alpha,
@@ -166,6 +173,18 @@ def with_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
             f"student.lora.target_modules={settings.target_modules!r}: {str(err).splitlines()[0][:200]} "
             f"The student's linear layers are named {', '.join(linear)}"
         ) from None
+
+
+def _every_target_matches(model: nn.Module, targets: Sequence[str]) -> None:
+    """Each of `targets` names a module of `model` as peft matches a list: the whole name or its end."""
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if unmatched:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise KdistillError(
+            f"student.lora.target_modules: {', '.join(map(repr, unmatched))} names no module of the student "
+            f"(of {list(targets)!r}); the student's linear layers are named {', '.join(linear)}"
+        )
 
 
 def meta_model(
