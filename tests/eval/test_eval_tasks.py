@@ -148,9 +148,21 @@ def test_bad_hellaswag_and_mmlu(tmp_path: Path) -> None:
 
 
 def test_unknown_task_and_missing_files(tmp_path: Path) -> None:
-    with pytest.raises(KdistillError, match=r"unknown task\(s\) \['arc'\]; known tasks: arc_easy, piqa"):
+    message = r"unknown task\(s\) \['arc'\]; did you mean 'arc_easy' for 'arc'\?; known tasks: arc_easy, piqa"
+    with pytest.raises(KdistillError, match=message):
         task_configs(["arc"], tmp_path)
     with pytest.raises(KdistillError, match="no such folder"):
         task_configs(["piqa"], tmp_path / "nowhere")
     with pytest.raises(KdistillError, match="benchmark file not found: .*piqa.jsonl"):
         task_configs(["piqa"], tmp_path)
+
+
+def test_every_task_name_must_resolve() -> None:
+    from kdistill.eval.tasks import parse_tasks
+
+    message = r"unknown task\(s\) \['arcc'\]; did you mean 'arc_easy' for 'arcc'\?; known tasks: "
+    with pytest.raises(KdistillError, match=message):
+        parse_tasks("piqa,arcc,mmlu")  # piqa and mmlu resolve; arcc must not be dropped silently
+    with pytest.raises(KdistillError, match="--tasks ',' names no task"):
+        parse_tasks(",")
+    assert parse_tasks("none") == [] and parse_tasks("piqa, mmlu") == ["piqa", "mmlu"]

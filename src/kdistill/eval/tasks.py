@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import difflib
 import json
 import os
 import re
@@ -151,8 +152,14 @@ def parse_tasks(text: str) -> list[str]:
     """`"all"`, `"none"` or comma-separated task names, checked."""
     names = {"all": list(TASK_NAMES), "none": []}.get(text, [n.strip() for n in text.split(",") if n.strip()])
     unknown = [n for n in names if n not in TASK_NAMES]
-    if unknown:
-        raise KdistillError(f"unknown task(s) {unknown}; known tasks: {', '.join(TASK_NAMES)} (or all, none)")
+    if unknown:  # every name must resolve: the others would run without a word about the one dropped
+        close = {n: difflib.get_close_matches(n, TASK_NAMES, n=1, cutoff=0.5) for n in unknown}
+        hints = "".join(f"; did you mean {c[0]!r} for {n!r}?" for n, c in close.items() if c)
+        raise KdistillError(
+            f"unknown task(s) {unknown}{hints}; known tasks: {', '.join(TASK_NAMES)} (or all, none)"
+        )
+    if not names and text != "none":
+        raise KdistillError(f"--tasks {text!r} names no task; give task names, all or none")
     return names
 
 
