@@ -126,8 +126,8 @@ def kept_checkpoint(folder: Path) -> str:
     last = latest_checkpoint(folder)
     if last is None:
         return (
-            "No checkpoint was saved before it, so no step is kept: free some space, then start again "
-            "with --overwrite"
+            "No checkpoint was saved before it, so no step is kept: free some space, then run the same "
+            "`kdistill train` command again (it takes this folder over)"
         )
     return f"The previous checkpoint {last} is intact: free some space, then continue from it with --resume"
 
