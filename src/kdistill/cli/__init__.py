@@ -52,16 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         "Distil the student described by CONFIG into its output_dir (on the student's own samples too, "
         "with training.on_policy.lmbda > 0).",
     )
-    start = train.add_mutually_exclusive_group()
-    start.add_argument(
-        "--resume", action="store_true", help="continue from the newest checkpoint in output_dir"
-    )
-    start.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
-    train.add_argument(
-        "--force",
-        action="store_true",
-        help="with --resume: continue although the config changes what is trained (models, data, loss, ...)",
-    )
+    _start_options(train)
     validate = with_config(
         "validate",
         "Check CONFIG, its data, the models and how their vocabularies are matched: every check train makes "
@@ -92,6 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     add_eval_commands(commands)
     add_prune_command(commands, EPILOG)
     return parser
+
+
+def _start_options(train: argparse.ArgumentParser) -> None:
+    start = train.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from output_dir's newest checkpoint")
+    start.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+    force = "with --resume: continue although the config changes what is trained (models, data, loss, ...)"
+    train.add_argument("--force", action="store_true", help=force)
 
 
 def _memory_options(validate: argparse.ArgumentParser) -> None:
