@@ -160,11 +160,21 @@ def writing(what: str, where: Path, kept: str, partial: Sequence[Path] = ()) -> 
                 path.unlink(missing_ok=True)
         if not is_write_failure(err):
             raise
+        _close_progress_bars()
         raise KdistillError(
             f"could not write {what} to {where}: {_reason(err)}; {size_text(free)} free there when it "
             f"failed, {size_text(free_bytes(where))} after the partial files were removed{_size_limit()}. "
             f"{kept}"
         ) from None
+
+
+def _close_progress_bars() -> None:
+    """Close the bars a failed write left open (gguf's writer has one), so the message that follows
+    starts a line of its own instead of trailing a half-drawn bar."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def check_space(where: Path, need: int, what: str, key: str) -> None:

@@ -30,10 +30,10 @@ def _limited(limit: int):
     return preexec
 
 
-def _run_limited(command: str, config: Path, limit: int) -> subprocess.CompletedProcess:
+def _run_limited(command: str, config: Path, limit: int, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "kdistill", command, str(config)],
+        [sys.executable, "-m", "kdistill", command, str(config), *args],
         capture_output=True, text=True, env=env, preexec_fn=_limited(limit), timeout=600,
     )  # fmt: skip
 
@@ -127,6 +127,20 @@ def test_a_failed_cache_shard_keeps_the_shards_before_it(tmp_path: Path, tiny: d
     for shard in shards:
         a, b = load_file(whole / shard["file"]), load_file(limited / shard["file"])
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_failed_gguf_export_leaves_no_partial_file(tmp_path: Path, tiny: dict) -> None:
+    pytest.importorskip("gguf", reason="the gguf package is not installed (pip install 'kdistill[gguf]')")
+    out = tmp_path / "student.gguf"
+
+    done = _run_limited("export", tiny["student"], 100_000, "--gguf", "--output", str(out))
+
+    assert done.returncode == 2, done.stderr
+    (line,) = _errors(done.stderr) or [done.stderr[-3000:]]
+    # gguf writes with numpy, whose error gives no errno: "the write failed (4096 requested and N written)"
+    assert f"could not write the GGUF export (f32) to {out}: the write failed (" in line
+    assert "(ulimit -f). The student it was made from is unchanged" in line
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("code", ["ENOSPC", "EFBIG"])

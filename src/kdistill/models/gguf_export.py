@@ -90,7 +90,7 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, kind: str = "f32") -> Pat
         writer.close()
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    kept = "the student it was made from is unchanged; free some space, then run `kdistill export` again"
+    kept = "The student it was made from is unchanged; free some space, then run `kdistill export` again"
     save_atomic(path, write, what=f"the GGUF export ({kind})", kept=kept)
     return path
 
