@@ -142,11 +142,14 @@ def _size_limit() -> str:
 
 
 @contextmanager
-def writing(what: str, where: Path, kept: str, partial: Sequence[Path] = ()) -> Iterator[None]:
+def writing(
+    what: str, where: Path, kept: str | Callable[[], str], partial: Sequence[Path] = ()
+) -> Iterator[None]:
     """Turn a failed write inside the block into one `KdistillError` and remove the partial files.
 
     The message says `what` was being written, `where`, the free space there when it failed and
-    after the partial files were removed, and `kept` (what is intact and how to continue). Any other
+    after the partial files were removed, and `kept` (what is intact and how to continue; a callable is
+    asked only on failure). Any other
     exception still removes the partial files, and passes on unchanged.
     """
     try:
@@ -164,7 +167,7 @@ def writing(what: str, where: Path, kept: str, partial: Sequence[Path] = ()) -> 
         raise KdistillError(
             f"could not write {what} to {where}: {_reason(err)}; {size_text(free)} free there when it "
             f"failed, {size_text(free_bytes(where))} after the partial files were removed{_size_limit()}. "
-            f"{kept}"
+            f"{kept() if callable(kept) else kept}"
         ) from None
 
 

@@ -191,3 +191,34 @@ def test_a_tight_disk_warns_with_both_figures(
     assert (
         "2.0 MB free, and one checkpoint (1.1 MB) and the final student (378.1 kB) need 1.5 MB" in caplog.text
     )
+
+
+def test_a_failed_metrics_line_names_the_last_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import builtins
+    import errno
+    from types import SimpleNamespace
+
+    from kdistill.errors import KdistillError
+    from kdistill.run.metrics import MetricsFile
+
+    (tmp_path / "checkpoints" / "step-0000004").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-0000004" / "state.json").write_text("{}")
+    real_open = builtins.open
+
+    def full(path, mode="r", *args, **kwargs):
+        if str(path).endswith("metrics.jsonl") and "a" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full)
+    metrics = MetricsFile(
+        tmp_path / "metrics.jsonl", SimpleNamespace(log=lambda *a, **k: None, is_main_process=True)
+    )
+    with pytest.raises(KdistillError) as raised:
+        metrics.write(5, {"loss": 1.0})
+    message = str(raised.value)
+    assert message.startswith(f"could not write step 5's metrics to {tmp_path / 'metrics.jsonl'}: ")
+    assert "[ENOSPC]" in message
+    assert f"The previous checkpoint {tmp_path / 'checkpoints' / 'step-0000004'} is intact" in message

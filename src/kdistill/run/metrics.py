@@ -6,6 +6,7 @@ Metric names are stable (`loss`, `loss/kd`, `loss/ce`, `loss/hidden`, `eval/kl`,
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -14,8 +15,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from kdistill.files import write_atomic
+from kdistill.files import RunFiles, write_atomic, writing
 from kdistill.prerun.flops import ModelShape, step_flops
+from kdistill.storage.checkpoint import kept_checkpoint
 
 
 class LogWindow:
@@ -115,7 +117,9 @@ class MetricsFile:
             return
         self.accelerator.log(values, step=step)
         if self.accelerator.is_main_process:
-            with open(self.path, "a") as handle:
+            # A line cut short by a full disk is dropped on --resume (`_step_of`).
+            kept = functools.partial(kept_checkpoint, self.path.parent / RunFiles.CHECKPOINTS)
+            with writing(f"step {step}'s metrics", self.path, kept), open(self.path, "a") as handle:
                 handle.write(json.dumps({"step": step, **values}) + "\n")
 
     def truncate_after(self, step: int) -> None:
