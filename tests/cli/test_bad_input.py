@@ -325,9 +325,8 @@ CASES = [
     Bad(
         "model-lora-matches-nothing",
         lambda c: c.train(student={"finetune": "lora", "lora": {"target_modules": ["attn"]}}),
-        "student.lora.target_modules=['attn']: Target modules {'attn'} not found in the base model. Please "
-        "check the target modules and try again. The student's linear layers are named down_proj, gate_proj, "
-        "k_proj, lm_head, o_proj, q_proj, up_proj, v_proj",
+        "student.lora.target_modules: 'attn' names no module of the student (of ['attn']); the student's "
+        "linear layers are named down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj",
     ),
     Bad(
         "model-context-too-short",

@@ -223,10 +223,14 @@ def test_resume_with_hidden_continues_exactly(
 
     assert losses(straight) == losses(resumed)
 
-    # A checkpoint made with loss.hidden cannot be resumed without it: the optimizer holds its projections.
+    # A checkpoint made with loss.hidden cannot be resumed without it: a change to the loss is refused,
+    # and even with --force, the optimizer holds its projections.
     capsys.readouterr()
     off = {**sections, "loss": {"hidden": {"weight": 0.0}}}
     assert _run(tmp_path / "b", tiny, "--resume", **off)[0] == 2
+    err = capsys.readouterr().err
+    assert "changes what the run being resumed trains: " in err and "loss.hidden.weight 0.5 -> 0.0" in err
+    assert _run(tmp_path / "b", tiny, "--resume", "--force", **off)[0] == 2
     err = capsys.readouterr().err
     saved = "holds hidden-state projections ['hidden_projections.safetensors']"
     assert f"{saved}, but this config needs none" in err

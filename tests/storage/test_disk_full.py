@@ -222,3 +222,31 @@ def test_a_failed_metrics_line_names_the_last_checkpoint(
     assert message.startswith(f"could not write step 5's metrics to {tmp_path / 'metrics.jsonl'}: ")
     assert "[ENOSPC]" in message
     assert f"The previous checkpoint {tmp_path / 'checkpoints' / 'step-0000004'} is intact" in message
+
+
+@pytest.mark.slow  # two fresh processes under `accelerate launch` (gloo, CPU): about 30 s on 2 busy cores
+def test_two_processes_both_stop_when_the_main_one_cannot_write(tmp_path: Path, tiny: dict) -> None:
+    """The main process writes the checkpoint; the other learns of its failure instead of waiting."""
+    import shutil
+    import socket
+
+    with socket.socket() as probe:  # a free port for the processes' rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if launcher is None:
+        pytest.skip("the `accelerate` command is not installed next to this Python")
+    out = tmp_path / "pair"
+    config = write_config(tmp_path / "pair.yaml", tiny_config(tiny, out, training=TRAINING))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    command = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    command += ["-m", "kdistill", "train", str(config)]
+
+    done = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=300, preexec_fn=_limited(600_000)
+    )
+
+    assert done.returncode != 0
+    assert f"could not write checkpoint step 4 to {out / 'checkpoints' / 'step-0000004.tmp'}" in done.stderr
+    assert not _leftovers(out)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import tempfile
@@ -21,7 +20,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
@@ -32,6 +30,7 @@ from kdistill.errors import KdistillError
 from kdistill.files import RunFiles, default_permissions, writing
 from kdistill.losses.hidden import HiddenProjections, load_projections, projections_filename, save_projections
 from kdistill.models.loading import damaged_weights
+from kdistill.storage.rng import rng_state, set_rng_state
 from kdistill.storage.tensor_files import load_tensors, tensors_only
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -71,21 +70,9 @@ def save_checkpoint(
     """
     final, tmp = folder / f"step-{step:07d}", folder / f"step-{step:07d}.tmp"
     main = accelerator.is_main_process
-    with writing(f"checkpoint step {step}", tmp, kept_checkpoint(folder), partial=[tmp] if main else []):
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()  # the folder exists before any process writes into it
-        if is_sharded(accelerator):
-            accelerator.save_state(str(tmp))  # each process ends by writing its own RNG file, unsynchronised
-            projections = _gathered_projections(accelerator, student, projections)
-            accelerator.wait_for_everyone()  # so every process has written before the folder is renamed
-        if main:
-            _write_files(tmp, accelerator, student, optimizer, scheduler, projections)
-            (tmp / RunFiles.CONFIG).write_text(config)
-            # state.json is written last: it marks the checkpoint complete (see latest_checkpoint).
-            (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
-            default_permissions(tmp)
+    # A failed write raises here. The other processes are not told: under `accelerate launch`, torchrun
+    # stops them when one process fails (tests/storage/test_disk_full.py launches two).
+    _write_checkpoint(tmp, main, step, accelerator, student, optimizer, scheduler, state, projections, config)
     if main:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -94,24 +81,42 @@ def save_checkpoint(
     return final
 
 
-def _write_files(
+def _write_checkpoint(
     tmp: Path,
+    main: bool,
+    step: int,
     accelerator: Accelerator,
     student: nn.Module,
     optimizer: Any,
     scheduler: Any,
+    state: dict[str, Any],
     projections: Sequence[tuple[str, HiddenProjections]],
+    config: str,
 ) -> None:
-    """The main process's files of a checkpoint: weights, optimizer, RNG (or the sharded scheduler)."""
-    if is_sharded(accelerator):
-        _save({"scheduler": scheduler.state_dict()}, tmp / "scheduler.pt")
-    else:
-        model = accelerator.unwrap_model(student).model
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        optim = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        _save(optim, tmp / "optim.pt")
-        _save(_rng_state(), tmp / "rng.pt")
-    save_hidden(projections, tmp)
+    """Every file of `step-N.tmp/`; a failed write removes it and raises one `KdistillError`."""
+    with writing(f"checkpoint step {step}", tmp, kept_checkpoint(tmp.parent), partial=[tmp] if main else []):
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()  # the folder exists before any process writes into it
+        if is_sharded(accelerator):
+            accelerator.save_state(str(tmp))  # each process ends by writing its own RNG file, unsynchronised
+            projections = _gathered_projections(accelerator, student, projections)
+            accelerator.wait_for_everyone()  # so every process has written before the folder is renamed
+        if main and is_sharded(accelerator):
+            _save({"scheduler": scheduler.state_dict()}, tmp / "scheduler.pt")
+        elif main:
+            weights = trainable_state(accelerator.unwrap_model(student).model)
+            save_file(weights, str(tmp / "trainable.safetensors"))
+            optim = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            _save(optim, tmp / "optim.pt")
+            _save(rng_state(), tmp / "rng.pt")
+        if main:
+            save_hidden(projections, tmp)
+            (tmp / RunFiles.CONFIG).write_text(config)
+            # state.json is written last: it marks the checkpoint complete (see latest_checkpoint).
+            (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
+            default_permissions(tmp)
 
 
 def _save(value: Any, path: Path) -> None:
@@ -205,7 +210,7 @@ def load_checkpoint(
     optim = load_tensors(path / "optim.pt")
     optimizer.load_state_dict(optim["optimizer"])
     scheduler.load_state_dict(optim["scheduler"])
-    _set_rng_state(load_tensors(path / "rng.pt"))
+    set_rng_state(load_tensors(path / "rng.pt"))
     return json.loads((path / "state.json").read_text())
 
 
@@ -275,24 +280,3 @@ def _prune(folder: Path, keep: int | None) -> None:
     done = sorted(p for p in folder.glob("step-*") if _STEP_DIR.match(p.name))
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _rng_state() -> dict[str, Any]:
-    """The random generators' states, as tensors and plain values (see `load_tensors`)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
-    numpy = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos}
-    numpy |= {"has_gauss": has_gauss, "gauss": gauss}
-    state = {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    keys = n["keys"].numpy().astype(np.uint32)
-    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
