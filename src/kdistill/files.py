@@ -149,8 +149,7 @@ def writing(
 
     The message says `what` was being written, `where`, the free space there when it failed and
     after the partial files were removed, and `kept` (what is intact and how to continue; a callable is
-    asked only on failure). Any other
-    exception still removes the partial files, and passes on unchanged.
+    asked only on failure). Any other exception still removes the partial files, and passes on unchanged.
     """
     try:
         yield

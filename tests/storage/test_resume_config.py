@@ -138,3 +138,4 @@ def test_fewer_steps_count_as_a_change_to_what_is_trained() -> None:
 
     assert _harmless("training.max_steps", 8, 10) and not _harmless("training.max_steps", 8, 6)
     assert _harmless("training.health.window", 200, 50) and not _harmless("training.seed", 0, 1)
+    assert _harmless("output_dir", "runs/a", "moved/a")  # a run folder copied elsewhere

@@ -29,6 +29,7 @@ HISTORY = "config_history.yaml"
 
 # Keys that change how the run is watched, kept or stopped, not what each step computes.
 _CADENCE = {
+    "output_dir",  # a run folder moved or copied elsewhere
     "training.logging_steps",
     "training.save_steps",
     "training.save_total_limit",
