@@ -70,11 +70,8 @@ def _parser() -> argparse.ArgumentParser:
         "Start a vLLM server for every teacher of CONFIG whose `server` is on this machine, wait until each "
         "answers, keep them up until Ctrl-C or SIGTERM, then stop them (and everything they started).",
     )
-    serve.add_argument(
-        "--python",
-        default=".venv-vllm/bin/python",
-        help="the Python of vLLM's own environment (default .venv-vllm/bin/python: `make vllm-env`)",
-    )
+    python = "the Python of vLLM's own environment (default .venv-vllm/bin/python: `make vllm-env`)"
+    serve.add_argument("--python", default=".venv-vllm/bin/python", help=python)
     serve.add_argument(
         "--memory",
         type=float,
