@@ -65,7 +65,7 @@ def _card_data(cfg: RunConfig, run_dir: Path, evaluation: dict[str, Any]) -> Any
     base = _hub_id(cfg.student.model) or _hub_id(cfg.teacher.model)
     return ModelCardData(
         base_model=base,
-        datasets=[d for d in (_hub_id(cfg.data.source),) if d],
+        datasets=[d for d in (_hub_id(cfg.data.source),) if d] or None,
         library_name="peft" if (run_dir / "adapter_config.json").is_file() else "transformers",
         pipeline_tag="text-generation",
         license=_license(cfg),
