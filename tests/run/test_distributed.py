@@ -214,6 +214,7 @@ def test_fsdp_matches_one_process_and_resumes(tmp_path: Path, tiny: dict) -> Non
     # accelerate's FSDP checkpoint: the gathered weights and optimizer state, each process's RNG.
     step4 = tmp_path / "pair" / "checkpoints" / "step-0000004"
     assert sorted(p.name for p in step4.iterdir()) == [
+        "kdistill_config.yaml",  # the config it ran with, which --resume compares
         "optimizer.bin",
         "pytorch_model_fsdp.bin",
         "random_states_0.pkl",

