@@ -35,7 +35,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def student_and_prompts(args: argparse.Namespace) -> tuple[torch.nn.Module, object, list[list[int]]]:
     from kdistill.data import Collator, load_examples, tokenize_examples
-    from kdistill.models.build import shrink
+    from kdistill.models.even_cut import shrink
     from kdistill.models.loading import load_model, load_tokenizer, model_folder, resolve
     from kdistill.sampling.generate import prompts
 

@@ -77,8 +77,8 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
     from kdistill.config import TeacherConfig
     from kdistill.data import load_examples, tokenize_examples
     from kdistill.eval.load import EvalModels, load_bench_teacher
-    from kdistill.models.build import shrink
     from kdistill.models.compact import compact_frozen
+    from kdistill.models.even_cut import shrink
     from kdistill.models.loading import load_tokenizer, resolve
 
     fp32 = load_bench_teacher(TeacherConfig(model=TEACHER), torch.device("cpu"))

@@ -226,7 +226,7 @@ def check_inputs() -> None:
 
 
 def run(args: argparse.Namespace, work: Path, info: dict[str, Any]) -> list[dict[str, Any]]:
-    from kdistill.models.build import shrink
+    from kdistill.models.even_cut import shrink
     from kdistill.models.loading import load_model, resolve
 
     plans = [("fine-tuned (alpha 0)", 0.0, 1.0)]

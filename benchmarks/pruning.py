@@ -42,8 +42,9 @@ import torch
 import yaml
 
 from kdistill.config import RunConfig
-from kdistill.config.schema import FromTeacher
-from kdistill.models.build import load_teacher, shrink, teacher_source
+from kdistill.config.student import FromTeacher
+from kdistill.models.build import load_teacher, teacher_source
+from kdistill.models.even_cut import shrink
 from kdistill.models.loading import load_tokenizer
 from kdistill.models.prune import build_shape, count_params
 from kdistill.models.prune.calibration import load_calibration, load_held_out

@@ -136,7 +136,7 @@ def prepare(setup: str, work: Path, settings: dict) -> dict:
 
     from kdistill.data import load_examples
     from kdistill.data.tokenize import tokenize_examples
-    from kdistill.models.build import shrink
+    from kdistill.models.even_cut import shrink
 
     tiny_models(work) if setup == "tiny" else smollm2_teacher(work)
     teacher = AutoModelForCausalLM.from_pretrained(work / "teacher", dtype=torch.float32)

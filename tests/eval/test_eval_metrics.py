@@ -25,7 +25,7 @@ from kdistill.eval.metrics import (
 from kdistill.eval.runner import kept_shares, mean_kept, write_json
 from kdistill.eval.tables import eval_table
 from kdistill.losses import Dense, DenseHidden
-from kdistill.models.build import shrink
+from kdistill.models.even_cut import shrink
 
 pytest.importorskip("rouge_score", reason="rouge-score is not installed (pip install 'kdistill[eval]')")
 

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import SHARED_DATA
 from kdistill.config import StudentConfig, TeacherConfig
 from kdistill.errors import KdistillError
-from kdistill.models.build import build_student, keep_indices, load_teacher, shrink
+from kdistill.models.build import build_student, load_teacher
+from kdistill.models.even_cut import keep_indices, shrink
 from kdistill.models.loading import resolve
 from kdistill.teacher.vocabularies import shared_vocab_size
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from kdistill.config.schema import FromTeacher
+from kdistill.config.student import FromTeacher
 from kdistill.errors import KdistillError
 from kdistill.models.prune import build_pruned, build_shape, count_params
 from kdistill.models.prune.importance import Importance, removal_scores, score_units

@@ -145,7 +145,7 @@ def test_after_a_sync_the_engine_holds_the_students_weights(
     tokenizer = AutoTokenizer.from_pretrained(tiny["student"])
     student = AutoModelForCausalLM.from_pretrained(tiny["student"], dtype=torch.float32)
     if lora:
-        from kdistill.config.schema import LoraSettings
+        from kdistill.config.student import LoraSettings
 
         student = with_lora(student, LoraSettings(r=4, lora_alpha=8, lora_dropout=0.0))
     eos = tokenizer.eos_token_id

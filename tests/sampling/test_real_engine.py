@@ -19,9 +19,10 @@ import torch
 
 from conftest import ROOT, SHARED_DATA, write_config
 from kdistill.cli import main
-from kdistill.config.schema import LoraSettings
+from kdistill.config.student import LoraSettings
 from kdistill.data import Collator
-from kdistill.models.build import shrink, with_lora
+from kdistill.models.build import with_lora
+from kdistill.models.even_cut import shrink
 from kdistill.models.loading import load_model, load_tokenizer, model_folder, resolve
 from kdistill.sampling.engine import EngineSettings, VllmEngine
 from kdistill.sampling.generate import left_padded, prompts, responses

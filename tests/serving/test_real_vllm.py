@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, SHARED_DATA, write_config
 from kdistill.data import Collator, trained_rows
 from kdistill.losses import Sparse
-from kdistill.models.build import shrink
+from kdistill.models.even_cut import shrink
 from kdistill.models.loading import load_model, load_tokenizer, model_folder, resolve
 from kdistill.objective.batch import LossSettings, StudentLoss
 from kdistill.serving.process import ServerProcess, vllm_command

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import importlib.metadata
 import logging
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,8 +12,9 @@ from packaging.version import Version
 from torch import nn
 
 from kdistill.config import StudentConfig, TeacherConfig
-from kdistill.config.schema import FromTeacher, LoraSettings
+from kdistill.config.student import FromTeacher, LoraSettings
 from kdistill.errors import KdistillError
+from kdistill.models.even_cut import fewer_layers, keep_indices, shrink
 from kdistill.models.loading import ModelSource, load_model, resolve
 from kdistill.models.parts import for_inference
 from kdistill.models.prune import build_pruned, build_shape
@@ -199,7 +198,7 @@ def meta_model(
     from transformers import AutoModelForCausalLM
 
     if num_layers is not None:
-        config = _fewer_layers(config, keep_indices(config.num_hidden_layers, num_layers))
+        config = fewer_layers(config, keep_indices(config.num_hidden_layers, num_layers))
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -216,7 +215,7 @@ def made_student_config(teacher_config: Any, settings: FromTeacher) -> Any:
     """
     if settings.method == "importance":
         return student_config(teacher_config, build_shape(teacher_config, settings))
-    return _fewer_layers(teacher_config, keep_indices(teacher_config.num_hidden_layers, settings.num_layers))
+    return fewer_layers(teacher_config, keep_indices(teacher_config.num_hidden_layers, settings.num_layers))
 
 
 def checkpoint_student(model: Any) -> None:
@@ -232,70 +231,3 @@ def checkpoint_student(model: Any) -> None:
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "peft_config"):
         model.enable_input_require_grads()
-
-
-def keep_indices(total: int, keep: int) -> list[int]:
-    """`keep` layer indices evenly spaced over `total`, first and last included."""
-    if keep == 1:
-        return [0]
-    return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
-
-
-def shrink(teacher: nn.Module, num_layers: int) -> nn.Module:
-    """A smaller model of the teacher's architecture keeping `num_layers` of its decoder layers.
-
-    The kept layers, the embeddings, the final norm and the head are copied (DistilBERT's
-    initialisation, Sanh et al. 2019). Works for any model whose decoder layers sit in one
-    `nn.ModuleList` as long as `config.num_hidden_layers`.
-    """
-    from transformers import AutoModelForCausalLM
-
-    if getattr(teacher.config, "quantization_config", None) is not None:
-        raise KdistillError(NEEDS_UNQUANTIZED)
-    prefix, kept = check_shrinkable(teacher, num_layers)
-    small_config = _fewer_layers(teacher.config, kept)
-    student = AutoModelForCausalLM.from_config(small_config, dtype=next(teacher.parameters()).dtype)
-    renumber = {old: new for new, old in enumerate(kept)}
-    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
-    state = {}
-    for key, value in teacher.state_dict().items():
-        match = pattern.match(key)
-        if match is None:
-            state[key] = value.detach().clone()
-        elif int(match.group(1)) in renumber:
-            state[pattern.sub(f"{prefix}.{renumber[int(match.group(1))]}.", key)] = value.detach().clone()
-    student.load_state_dict(state, strict=True)
-    return student
-
-
-NEEDS_UNQUANTIZED = "student.from_teacher needs an unquantized teacher; set teacher.quantization: none"
-
-
-def check_shrinkable(teacher: nn.Module, num_layers: int) -> tuple[str, list[int]]:
-    """The name of `teacher`'s list of decoder layers and the indices a `num_layers` student keeps.
-
-    `teacher` may be a meta-device model (`meta_model`): this reads its modules, not its weights.
-    """
-    total = teacher.config.num_hidden_layers
-    if not 1 <= num_layers <= total:
-        raise KdistillError(f"student.from_teacher.num_layers={num_layers}: the teacher has {total} layers")
-    return _layer_list_name(teacher, total), keep_indices(total, num_layers)
-
-
-def _fewer_layers(config: Any, kept: list[int]) -> Any:
-    small = copy.deepcopy(config)
-    small.num_hidden_layers = len(kept)
-    if isinstance(getattr(config, "layer_types", None), list):
-        small.layer_types = [config.layer_types[i] for i in kept]
-    return small
-
-
-def _layer_list_name(model: nn.Module, total: int) -> str:
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == total and name:
-            return name
-    raise KdistillError(
-        f"student.from_teacher: cannot shrink {type(model).__name__}: "
-        f"no list of {total} decoder layers found; "
-        "give student.model instead"
-    )

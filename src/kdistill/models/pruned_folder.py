@@ -19,7 +19,8 @@ from typing import Any
 
 from kdistill.config import RunConfig
 from kdistill.errors import KdistillError
-from kdistill.models.build import full_precision, load_teacher, shrink, teacher_source
+from kdistill.models.build import full_precision, load_teacher, teacher_source
+from kdistill.models.even_cut import shrink
 from kdistill.models.loading import load_tokenizer, resolve
 from kdistill.models.parts import default_device
 from kdistill.models.prune import Pruned, build_pruned

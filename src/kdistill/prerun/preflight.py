@@ -19,8 +19,6 @@ from kdistill.data import Example, build_datasets
 from kdistill.errors import KdistillError
 from kdistill.losses.hidden import LayerPairs, copied_layer_pairs, require_live_teacher, resolve_layer_pairs
 from kdistill.models.build import (
-    check_shrinkable,
-    keep_indices,
     made_student_config,
     meta_model,
     quantization_kwargs,
@@ -28,6 +26,7 @@ from kdistill.models.build import (
     teacher_source,
     with_lora,
 )
+from kdistill.models.even_cut import check_shrinkable, keep_indices
 from kdistill.models.parts import default_device, depth_and_width, text_config
 from kdistill.prerun.checked import Checked, launch_of
 from kdistill.prerun.disk_space import disk_space_fits

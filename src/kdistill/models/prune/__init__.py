@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kdistill.config.schema import FromTeacher
+from kdistill.config.student import FromTeacher
 from kdistill.errors import KdistillError
 from kdistill.models.prune.importance import Importance, removal_scores, score_units
 from kdistill.models.prune.shape import Shape, build_shape, count_params, teacher_shape

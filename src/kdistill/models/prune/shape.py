@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from kdistill.config.schema import FromTeacher
+from kdistill.config.student import FromTeacher
 from kdistill.errors import KdistillError
 
 # Decoder-only families whose parameters `models.prune.surgery` knows how to slice, by config.model_type.
