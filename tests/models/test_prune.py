@@ -13,7 +13,7 @@ from kdistill.config.student import FromTeacher
 from kdistill.errors import KdistillError
 from kdistill.models.prune import build_pruned, build_shape, count_params
 from kdistill.models.prune.importance import Importance, removal_scores, score_units
-from kdistill.models.prune.shape import Shape, teacher_shape
+from kdistill.models.prune.shape import PrunedShape, teacher_shape
 from kdistill.models.prune.surgery import Kept, choose, prune
 
 COMMON = dict(
@@ -134,7 +134,7 @@ def test_removal_scores_are_the_loss_and_kl_without_each_layer() -> None:
         model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask].log_softmax(-1)
     )
     for i in range(4):
-        cut_model = prune(model, Shape(3, 32, 48, 4, 2), _every(model, [j for j in range(4) if j != i]))
+        cut_model = prune(model, PrunedShape(3, 32, 48, 4, 2), _every(model, [j for j in range(4) if j != i]))
         cut = cut_model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
         cut = cut.log_softmax(-1)
         targets = batch["labels"][:, 1:][mask]
@@ -167,7 +167,7 @@ def test_pruned_student_equals_the_teacher_with_those_units_silenced(kind: str) 
         groups=[torch.tensor([1]), torch.tensor([0]), torch.tensor([1])],
         channels=torch.arange(32),
     )
-    student = prune(teacher, Shape(3, 32, 20, 2, 1), kept)
+    student = prune(teacher, PrunedShape(3, 32, 20, 2, 1), kept)
     assert student.config.head_dim == 16 and student.config.num_key_value_heads == 1
     silenced = tiny_model(kind)
     with torch.no_grad():
@@ -197,7 +197,7 @@ def test_known_importances_keep_exactly_those_rows_and_columns() -> None:
         channels=torch.tensor([float(i % 5) for i in range(32)]),
         tokens=1,
     )
-    shape = Shape(layers=3, hidden=12, intermediate=10, heads=2, kv_heads=1)
+    shape = PrunedShape(layers=3, hidden=12, intermediate=10, heads=2, kv_heads=1)
     kept = choose(importance, importance.influence, shape, teacher_shape(teacher.config))
     assert kept.layers == [0, 2, 3]
     assert kept.neurons[0].tolist() == list(range(10)) and kept.groups[0].tolist() == [1]
@@ -222,7 +222,7 @@ def test_known_importances_keep_exactly_those_rows_and_columns() -> None:
 def test_untied_head_is_cut_by_the_same_channels() -> None:
     teacher = tiny_model("qwen2")
     kept = Kept([0, 1], [torch.arange(48)] * 2, [torch.arange(2)] * 2, torch.tensor([1, 5, 7, 30]))
-    student = prune(teacher, Shape(2, 4, 48, 4, 2), kept)
+    student = prune(teacher, PrunedShape(2, 4, 48, 4, 2), kept)
     assert student.lm_head.weight is not student.model.embed_tokens.weight
     assert torch.equal(student.lm_head.weight, teacher.lm_head.weight[:, kept.channels])
     q = student.model.layers[0].self_attn.q_proj
@@ -233,7 +233,7 @@ def test_gemma3_keeps_its_embedding_scale_and_tied_logit_scale() -> None:
     teacher = tiny_model("gemma3_text")
     channels = torch.arange(0, 32, 4)
     kept = Kept(list(range(4)), [torch.arange(48)] * 4, [torch.arange(2)] * 4, channels)
-    student = prune(teacher, Shape(4, 8, 48, 4, 2), kept)
+    student = prune(teacher, PrunedShape(4, 8, 48, 4, 2), kept)
     ids = torch.tensor([[5, 6, 7]])
     # the residual stream starts at the teacher's values on the kept channels
     torch.testing.assert_close(
@@ -287,8 +287,8 @@ def test_budget_recipe_mlp_to_its_floor_then_layers_then_mlp_back_up() -> None:
     assert total <= full / 2
     assert shape.intermediate >= 16  # the floor, a third of 48
     # one more layer at the floor would not fit; one more MLP step would not fit either
-    assert count_params(config, Shape(shape.layers + 1, 32, 16, 4, 2))[0] > full / 2
-    assert count_params(config, Shape(shape.layers, 32, shape.intermediate + 8, 4, 2))[0] > full / 2
+    assert count_params(config, PrunedShape(shape.layers + 1, 32, 16, 4, 2))[0] > full / 2
+    assert count_params(config, PrunedShape(shape.layers, 32, shape.intermediate + 8, 4, 2))[0] > full / 2
     fixed = build_shape(config, importance_cfg(params=0.5, num_layers=4, hidden_size=16))
     assert (fixed.layers, fixed.hidden) == (4, 16) and count_params(config, fixed)[0] <= full / 2
     count = build_shape(config, importance_cfg(params=total))

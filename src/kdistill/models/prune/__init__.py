@@ -16,10 +16,10 @@ from torch import nn
 from kdistill.config.student import FromTeacher
 from kdistill.errors import KdistillError
 from kdistill.models.prune.importance import Importance, removal_scores, score_units
-from kdistill.models.prune.shape import Shape, build_shape, count_params, teacher_shape
+from kdistill.models.prune.shape import PrunedShape, build_shape, count_params, teacher_shape
 from kdistill.models.prune.surgery import Kept, choose, prune
 
-__all__ = ["Pruned", "Shape", "build_pruned", "build_shape", "count_params"]
+__all__ = ["Pruned", "PrunedShape", "build_pruned", "build_shape", "count_params"]
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Pruned:
     """A pruned student and how it was chosen."""
 
     model: nn.Module
-    shape: Shape
+    shape: PrunedShape
     kept: Kept
     importance: Importance
     depth_score: str

@@ -32,7 +32,7 @@ MLP_STEP = 8  # MLP widths chosen for a budget are multiples of this
 
 
 @dataclass(frozen=True)
-class Shape:
+class PrunedShape:
     layers: int
     hidden: int
     intermediate: int
@@ -64,8 +64,8 @@ def head_dim(config: Any) -> int:
     return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
-def teacher_shape(config: Any) -> Shape:
-    return Shape(
+def teacher_shape(config: Any) -> PrunedShape:
+    return PrunedShape(
         layers=config.num_hidden_layers,
         hidden=config.hidden_size,
         intermediate=config.intermediate_size,
@@ -74,7 +74,7 @@ def teacher_shape(config: Any) -> Shape:
     )
 
 
-def student_config(config: Any, shape: Shape, kept_layers: list[int] | None = None) -> Any:
+def student_config(config: Any, shape: PrunedShape, kept_layers: list[int] | None = None) -> Any:
     """The teacher's config with the student's shape; `kept_layers` picks per-layer settings (Gemma 3)."""
     small = copy.deepcopy(config)
     kept = kept_layers if kept_layers is not None else list(range(shape.layers))
@@ -90,7 +90,7 @@ def student_config(config: Any, shape: Shape, kept_layers: list[int] | None = No
     return small
 
 
-def count_params(config: Any, shape: Shape) -> tuple[int, int]:
+def count_params(config: Any, shape: PrunedShape) -> tuple[int, int]:
     """`(total, non-embedding)` parameters of `shape` of `config`'s architecture, from a meta-device model.
 
     Non-embedding leaves out the input embedding and an untied output head.
@@ -101,10 +101,10 @@ def count_params(config: Any, shape: Shape) -> tuple[int, int]:
     return _COUNTS[key]
 
 
-_COUNTS: dict[tuple[str, Shape], tuple[int, int]] = {}  # the budget search counts the same shapes again
+_COUNTS: dict[tuple[str, PrunedShape], tuple[int, int]] = {}  # the budget search counts the same shapes again
 
 
-def _count(config: Any, shape: Shape) -> tuple[int, int]:
+def _count(config: Any, shape: PrunedShape) -> tuple[int, int]:
     from transformers import AutoModelForCausalLM
 
     small = student_config(config, shape)
@@ -118,7 +118,7 @@ def _count(config: Any, shape: Shape) -> tuple[int, int]:
     return total, total - outside
 
 
-def build_shape(config: Any, cfg: FromTeacher) -> Shape:
+def build_shape(config: Any, cfg: FromTeacher) -> PrunedShape:
     """The shape of a `method: importance` student, checked against the teacher's config."""
     check_supported(config)
     full = teacher_shape(config)
@@ -143,7 +143,7 @@ def check_range(key: str, value: int, most: int) -> int:
     return value
 
 
-def _heads(full: Shape, heads: int | None, kv_heads: int | None) -> dict[str, int]:
+def _heads(full: PrunedShape, heads: int | None, kv_heads: int | None) -> dict[str, int]:
     """Query heads and key/value groups kept: whole groups, each with all of its query heads."""
     group = full.heads // full.kv_heads
     if kv_heads is None and heads is None:
@@ -165,7 +165,9 @@ def _heads(full: Shape, heads: int | None, kv_heads: int | None) -> dict[str, in
     return {"heads": kv_heads * group, "kv_heads": kv_heads}
 
 
-def fit_budget(config: Any, shape: Shape, target: int, free_layers: bool, free_mlp: bool) -> Shape:
+def fit_budget(
+    config: Any, shape: PrunedShape, target: int, free_layers: bool, free_mlp: bool
+) -> PrunedShape:
     """The largest shape within `target` parameters, changing only the layers and MLP width left free.
 
     The recipe: MLP width down to `MLP_FLOOR` of the teacher's, then layers off until the budget is met,

@@ -18,7 +18,7 @@ from torch import nn
 
 from kdistill.errors import KdistillError
 from kdistill.models.prune.importance import Importance
-from kdistill.models.prune.shape import Shape, head_dim, student_config, teacher_shape
+from kdistill.models.prune.shape import PrunedShape, head_dim, student_config, teacher_shape
 
 
 @dataclass
@@ -46,7 +46,7 @@ def top(scores: torch.Tensor | list[float], k: int) -> torch.Tensor:
     return order[:k].sort().values
 
 
-def choose(importance: Importance, depth: list[float], shape: Shape, teacher: Shape) -> Kept:
+def choose(importance: Importance, depth: list[float], shape: PrunedShape, teacher: PrunedShape) -> Kept:
     """Keep the most important layers (by `depth`), and in each the most important neurons and groups.
 
     A key/value group's score is the sum of its query heads' scores: query head h reads group
@@ -63,7 +63,7 @@ def choose(importance: Importance, depth: list[float], shape: Shape, teacher: Sh
     )
 
 
-def even_kept(teacher: Shape, layers: list[int]) -> Kept:
+def even_kept(teacher: PrunedShape, layers: list[int]) -> Kept:
     """`layers`, with every unit of each kept."""
     every = torch.arange
     return Kept(
@@ -74,7 +74,7 @@ def even_kept(teacher: Shape, layers: list[int]) -> Kept:
     )
 
 
-def prune(teacher: nn.Module, shape: Shape, kept: Kept) -> nn.Module:
+def prune(teacher: nn.Module, shape: PrunedShape, kept: Kept) -> nn.Module:
     """The student of `shape` holding the teacher's weights of the `kept` units."""
     from transformers import AutoModelForCausalLM
 
@@ -150,7 +150,7 @@ def _slice(key: str, value: torch.Tensor, indices: dict[str, torch.Tensor], want
     return out.clone()
 
 
-def _keep_embedding_scale(config: Any, shape: Shape, state: dict[str, torch.Tensor]) -> None:
+def _keep_embedding_scale(config: Any, shape: PrunedShape, state: dict[str, torch.Tensor]) -> None:
     """Gemma 3 multiplies its embeddings by sqrt(hidden_size): keep the teacher's scale in the student.
 
     The student's own factor is sqrt(H'), so its kept embedding rows are multiplied by c = sqrt(H / H')
