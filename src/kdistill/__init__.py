@@ -1,8 +1,8 @@
 """kdistill: knowledge distillation of language models.
 
 The Python API (`kdistill.api`) is importable from here: `kdistill.train`, `kdistill.evaluate`,
-`kdistill.export`, `kdistill.load_config` and `kdistill.KdistillError`. They load on first use, so that
-`import kdistill` stays light.
+`kdistill.export`, `kdistill.prune`, `kdistill.load_config` and `kdistill.KdistillError`. They load
+on first use, so that `import kdistill` stays light.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING, Any
 from kdistill.errors import KdistillError
 
 if TYPE_CHECKING:
-    from kdistill.api import evaluate, export, load_config, train
+    from kdistill.api import evaluate, export, load_config, prune, train
 
 __version__ = "0.1.0"
-__all__ = ["KdistillError", "evaluate", "export", "load_config", "train"]
+__all__ = ["KdistillError", "evaluate", "export", "load_config", "prune", "train"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("evaluate", "export", "load_config", "train"):
+    if name in ("evaluate", "export", "load_config", "prune", "train"):
         from kdistill import api
 
         return getattr(api, name)

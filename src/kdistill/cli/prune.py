@@ -21,16 +21,33 @@ def add_prune_command(commands: argparse._SubParsersAction, epilog: str) -> None
     )
     sub.add_argument("--output", help="the student's folder (default: OUTPUT_DIR-pruned, beside the run's)")
     sub.add_argument("--eval-rows", type=int, default=64, help="held-out rows measured (default 64)")
+    sub.add_argument(
+        "--search",
+        type=int,
+        default=0,
+        metavar="K",
+        help="rank the shapes of the params budget: the K best untrained are each trained --search-steps "
+        "steps by the run's own config, and the one with the lowest held-out KL is written",
+    )
+    sub.add_argument(
+        "--search-steps", type=int, default=10, metavar="N", help="optimizer steps per candidate (default 10)"
+    )
 
 
 def prune(args: argparse.Namespace) -> int:
-    from kdistill.config import load_config
-    from kdistill.models.pruned_folder import write_pruned
+    from kdistill.api import prune as make
 
-    cfg = load_config(args.config, args.overrides)
-    output = Path(args.output or f"{cfg.output_dir.rstrip('/')}-pruned")
-    summary = write_pruned(cfg, output, args.eval_rows)
+    output, summary = make(
+        args.config,
+        overrides=args.overrides,
+        output=args.output,
+        eval_rows=args.eval_rows,
+        search=args.search,
+        search_steps=args.search_steps,
+    )
     print(summary_lines(summary, output))
+    if "search" in summary:
+        print(search_table(summary["search"]))
     return 0
 
 
@@ -56,3 +73,23 @@ def summary_lines(summary: dict[str, Any], output: Path) -> str:
             f"time: {summary['seconds']['total']:.0f} s to score and prune",
         ]
     )
+
+
+def search_table(search: dict[str, Any]) -> str:
+    """The candidates, best first: untrained KL for all, KL and perplexity after the short runs."""
+    lines = [
+        f"search: {len(search['candidates'])} shapes of the budget, the {search['finalists']} with the "
+        f"lowest untrained KL (on {search['screen_rows']} held-out rows) trained {search['steps']} steps "
+        "each",
+        "| layers | hidden | MLP | heads / kv | params | untrained KL | trained KL | trained ppl | |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in search["candidates"]:
+        s, trained = row["shape"], row["trained"]
+        after = f"{trained['kl']:.3f} | {trained['ppl']:,.1f}" if trained else "- | -"
+        lines.append(
+            f"| {s['layers']} | {s['hidden']} | {s['intermediate']} | {s['heads']} / {s['kv_heads']} | "
+            f"{row['params']['total'] / 1e6:.1f} M | {row['untrained']['kl']:.3f} | {after} | "
+            f"{'chosen' if row['chosen'] else ''} |"
+        )
+    return "\n".join(lines)

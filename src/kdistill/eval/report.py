@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kdistill.errors import KdistillError
+from kdistill.eval.pruned_report import pruning_blocks
 from kdistill.eval.tables import Table, bench_table, eval_table, markdown_table, number
 from kdistill.files import RunFiles, write_atomic
 
@@ -58,6 +59,7 @@ def report_blocks(run_dir: Path) -> list[Block]:
     records = _read_jsonl(run_dir / RunFiles.METRICS)
     blocks: list[Block] = [("h1", f"kdistill report: {run_dir.name}")]
     blocks += _summary_blocks(summary)
+    blocks += pruning_blocks(run_dir)
     blocks += _plot_blocks(records)
     evaluation, measured = _read_json(run_dir / RunFiles.EVAL), _read_json(run_dir / RunFiles.BENCH)
     if evaluation:

@@ -14,6 +14,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,44 +31,77 @@ from kdistill.models.prune.quality import response_quality
 log = logging.getLogger("kdistill")
 
 
-def write_pruned(cfg: RunConfig, output: Path, eval_rows: int = 64, progress: bool = True) -> dict[str, Any]:
-    """Prune (or cut) the run's `from_teacher` student, measure it and write it to `output`.
+@dataclass
+class PruneSource:
+    """What every student pruned from one run's teacher is made and measured with."""
 
-    The folder appears only when complete: it is written beside `output` and renamed at the end.
-    Returns what `prune.json` holds.
-    """
-    settings = cfg.student.from_teacher
-    if settings is None:
+    cfg: RunConfig
+    teacher: Any
+    tokenizer: Any
+    held_out: list[dict[str, Any]]
+    memo: dict[int, Any] = field(default_factory=dict)  # the teacher's held-out log-probs, per batch
+
+
+def open_source(cfg: RunConfig, output: Path, eval_rows: int) -> PruneSource:
+    """The run's full-precision teacher, its tokenizer and `eval_rows` held-out rows, after checking
+    that there is a student to make and that `output` is free (before anything loads)."""
+    if cfg.student.from_teacher is None:
         raise KdistillError("kdistill prune makes a student from the teacher: give student.from_teacher")
     if output.exists() and any(output.iterdir()):
         raise KdistillError(f"--output {output} is not empty; give a new folder")
-    device = default_device()
     t = cfg.teacher
     tokenizer = load_tokenizer(resolve(t.tokenizer) if t.tokenizer else teacher_source(t))
-    teacher = load_teacher(full_precision(t), device)
+    teacher = load_teacher(full_precision(t), default_device())
+    return PruneSource(cfg, teacher, tokenizer, load_held_out(cfg, tokenizer, eval_rows))
+
+
+def write_pruned(cfg: RunConfig, output: Path, eval_rows: int = 64, progress: bool = True) -> dict[str, Any]:
+    """Prune (or cut) the run's `from_teacher` student, measure it and write it to `output`.
+
+    Returns what `prune.json` holds.
+    """
+    source = open_source(cfg, output, eval_rows)
+    settings = cfg.student.from_teacher
     started = time.perf_counter()
     pruned = None
     if settings.method == "importance":
-        pruned = build_pruned(teacher, settings, load_calibration(cfg, tokenizer), progress)
+        calibration = load_calibration(cfg, source.tokenizer)
+        pruned = build_pruned(source.teacher, settings, calibration, progress)
         student = pruned.model
     else:
-        student = shrink(teacher, settings.num_layers)
-    seconds = time.perf_counter() - started
-    quality = response_quality(teacher, student, load_held_out(cfg, tokenizer, eval_rows), progress)
+        student = shrink(source.teacher, settings.num_layers)
+    return write_student(source, output, student, pruned, time.perf_counter() - started, progress=progress)
+
+
+def write_student(
+    source: PruneSource,
+    output: Path,
+    student: Any,
+    pruned: Pruned | None,
+    seconds: float,
+    extra: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Measure `student` on the held-out rows and write it, with prune.json (plus `extra`),
+    importance.json and layers.png, to `output`. The folder appears only when complete: it is written
+    beside `output` and renamed at the end. Returns what `prune.json` holds."""
+    teacher = source.teacher
+    quality = response_quality(teacher, student, source.held_out, progress, source.memo)
     summary = {
-        "method": settings.method,
-        "depth_score": settings.depth_score if pruned else None,
+        "method": source.cfg.student.from_teacher.method,
+        "depth_score": pruned.scores.depth_score if pruned else None,
         "shape": _shape(student.config),
         "teacher_shape": _shape(teacher.config),
         "params": parameter_counts(student),
         "teacher_params": parameter_counts(teacher),
         "held_out_before_training": quality,
-        "seconds": {"total": seconds, **(pruned.seconds if pruned else {})},
+        "seconds": {"total": seconds, **(pruned.scores.seconds if pruned else {})},
+        **(extra or {}),
     }
     partial = output.with_name(output.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     student.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
+    source.tokenizer.save_pretrained(partial)
     (partial / "prune.json").write_text(json.dumps(summary, indent=2) + "\n")
     if pruned is not None:
         (partial / "importance.json").write_text(json.dumps(importance_record(pruned)) + "\n")
@@ -88,8 +122,8 @@ def parameter_counts(model: Any) -> dict[str, int]:
 
 def importance_record(pruned: Pruned) -> dict[str, Any]:
     return {
-        "depth_score": pruned.depth_score,
-        "scores": pruned.importance.to_json(),
+        "depth_score": pruned.scores.depth_score,
+        "scores": pruned.scores.importance.to_json(),
         "kept": pruned.kept.to_json(),
     }
 
@@ -117,7 +151,7 @@ def plot_layers(pruned: Pruned, path: Path) -> None:
     except ImportError:
         log.info("matplotlib is not installed: no layers.png (pip install matplotlib)")
         return
-    scores = pruned.depth_scores()
+    scores = pruned.scores.depth()
     kept = set(pruned.kept.layers)
     fig, ax = plt.subplots(figsize=(max(6, len(scores) * 0.3), 3.2))
     ax.bar(
@@ -126,7 +160,7 @@ def plot_layers(pruned: Pruned, path: Path) -> None:
         color=["tab:blue" if i in kept else "lightgray" for i in range(len(scores))],
     )
     ax.set_xlabel("teacher layer (kept in blue)")
-    ax.set_ylabel(pruned.depth_score.replace("_", " "))
+    ax.set_ylabel(pruned.scores.depth_score.replace("_", " "))
     ax.set_title(f"layer importance: {len(kept)} of {len(scores)} kept")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,8 +1,9 @@
 """Students pruned from the teacher by importance, in depth and in width (Minitron), and their shapes.
 
 `build_pruned` is the one entry: it reads `student.from_teacher`, scores the teacher's units on the
-calibration batches (`importance`), picks the units to keep (`surgery.choose`) and cuts the student
-(`surgery.prune`). `shape` knows a student's shape and size from config.json files alone.
+calibration batches (`score_teacher`), picks the units to keep (`surgery.choose`) and cuts the student
+(`cut`). `shape` knows a student's shape and size from config.json files alone; `candidates` lists the
+shapes of one budget that `kdistill prune --search` ranks.
 """
 
 from __future__ import annotations
@@ -19,7 +20,29 @@ from kdistill.models.prune.importance import Importance, removal_scores, score_u
 from kdistill.models.prune.shape import PrunedShape, build_shape, count_params, teacher_shape
 from kdistill.models.prune.surgery import Kept, choose, prune
 
-__all__ = ["Pruned", "PrunedShape", "build_pruned", "build_shape", "count_params"]
+__all__ = [
+    "Pruned",
+    "PrunedShape",
+    "Scores",
+    "build_pruned",
+    "build_shape",
+    "count_params",
+    "cut",
+    "score_teacher",
+]
+
+
+@dataclass
+class Scores:
+    """Every unit's importance in the full teacher, and what computing it cost."""
+
+    importance: Importance
+    depth_score: str
+    seconds: dict[str, float] = field(default_factory=dict)  # calibration and removal scoring
+
+    def depth(self) -> list[float]:
+        """The layer scores that choose the layers."""
+        return self.importance.influence if self.importance.removal is None else self.importance.removal
 
 
 @dataclass
@@ -29,36 +52,46 @@ class Pruned:
     model: nn.Module
     shape: PrunedShape
     kept: Kept
-    importance: Importance
-    depth_score: str
-    seconds: dict[str, float] = field(default_factory=dict)  # calibration and removal scoring
-
-    def depth_scores(self) -> list[float]:
-        """The layer scores that chose the layers."""
-        return self.importance.influence if self.importance.removal is None else self.importance.removal
+    scores: Scores
 
 
 def build_pruned(
     teacher: nn.Module, cfg: FromTeacher, calibration: list[dict[str, torch.Tensor]], progress: bool = True
 ) -> Pruned:
     """The `method: importance` student of `cfg`, pruned from the full-precision `teacher`."""
+    shape = build_shape(teacher.config, cfg)
+    return cut(teacher, score_teacher(teacher, cfg, calibration, shape.layers, progress), shape)
+
+
+def score_teacher(
+    teacher: nn.Module,
+    cfg: FromTeacher,
+    calibration: list[dict[str, torch.Tensor]],
+    layers: int,
+    progress: bool = True,
+) -> Scores:
+    """Every unit's importance on the calibration batches; the removal scores of `cfg.depth_score`
+    are computed only for students of fewer than the teacher's layers (`layers`)."""
     if getattr(teacher.config, "quantization_config", None) is not None:
         raise KdistillError(
             "student.from_teacher needs an unquantized teacher; set teacher.quantization: none"
         )
     if not calibration:
         raise KdistillError("student.from_teacher.method: importance needs calibration rows; none were given")
-    shape = build_shape(teacher.config, cfg)
     device = next(teacher.parameters()).device
     batches = [{k: v.to(device) for k, v in b.items()} for b in calibration]
     started = time.perf_counter()
     importance = score_units(teacher, batches, progress)
     seconds = {"calibration": time.perf_counter() - started}
-    if cfg.depth_score != "block_influence" and shape.layers < teacher.config.num_hidden_layers:
+    if cfg.depth_score != "block_influence" and layers < teacher.config.num_hidden_layers:
         started = time.perf_counter()
         metric = "kl" if cfg.depth_score == "removal_kl" else "loss"
         importance.removal = removal_scores(teacher, batches, metric, progress)
         seconds["removal"] = time.perf_counter() - started
-    depth = importance.influence if importance.removal is None else importance.removal
-    kept = choose(importance, depth, shape, teacher_shape(teacher.config))
-    return Pruned(prune(teacher, shape, kept), shape, kept, importance, cfg.depth_score, seconds)
+    return Scores(importance, cfg.depth_score, seconds)
+
+
+def cut(teacher: nn.Module, scores: Scores, shape: PrunedShape) -> Pruned:
+    """The student of `shape` that keeps the units `scores` ranks highest."""
+    kept = choose(scores.importance, scores.depth(), shape, teacher_shape(teacher.config))
+    return Pruned(prune(teacher, shape, kept), shape, kept, scores)

@@ -36,8 +36,11 @@ def load_calibration(cfg: RunConfig, tokenizer: Any) -> list[dict[str, torch.Ten
     return _batches(drawn, tokenizer, cfg.data.max_length, settings.calibration_batch_size)
 
 
+HELD_OUT_BATCH = 4  # held-out rows per batch
+
+
 def load_held_out(
-    cfg: RunConfig, tokenizer: Any, rows: int, batch_size: int = 4
+    cfg: RunConfig, tokenizer: Any, rows: int, batch_size: int = HELD_OUT_BATCH
 ) -> list[dict[str, torch.Tensor]]:
     """Batches of the first `rows` held-out rows, as training holds them out."""
     return _batches(_splits(cfg)[1][:rows], tokenizer, cfg.data.max_length, batch_size)

@@ -133,7 +133,7 @@ def build_shape(config: Any, cfg: FromTeacher) -> PrunedShape:
     )
     if cfg.params is None:
         return shape
-    target = round(cfg.params * count_params(config, full)[0]) if cfg.params <= 1 else int(cfg.params)
+    target = budget_target(config, cfg.params)
     return fit_budget(config, shape, target, cfg.num_layers is None, cfg.intermediate_size is None)
 
 
@@ -165,22 +165,33 @@ def _heads(full: PrunedShape, heads: int | None, kv_heads: int | None) -> dict[s
     return {"heads": kv_heads * group, "kv_heads": kv_heads}
 
 
+def budget_target(config: Any, params: float) -> int:
+    """`params` as a count: a share (<= 1) of the teacher's parameters, or a count as given."""
+    return round(params * count_params(config, teacher_shape(config))[0]) if params <= 1 else int(params)
+
+
 def fit_budget(
-    config: Any, shape: PrunedShape, target: int, free_layers: bool, free_mlp: bool
+    config: Any,
+    shape: PrunedShape,
+    target: int,
+    free_layers: bool,
+    free_mlp: bool,
+    floor_share: float = MLP_FLOOR,
 ) -> PrunedShape:
     """The largest shape within `target` parameters, changing only the layers and MLP width left free.
 
-    The recipe: MLP width down to `MLP_FLOOR` of the teacher's, then layers off until the budget is met,
-    then MLP width back up (in steps of `MLP_STEP`) as far as the budget allows. Parameters are affine
-    in the layers and in the MLP width, so four counts give the closed form; the result is counted again.
+    The recipe: MLP width down to `floor_share` of the teacher's, then layers off until the budget is
+    met, then MLP width back up (in steps of `MLP_STEP`) as far as the budget allows. Parameters are
+    affine in the layers and in the MLP width, so four counts give the closed form; the result is
+    counted again.
     """
 
     def total(layers: int, mlp: int) -> int:
         return count_params(config, replace(shape, layers=layers, intermediate=mlp))[0]
 
-    floor = (
-        min(shape.intermediate, _multiple(shape.intermediate * MLP_FLOOR)) if free_mlp else shape.intermediate
-    )
+    floor = shape.intermediate
+    if free_mlp:
+        floor = min(shape.intermediate, _multiple(shape.intermediate * floor_share))
     fixed, per_layer = _affine(lambda n: total(n, floor))
     layers = max(1, min(shape.layers, (target - fixed) // per_layer)) if free_layers else shape.layers
     mlp = floor

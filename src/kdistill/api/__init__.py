@@ -27,7 +27,16 @@ from kdistill.files import RunFiles
 from kdistill.run.loop import RunSummary
 from kdistill.run.loop import train as _train
 
-__all__ = ["KdistillError", "RunSummary", "evaluate", "export", "load_config", "train", "write_card"]
+__all__ = [
+    "KdistillError",
+    "RunSummary",
+    "evaluate",
+    "export",
+    "load_config",
+    "prune",
+    "train",
+    "write_card",
+]
 
 
 def load_config(config: str | Path | dict[str, Any] | RunConfig, overrides: Sequence[str] = ()) -> RunConfig:
@@ -117,6 +126,29 @@ def evaluate(
     if models.run_dir is not None and not output:
         card_after(models.run_dir)
     return result
+
+
+def prune(
+    config: str | Path | dict[str, Any] | RunConfig,
+    *,
+    overrides: Sequence[str] = (),
+    output: str | Path | None = None,
+    eval_rows: int = 64,
+    search: int = 0,
+    search_steps: int = 10,
+) -> tuple[Path, dict[str, Any]]:
+    """Write the `student.from_teacher` student of `config` as a model folder (by default
+    OUTPUT_DIR-pruned) with how it was chosen and where it starts; returns the folder and what its
+    prune.json holds. With `search`, that many shapes of the `params` budget are each trained
+    `search_steps` steps and the best is written (`kdistill.api.search`)."""
+    from kdistill.api.search import search_pruned
+    from kdistill.models.pruned_folder import write_pruned
+
+    cfg = load_config(config, overrides)
+    folder = Path(output or f"{cfg.output_dir.rstrip('/')}-pruned")
+    if search:
+        return folder, search_pruned(cfg, folder, eval_rows, search, search_steps)
+    return folder, write_pruned(cfg, folder, eval_rows)
 
 
 def export(target: str | Path, *, gguf_type: str = "f32", output: str | Path | None = None) -> Path:
