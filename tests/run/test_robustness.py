@@ -101,6 +101,27 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run(tmp_path: Path, tiny: d
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000028", "step-0000032"]
 
 
+def test_a_student_pruned_in_process_resumes_exactly_after_a_kill(tmp_path: Path, tiny: dict) -> None:
+    """The resumed run prunes the teacher again (the same calibration rows, the same units), then
+    loads the checkpoint's weights into that shape."""
+    student = {
+        "from_teacher": {"method": "importance", "params": 0.6, "calibration_rows": 8},
+        "finetune": "full",
+    }
+    training = {"max_steps": 12, "save_steps": 4, "save_total_limit": 2}
+    straight_config, straight_out = _config(tmp_path, tiny, "straight", student=student, training=training)
+    assert main(["train", str(straight_config)]) == 0
+    config, out = _config(tmp_path, tiny, student=student, training=training)
+    process = _spawn(config, tmp_path / "killed.log")
+    _wait_for(lambda: (out / "checkpoints" / "step-0000004").is_dir(), process)
+    process.kill()
+    assert process.wait() == -signal.SIGKILL
+    assert not (out / "model.safetensors").exists()
+    assert main(["train", str(config), "--resume"]) == 0
+    _assert_same_run(straight_out, out)
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] < 128  # really pruned
+
+
 def test_sigterm_checkpoints_the_current_step_and_says_how_to_resume(
     tmp_path: Path, tiny: dict, straight: Path
 ) -> None:
