@@ -51,7 +51,7 @@ from kdistill.models.prune.calibration import load_calibration, load_held_out
 from kdistill.models.prune.importance import removal_scores, score_units
 from kdistill.models.prune.quality import decode_speed, response_quality
 from kdistill.models.prune.shape import teacher_shape
-from kdistill.models.prune.surgery import choose, prune
+from kdistill.models.prune.surgery import choose, prune, top
 from kdistill.models.pruned_folder import parameter_counts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +117,8 @@ def measure_arm(name: str, teacher: Any, shared: dict[str, Any], args: argparse.
             importance = replace(importance, removal=removal_scores(teacher, rows, "kl"))
         shape = build_shape(teacher.config, settings)
         depth = importance.influence if importance.removal is None else importance.removal
-        student = prune(teacher, shape, choose(importance, depth, shape, teacher_shape(teacher.config)))
+        layers = top(depth, shape.layers).tolist()
+        student = prune(teacher, shape, choose(importance, layers, shape, teacher_shape(teacher.config)))
     seconds = time.perf_counter() - started + (shared["calibration_s"] if name != "even" else 0)
     quality = response_quality(teacher, student, shared["held_out"], memo=shared["memo"])
     c = student.config

@@ -14,7 +14,7 @@ from kdistill.errors import KdistillError
 from kdistill.models.prune import build_pruned, build_shape, count_params
 from kdistill.models.prune.importance import Importance, removal_scores, score_units
 from kdistill.models.prune.shape import PrunedShape, teacher_shape
-from kdistill.models.prune.surgery import Kept, choose, prune
+from kdistill.models.prune.surgery import Kept, choose, prune, top
 
 COMMON = dict(
     vocab_size=96,
@@ -142,6 +142,27 @@ def test_removal_scores_are_the_loss_and_kl_without_each_layer() -> None:
         assert loss[i] == pytest.approx(float(-cut.gather(-1, targets[:, None]).mean()), rel=1e-9)
 
 
+def test_contiguous_removal_scores_each_block_and_keeps_the_rest() -> None:
+    model = tiny_model("llama")
+    data = batches(n=1)
+    cfg = importance_cfg(num_layers=2, depth_score="contiguous_kl")
+    pruned = build_pruned(model, cfg, data, progress=False)
+    blocks = pruned.scores.importance.contiguous
+    assert len(blocks) == 3  # two layers off: blocks start at 0, 1 and 2
+    batch = data[0]
+    mask = batch["labels"][:, 1:] != -100
+    logits = lambda m: m(batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]  # noqa: E731
+    full = logits(model).log_softmax(-1)
+    for start in range(3):
+        rest = [j for j in range(4) if not start <= j < start + 2]
+        cut = logits(prune(model, PrunedShape(2, 32, 48, 4, 2), _every(model, rest))).log_softmax(-1)
+        assert blocks[start] == pytest.approx(float((full.exp() * (full - cut)).sum(-1).mean()), rel=1e-9)
+    best = min(range(3), key=blocks.__getitem__)
+    assert pruned.kept.layers == [j for j in range(4) if not best <= j < best + 2]
+    depth = pruned.scores.depth()  # per layer: the cheapest block holding it; the removed block's lowest
+    assert sorted(range(4), key=depth.__getitem__)[:2] == [best, best + 1]
+
+
 def _every(model, layers: list[int]) -> Kept:
     return Kept(layers, [torch.arange(48)] * len(layers), [torch.arange(2)] * len(layers), torch.arange(32))
 
@@ -198,7 +219,8 @@ def test_known_importances_keep_exactly_those_rows_and_columns() -> None:
         tokens=1,
     )
     shape = PrunedShape(layers=3, hidden=12, intermediate=10, heads=2, kv_heads=1)
-    kept = choose(importance, importance.influence, shape, teacher_shape(teacher.config))
+    layers = top(importance.influence, shape.layers).tolist()
+    kept = choose(importance, layers, shape, teacher_shape(teacher.config))
     assert kept.layers == [0, 2, 3]
     assert kept.neurons[0].tolist() == list(range(10)) and kept.groups[0].tolist() == [1]
     channels = [i for i in range(32) if i % 5 in (3, 4)][:12]

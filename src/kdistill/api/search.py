@@ -43,6 +43,11 @@ def search_pruned(
     settings = cfg.student.from_teacher
     if settings is None or settings.method != "importance":
         raise KdistillError("kdistill prune --search needs student.from_teacher.method: importance")
+    if settings.depth_score.startswith("contiguous"):
+        raise KdistillError(
+            f"kdistill prune --search ranks shapes of several depths, and depth_score {settings.depth_score} "
+            "scores blocks of one size; use block_influence, removal_kl or removal_loss with --search"
+        )
     if finalists < 1 or steps < 1:
         raise KdistillError(f"--search {finalists} --search-steps {steps}: give at least 1 of each")
     source = open_source(cfg, output, eval_rows)

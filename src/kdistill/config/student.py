@@ -12,6 +12,9 @@ from kdistill.config.strict import Strict
 _WIDTHS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 
 
+DepthScore = Literal["block_influence", "removal_kl", "removal_loss", "contiguous_kl", "contiguous_loss"]
+
+
 class FromTeacher(Strict):
     method: Literal["even", "importance"] = Field(
         "even",
@@ -46,12 +49,14 @@ class FromTeacher(Strict):
         "count (> 1). The shape keys not given are chosen for it: MLP width down to a floor of a third of "
         "the teacher's, then depth, then MLP width back up to fill the budget (docs/pruning.md).",
     )
-    depth_score: Literal["block_influence", "removal_kl", "removal_loss"] = Field(
+    depth_score: DepthScore = Field(
         "block_influence",
-        description="How layers are ranked (method: importance): `block_influence` (ShortGPT: 1 - cosine "
-        "between a layer's input and output), `removal_kl` (KL from the full teacher with that one layer "
-        "removed) or `removal_loss` (the teacher's loss on the rows with that layer removed); one forward "
-        "pass per layer for the last two.",
+        description="How layers are ranked (method: importance): `block_influence` (ShortGPT: 1 - "
+        "cosine between a layer's input and output), `removal_kl` (KL from the full teacher with that "
+        "one layer removed), `removal_loss` (the teacher's loss on the rows with that layer removed), "
+        "or `contiguous_kl` / `contiguous_loss` (the same with a contiguous block of all the layers to "
+        "drop removed; the cheapest block goes, as Minitron found near the end); one forward pass per "
+        "layer or block for all but the first.",
     )
     calibration_rows: int = Field(
         64, gt=0, description="Training rows whose activations score the units (method: importance)."

@@ -18,7 +18,7 @@ from kdistill.config.student import FromTeacher
 from kdistill.errors import KdistillError
 from kdistill.models.prune.importance import Importance, removal_scores, score_units
 from kdistill.models.prune.shape import PrunedShape, build_shape, count_params, teacher_shape
-from kdistill.models.prune.surgery import Kept, choose, prune
+from kdistill.models.prune.surgery import Kept, choose, prune, top
 
 __all__ = [
     "Pruned",
@@ -41,8 +41,27 @@ class Scores:
     seconds: dict[str, float] = field(default_factory=dict)  # calibration and removal scoring
 
     def depth(self) -> list[float]:
-        """The layer scores that choose the layers."""
-        return self.importance.influence if self.importance.removal is None else self.importance.removal
+        """Each layer's score (higher: more important). For contiguous removal: the cost of the cheapest
+        scored block that holds the layer, so the layers of the cheapest block score lowest."""
+        imp = self.importance
+        if imp.contiguous is not None:
+            width = len(imp.influence) - len(imp.contiguous) + 1
+            holding = lambda i: imp.contiguous[max(0, i - width + 1) : i + 1]  # noqa: E731
+            return [min(holding(i)) for i in range(len(imp.influence))]
+        return imp.influence if imp.removal is None else imp.removal
+
+    def kept_layers(self, count: int) -> list[int]:
+        """The `count` layers to keep: all but the cheapest contiguous block, or the best scores."""
+        imp, total = self.importance, len(self.importance.influence)
+        if imp.contiguous is not None:
+            if len(imp.contiguous) != count + 1:  # blocks of total - count layers start at 0 .. count
+                raise KdistillError(
+                    f"contiguous removal was scored for {total - len(imp.contiguous) + 1} layers off, not "
+                    f"{total - count}"
+                )
+            start = min(range(len(imp.contiguous)), key=imp.contiguous.__getitem__)
+            return [i for i in range(total) if not start <= i < start + total - count]
+        return top(self.depth(), count).tolist()
 
 
 @dataclass
@@ -83,15 +102,20 @@ def score_teacher(
     started = time.perf_counter()
     importance = score_units(teacher, batches, progress)
     seconds = {"calibration": time.perf_counter() - started}
-    if cfg.depth_score != "block_influence" and layers < teacher.config.num_hidden_layers:
+    drop = teacher.config.num_hidden_layers - layers
+    if cfg.depth_score != "block_influence" and drop > 0:
         started = time.perf_counter()
-        metric = "kl" if cfg.depth_score == "removal_kl" else "loss"
-        importance.removal = removal_scores(teacher, batches, metric, progress)
+        metric = "kl" if cfg.depth_score.endswith("kl") else "loss"
+        if cfg.depth_score.startswith("contiguous"):
+            blocks = [list(range(start, start + drop)) for start in range(layers + 1)]
+            importance.contiguous = removal_scores(teacher, batches, metric, progress, blocks)
+        else:
+            importance.removal = removal_scores(teacher, batches, metric, progress)
         seconds["removal"] = time.perf_counter() - started
     return Scores(importance, cfg.depth_score, seconds)
 
 
 def cut(teacher: nn.Module, scores: Scores, shape: PrunedShape) -> Pruned:
     """The student of `shape` that keeps the units `scores` ranks highest."""
-    kept = choose(scores.importance, scores.depth(), shape, teacher_shape(teacher.config))
+    kept = choose(scores.importance, scores.kept_layers(shape.layers), shape, teacher_shape(teacher.config))
     return Pruned(prune(teacher, shape, kept), shape, kept, scores)

@@ -35,11 +35,16 @@ class Importance:
     channels: torch.Tensor  # (hidden,)
     tokens: int
     removal: list[float] | None = None  # loss or KL with each layer removed, when scored
+    contiguous: list[float] | None = None  # loss or KL with each block of `width` layers removed, by start
 
     def to_json(self) -> dict[str, Any]:
         return {
             "tokens": self.tokens,
-            "layers": {"block_influence": self.influence, "removal": self.removal},
+            "layers": {
+                "block_influence": self.influence,
+                "removal": self.removal,
+                "contiguous_block_removal": self.contiguous,
+            },
             "mlp_neurons": [n.tolist() for n in self.neurons],
             "attention_heads": [h.tolist() for h in self.heads],
             "embedding_channels": self.channels.tolist(),
@@ -148,26 +153,35 @@ class _Skip(nn.Module):
 
 @torch.no_grad()
 def removal_scores(
-    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], metric: str, progress: bool = True
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    metric: str,
+    progress: bool = True,
+    blocks: list[list[int]] | None = None,
 ) -> list[float]:
-    """Per layer, the per-token `kl` (from the full model) or `loss` at response tokens without it.
+    """Per layer (or per block of layers in `blocks`), the per-token `kl` (from the full model) or
+    `loss` at response tokens without it.
 
-    Batch by batch, so only one batch's full-model log-probs are held: `1 + layers` forward passes each.
+    Batch by batch, so only one batch's full-model log-probs are held: `1 + blocks` forward passes each.
     """
     layers = decoder_layers(model)
-    totals, tokens = torch.zeros(len(layers), dtype=torch.float64), 0
+    blocks = blocks if blocks is not None else [[i] for i in range(len(layers))]
+    totals, tokens = torch.zeros(len(blocks), dtype=torch.float64), 0
     batches = list(batches)
-    bar = tqdm(total=len(batches) * len(layers), desc=f"removal {metric}", unit="pass", disable=not progress)
+    bar = tqdm(total=len(batches) * len(blocks), desc=f"removal {metric}", unit="pass", disable=not progress)
     for batch in batches:
         mask = batch["labels"][:, 1:] != -100
         targets = batch["labels"][:, 1:][mask]
         full = response_log_probs(model, batch, mask, torch.float64)
-        for i in range(len(layers)):
-            kept, layers[i] = layers[i], _Skip()
+        for i, block in enumerate(blocks):
+            kept = [layers[j] for j in block]
+            for j in block:
+                layers[j] = _Skip()
             try:
                 cut = response_log_probs(model, batch, mask, torch.float64)
             finally:
-                layers[i] = kept
+                for j, layer in zip(block, kept):
+                    layers[j] = layer
             if metric == "kl":
                 totals[i] += float((full.exp() * (full - cut)).sum())
             else:

@@ -46,13 +46,12 @@ def top(scores: torch.Tensor | list[float], k: int) -> torch.Tensor:
     return order[:k].sort().values
 
 
-def choose(importance: Importance, depth: list[float], shape: PrunedShape, teacher: PrunedShape) -> Kept:
-    """Keep the most important layers (by `depth`), and in each the most important neurons and groups.
+def choose(importance: Importance, layers: list[int], shape: PrunedShape, teacher: PrunedShape) -> Kept:
+    """Keep `layers` (ascending), and in each the most important neurons and groups.
 
     A key/value group's score is the sum of its query heads' scores: query head h reads group
     h // (heads / groups), as transformers' `repeat_kv` lays them out.
     """
-    layers = top(depth, shape.layers).tolist()
     per_group = teacher.heads // teacher.kv_heads
     groups = [importance.heads[i].view(teacher.kv_heads, per_group).sum(-1) for i in layers]
     return Kept(
