@@ -43,7 +43,12 @@ def load_held_out(
     cfg: RunConfig, tokenizer: Any, rows: int, batch_size: int = HELD_OUT_BATCH
 ) -> list[dict[str, torch.Tensor]]:
     """Batches of the first `rows` held-out rows, as training holds them out."""
-    return _batches(_splits(cfg)[1][:rows], tokenizer, cfg.data.max_length, batch_size)
+    return _batches(held_out_examples(cfg, rows), tokenizer, cfg.data.max_length, batch_size)
+
+
+def held_out_examples(cfg: RunConfig, rows: int) -> list[Example]:
+    """The first `rows` held-out examples, as training holds them out."""
+    return _splits(cfg)[1][:rows]
 
 
 def _splits(cfg: RunConfig) -> tuple[list[Example], list[Example]]:
