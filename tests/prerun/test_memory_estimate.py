@@ -14,7 +14,17 @@ from kdistill.data import build_datasets
 from kdistill.data.batches import length_grouped_batches
 from kdistill.errors import KdistillError
 from kdistill.models.parts import base_model
-from kdistill.prerun.memory import GB, PHASES, Model, Plan, layer_activations, parts, peak, phase_totals
+from kdistill.prerun.memory import (
+    GB,
+    PHASES,
+    Model,
+    Plan,
+    calibration_bytes,
+    layer_activations,
+    parts,
+    peak,
+    phase_totals,
+)
 from kdistill.prerun.memory_plan import _teacher_bits, memory_plan, suggestions
 from kdistill.prerun.memory_shapes import KNOWN_ARCHITECTURES, device_bytes, padded, shape_of, widest_batch
 from kdistill.run.lean import lean_gated_mlps
@@ -201,3 +211,24 @@ def test_teacher_weights_on_cpu_by_form(tmp_path, file: str, bits: float) -> Non
     # NF4 layers, and the fp32 checkpoint bitsandbytes quantized from stays mapped
     assert _teacher_bits(quantized, cpu=True) == (4.13, 0, True, False)
     assert _teacher_bits(quantized, cpu=False) == (4.13, 2, False, False)
+
+
+def test_a_pruned_students_calibration_is_in_the_loading_peak(tiny: dict, tmp_path) -> None:
+    made = {"method": "importance", "params": 0.5, "calibration_batch_size": 4}
+    sections = {"student": {"from_teacher": made, "finetune": "full"}}
+    cfg = load_config(write_config(tmp_path / "a.yaml", tiny_config(tiny, tmp_path / "a", **sections)))
+    plan = memory_plan(cfg, None)
+    tokens = 4 * padded(cfg.data.max_length)
+    t = plan.teacher
+    assert (plan.calibration_tokens, plan.removal_scores) == (tokens, False)
+    assert calibration_bytes(plan) == tokens * (4 * t.hidden + 2 * t.q_width + 3 * t.intermediate) * 4
+    removal = {**made, "depth_score": "removal_kl", "num_layers": 2, "params": None}
+    sections = {"student": {"from_teacher": removal, "finetune": "full"}}
+    cfg = load_config(write_config(tmp_path / "b.yaml", tiny_config(tiny, tmp_path / "b", **sections)))
+    with_removal = memory_plan(cfg, None)
+    assert with_removal.removal_scores
+    # two fp64 log-prob tables of every calibration token over the vocabulary, and a temporary
+    extra = calibration_bytes(with_removal) - calibration_bytes(plan)
+    assert extra == 3 * tokens * t.vocab * 8
+    even = load_config(write_config(tmp_path / "c.yaml", tiny_config(tiny, tmp_path / "c")))
+    assert calibration_bytes(memory_plan(even, None)) == 0

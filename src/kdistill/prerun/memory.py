@@ -97,6 +97,8 @@ class Plan:
     engine: bool = False  # the student samples on a vLLM engine, not in this process
     processes: int = 1
     strategy: str = "ddp"
+    calibration_tokens: int = 0  # a pruned student's calibration batch: rows x max_length (0: none)
+    removal_scores: bool = False  # and its removal scores: fp64 log-probs of those tokens
 
 
 def layer_activations(p: Plan) -> int:
@@ -255,12 +257,24 @@ def training_peak(p: Plan) -> int:
 
 
 def load_peak(p: Plan) -> int:
-    """On CPU, the loading peak: the teacher fully in fp32 and a student copied out of it."""
+    """On CPU, the loading peak: the teacher fully in fp32, a pruned student's calibration on it, and
+    a student copied out of it."""
     if not p.load_fp32_teacher or p.teacher is None:
         return 0
     t = p.teacher
     student = p.student.params() * 4 if not p.lora_params else 0
-    return CPU_PROCESS_BYTES + t.params() * 4 + student
+    return CPU_PROCESS_BYTES + t.params() * 4 + calibration_bytes(p) + student
+
+
+def calibration_bytes(p: Plan) -> int:
+    """Calibration's own tensors: one batch through one teacher layer under no_grad (its residual,
+    norm, attention and MLP widths in fp32), and with removal scores the full and the cut model's fp64
+    log-probs at those tokens, with one temporary of that size."""
+    t = p.teacher
+    if not p.calibration_tokens or t is None:
+        return 0
+    layer = p.calibration_tokens * (4 * t.hidden + 2 * t.q_width + 3 * t.intermediate) * 4
+    return layer + (3 * p.calibration_tokens * t.vocab * 8 if p.removal_scores else 0)
 
 
 def peak(p: Plan) -> int:

@@ -186,7 +186,19 @@ def memory_plan(
         engine_bytes=share,
         processes=processes,
         strategy=strategy,
+        **_calibration(cfg),
     )
+
+
+def _calibration(cfg: RunConfig) -> dict[str, Any]:
+    """A pruned student's calibration batch, and whether removal scores are computed on it."""
+    made = cfg.student.from_teacher
+    if made is None or made.method != "importance":
+        return {}
+    return {
+        "calibration_tokens": made.calibration_batch_size * padded(cfg.data.max_length),
+        "removal_scores": made.depth_score != "block_influence",
+    }
 
 
 def machine_memory() -> int:
@@ -212,7 +224,8 @@ def memory_lines(cfg: RunConfig, plan: Plan, budget: int, device_name: str) -> l
         f"{largest} {phases[largest] / GB:.2f} (the largest phase)"
     )
     if loading > total:
-        lines.append(f"  {'loading peak':<24} {loading / GB:7.2f} GB  the teacher in fp32 while loading")
+        what = "and calibrating" if plan.calibration_tokens else "while loading"
+        lines.append(f"  {'loading peak':<24} {loading / GB:7.2f} GB  the teacher in fp32 {what}")
     fits = peak(plan) <= budget
     lines.append(
         f"verdict: {'fits' if fits else 'does NOT fit'} on {device_name} ({budget / GB:.1f} GB): "
