@@ -34,7 +34,10 @@ def test_every_candidate_fills_the_budget_and_the_grid_spans_depth_and_width() -
     for shape in shapes:
         assert FILLED * 63713088 <= count_params(config, shape)[0] <= 63713088
         assert shape.heads == 3 * shape.kv_heads  # whole key/value groups
-    assert {s.hidden for s in shapes} == {576, 512, 448, 384}
+    # hidden sizes that Llama's config.json accepts: multiples of the heads (9: of 72; 6: of 96)
+    widths = {(576, 9), (504, 9), (432, 9), (576, 6), (480, 6), (384, 6)}
+    assert {(s.hidden, s.heads) for s in shapes} >= widths
+    assert all(s.hidden % s.heads == 0 for s in shapes)
     assert {s.kv_heads for s in shapes} == {3, 2}
     layers = [s.layers for s in shapes]
     assert layers == sorted(layers, reverse=True) and layers[0] == 30 and layers[-1] <= 19
@@ -44,12 +47,18 @@ def test_every_candidate_fills_the_budget_and_the_grid_spans_depth_and_width() -
 
 def test_given_keys_stay_and_a_share_is_a_share() -> None:
     config = smollm2_config()
-    cfg = FromTeacher(method="importance", params=0.5, hidden_size=512, num_attention_heads=6)
+    cfg = FromTeacher(method="importance", params=0.5, hidden_size=480, num_attention_heads=6)
     shapes = candidate_shapes(config, cfg)
     target = budget_target(config, 0.5)
     assert target == round(0.5 * count_params(config, teacher_shape(config))[0])
-    assert shapes and all((s.hidden, s.heads, s.kv_heads) == (512, 6, 2) for s in shapes)
+    assert shapes and all((s.hidden, s.heads, s.kv_heads) == (480, 6, 2) for s in shapes)
     assert len({s.intermediate for s in shapes}) == len(shapes)  # only the MLP floor varies
+
+
+def test_a_hidden_size_llama_cannot_load_is_refused_with_the_nearest_ones() -> None:
+    cfg = FromTeacher(method="importance", params=0.5, hidden_size=512)
+    with pytest.raises(KdistillError, match="hidden_size=512 with 9 attention heads.*give 504 or 513"):
+        candidate_shapes(smollm2_config(), cfg)
 
 
 def test_search_needs_a_budget() -> None:

@@ -63,6 +63,10 @@ def search_pruned(
         for i, row in enumerate(chosen, 1):
             log.info("search: candidate %d of %d, %s", i, len(chosen), row["shape"].describe())
             row["trained"] = _short_run(source, scores, row["shape"], Path(work) / f"candidate-{i}", steps)
+            log.info(
+                "search: candidate %d of %d after %d steps: held-out KL %.4f, perplexity %.2f",
+                *(i, len(chosen), steps, row["trained"]["kl"], row["trained"]["ppl"]),
+            )
     best = min(chosen, key=lambda r: r["trained"]["kl"])
     best["chosen"] = True
     pruned = cut(teacher, scores, best["shape"])

@@ -9,6 +9,7 @@ budget with layers and MLP width. Keys the config gives stay as given.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from kdistill.config.student import FromTeacher
@@ -20,6 +21,7 @@ from kdistill.models.prune.shape import (
     build_shape,
     count_params,
     fit_budget,
+    hidden_unit,
     teacher_shape,
 )
 
@@ -40,8 +42,10 @@ def candidate_shapes(config: Any, cfg: FromTeacher) -> list[PrunedShape]:
     groups = [None] if heads_given else sorted({full.kv_heads, max(1, full.kv_heads - 1)}, reverse=True)
     floors = FLOOR_SHARES if cfg.intermediate_size is None else (MLP_FLOOR,)
     shapes: list[PrunedShape] = []
-    for hidden in [cfg.hidden_size] if cfg.hidden_size else _hidden_sizes(full.hidden):
-        for kv_heads in groups:
+    for kv_heads in groups:
+        per_group = full.heads // full.kv_heads
+        heads = cfg.num_attention_heads or (kv_heads or cfg.num_key_value_heads) * per_group
+        for hidden in [cfg.hidden_size] if cfg.hidden_size else _hidden_sizes(full.hidden, config, heads):
             fixed = {"hidden_size": hidden, "params": None}
             if kv_heads is not None:
                 fixed |= {"num_key_value_heads": kv_heads, "num_attention_heads": None}
@@ -58,9 +62,14 @@ def candidate_shapes(config: Any, cfg: FromTeacher) -> list[PrunedShape]:
     return sorted(shapes, key=lambda s: (-s.layers, -s.hidden, -s.kv_heads))
 
 
-def _hidden_sizes(hidden: int) -> list[int]:
-    unit = 32 if hidden >= 256 else 8
-    return sorted({max(unit, round(hidden * share / unit) * unit) for share in HIDDEN_SHARES}, reverse=True)
+def _hidden_sizes(hidden: int, config: Any, heads: int) -> list[int]:
+    """The grid's embedding widths: multiples of 8 (of 32 for wide models), and of the heads where the
+    architecture's config.json needs it (`shape.hidden_unit`), at most the teacher's."""
+    unit = math.lcm(32 if hidden >= 256 else 8, hidden_unit(config, heads))
+    if unit > hidden / 4:
+        unit = math.lcm(8, hidden_unit(config, heads))
+    sizes = {min(hidden, max(unit, round(hidden * share / unit) * unit)) for share in HIDDEN_SHARES}
+    return sorted(sizes | {hidden}, reverse=True)
 
 
 def _filled(

@@ -131,10 +131,32 @@ def build_shape(config: Any, cfg: FromTeacher) -> PrunedShape:
         ),
         **_heads(full, cfg.num_attention_heads, cfg.num_key_value_heads),
     )
+    check_loadable(config, shape)
     if cfg.params is None:
         return shape
     target = budget_target(config, cfg.params)
     return fit_budget(config, shape, target, cfg.num_layers is None, cfg.intermediate_size is None)
+
+
+# Families whose config.json transformers refuses to load unless hidden_size is a multiple of
+# num_attention_heads (their `validate_architecture`), although head_dim is given.
+HEADS_DIVIDE_HIDDEN = {"llama", "gemma3_text"}
+
+
+def hidden_unit(config: Any, heads: int) -> int:
+    """What a pruned hidden size must be a multiple of for a loadable config.json (1: anything)."""
+    return heads if getattr(config, "model_type", None) in HEADS_DIVIDE_HIDDEN else 1
+
+
+def check_loadable(config: Any, shape: PrunedShape) -> None:
+    unit = hidden_unit(config, shape.heads)
+    if shape.hidden % unit:
+        lower, upper = shape.hidden // unit * unit, -(-shape.hidden // unit) * unit
+        raise KdistillError(
+            f"student.from_teacher.hidden_size={shape.hidden} with {shape.heads} attention heads: "
+            f"transformers loads a {SUPPORTED[config.model_type]} config.json only when hidden_size is a "
+            f"multiple of num_attention_heads; give {lower or unit} or {upper}, or other heads"
+        )
 
 
 def check_range(key: str, value: int, most: int) -> int:
