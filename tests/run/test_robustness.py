@@ -62,6 +62,17 @@ def _assert_same_run(a: Path, b: Path, tol: float = 1e-5) -> None:
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=tol, msg=name)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The interrupted runs are subprocesses on one thread (`_spawn`); the in-process runs they are
+    compared with use one too, since a matmul's sums differ with the thread count and Adam turns such
+    differences in near-zero gradients into differences of the learning rate's order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def straight(tiny: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The uninterrupted run every interrupted one must reproduce."""
