@@ -10,6 +10,10 @@ class KdistillError(Exception):
     """A problem with the user's input that they can fix; the message says how."""
 
 
+class ServerUnreachable(KdistillError):
+    """A served teacher's request failed every retry; the message says how many, against which URLs."""
+
+
 class ResumableInterrupt(KeyboardInterrupt):
     """Ctrl-C stopped a long phase after its work so far was kept; the same command continues it.
 

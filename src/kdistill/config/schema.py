@@ -61,6 +61,16 @@ class TeacherConfig(Strict):
     served_name: str | None = Field(
         None, description="The model's name on the server (vLLM's --served-model-name); default: `name`."
     )
+    retries: int = Field(
+        4,
+        ge=0,
+        description="A served teacher's request that gets no answer or a 5xx answer is tried again this many "
+        "times, each on the next URL, the start-up check's too; waits start at `retry_backoff` seconds and "
+        "double, to at most 30 s (12 retries ride out about 3.5 minutes, a vLLM restart on a CPU).",
+    )
+    retry_backoff: float = Field(
+        0.5, gt=0, description="Seconds a served teacher's first retry waits (doubled for each next one)."
+    )
 
     @model_validator(mode="before")
     @classmethod

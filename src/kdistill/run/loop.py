@@ -18,13 +18,14 @@ from tqdm.auto import tqdm
 
 from kdistill.config import RunConfig
 from kdistill.data.batches import ahead, epoch_loader, windows
+from kdistill.errors import ServerUnreachable
 from kdistill.files import RunFiles
 from kdistill.prerun.flops import model_shape
 from kdistill.run.export import export_student
-from kdistill.run.metrics import LogWindow
+from kdistill.run.metrics import LogWindow, RetryCount
 from kdistill.run.start import Run, start_run
 from kdistill.run.stop_signals import Interrupted, StopSignals
-from kdistill.storage.checkpoint import latest_checkpoint, load_checkpoint, remove_partial
+from kdistill.storage.checkpoint import kept_checkpoint, latest_checkpoint, load_checkpoint, remove_partial
 
 log = logging.getLogger("kdistill")
 
@@ -56,11 +57,15 @@ def train(
     started = time.perf_counter()
     run = start_run(cfg, resume, overwrite, config_path, force)
     with run.lock:  # the folder stays this run's until it ends, however it ends
-        step, epoch, skip, saved = _starting_point(run, resume)
-        run.sampler.restore(saved)  # a checkpoint's step and rows in flight (an engine's)
-        with run.sampler:  # the student's vLLM engine, if any, stopped however the run ends
-            step = _steps(run, step, epoch, skip)
-        return _finish(run, step, started)
+        try:
+            step, epoch, skip, saved = _starting_point(run, resume)
+            run.sampler.restore(saved)  # a checkpoint's step and rows in flight (an engine's)
+            with run.sampler:  # the student's vLLM engine, if any, stopped however the run ends
+                step = _steps(run, step, epoch, skip)
+            return _finish(run, step, started)
+        except ServerUnreachable as err:  # a served teacher failed every retry: say what is kept
+            kept = kept_checkpoint(run.out / RunFiles.CHECKPOINTS, "make sure the teacher's server answers")
+            raise ServerUnreachable(f"{err}. {kept}") from None
 
 
 def _steps(run: Run, step: int, epoch: int, skip: int) -> int:
@@ -72,6 +77,7 @@ def _steps(run: Run, step: int, epoch: int, skip: int) -> int:
     runs = cfg.loss.alpha > 0 or cfg.loss.hidden.weight > 0  # else the step never calls the teachers
     live = [model_shape(m) for x in parts.teachers if runs for m in x.local_models()]
     window_log = LogWindow(model_shape(parts.student), live)
+    retries = RetryCount(parts.teachers, any(x.server for _, x in cfg.teacher_list()))
     bar = tqdm(
         total=total, initial=step, desc="distill", unit="step", disable=not accelerator.is_main_process
     )
@@ -90,13 +96,13 @@ def _steps(run: Run, step: int, epoch: int, skip: int) -> int:
                 step += 1
                 bar.update(1)
                 if run.monitor.after_step(step, stats, run.step.optimizer.skipped):
-                    window_log.add(stats)
+                    window_log.add({**stats, **retries.since_last()})
                 # Once in a while: log, evaluate, checkpoint; on a signal, checkpoint and stop.
                 if (step % t.logging_steps == 0 or step == total) and window_log.sums["trained"]:
                     progress = epoch + (index + 1) / run.windows_per_epoch
                     record = window_log.flush(accelerator, run.scheduler.get_last_lr()[0], progress)
                     run.metrics.write(step, {**record, **run.monitor.on_log(record)})
-                    bar.set_postfix(_postfix(record))
+                    bar.set_postfix(_postfix(record, retries.total))
                 if t.eval_steps and step % t.eval_steps == 0 and step < total:
                     held_out.evaluate(step)
                 signum = stop.requested(held_out.agree) if step < total else None
@@ -155,7 +161,7 @@ def _finish(run: Run, step: int, started: float) -> RunSummary:
     return summary
 
 
-def _postfix(record: dict[str, float]) -> dict[str, str]:
+def _postfix(record: dict[str, float], retries: int) -> dict[str, str]:
     postfix = {
         "loss": f"{record['loss']:.3f}",
         "kd": f"{record['loss/kd']:.3f}",
@@ -167,4 +173,6 @@ def _postfix(record: dict[str, float]) -> dict[str, str]:
         postfix["gen_share"] = f"{record['gen/time_share']:.0%}"
     if "gen/staleness" in record:  # the vLLM engine: how many steps its weights lag behind
         postfix["stale"] = f"{record['gen/staleness']:.1f}"
+    if retries:  # served teachers: their requests retried since the run started
+        postfix["retries"] = str(retries)
     return postfix

@@ -1,7 +1,8 @@
 """Training metrics: per-token means over a logging window, and `metrics.jsonl`.
 
-Metric names are stable (`loss`, `loss/kd`, `loss/ce`, `loss/hidden`, `eval/kl`, ...); they go to
-`metrics.jsonl` on the main process and to accelerate's trackers (TensorBoard, W&B) under the same names.
+Metric names are stable (`loss`, `loss/kd`, `loss/ce`, `loss/hidden`, `eval/kl`, `teacher/retries`, ...);
+they go to `metrics.jsonl` on the main process and to accelerate's trackers (TensorBoard, W&B) under the
+same names.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from accelerate import Accelerator
 from kdistill.files import RunFiles, write_atomic, writing
 from kdistill.prerun.flops import ModelShape, step_flops
 from kdistill.storage.checkpoint import kept_checkpoint
+from kdistill.teacher.base import Teacher
 
 
 class LogWindow:
@@ -38,7 +40,7 @@ class LogWindow:
 
     def add(self, stats: dict[str, float]) -> None:
         # Optional sums join when a step has them: several teachers (`kd/NAME`), loss.hidden (`hidden...`).
-        optional = ("kd/", "hidden", "gen_")
+        optional = ("kd/", "hidden", "gen_", "retries")
         for key in (*self.sums, *(k for k in stats if k.startswith(optional) and k not in self.sums)):
             self.sums[key] = self.sums.get(key, 0.0) + stats.get(key, 0)
         self.grad_norm = stats.get("grad_norm", self.grad_norm)
@@ -68,6 +70,8 @@ class LogWindow:
             # alpha T^2; among several teachers, `loss/kd/NAME` and `loss/hidden/NAME` are each one's own.
             if key.startswith(("kd/", "hidden")):
                 record[f"loss/{key}"] = sums[key] / trained
+        if "retries" in sums:  # served teachers: their requests retried in the window
+            record["teacher/retries"] = int(sums["retries"])
         if sums.get("gen_rows"):  # on-policy steps: what the student's generation cost
             record.update(generation_record(sums, seconds * accelerator.num_processes))
         if self.grad_norm is not None:
@@ -104,6 +108,23 @@ def _engine_record(sums: dict[str, float]) -> dict[str, float]:
         "gen/staleness": sums["gen_staleness"] / sums["gen_steps"],
         "gen/sync_seconds": sums["gen_sync_seconds"],
     }
+
+
+class RetryCount:
+    """The retries of the served teachers' requests (`Teacher.retries`): in all, and since the last step."""
+
+    def __init__(self, teachers: list[Teacher], served: bool) -> None:
+        self.teachers, self.served = teachers, served  # `served`: the run has a served teacher
+        self.total = 0
+
+    def since_last(self) -> dict[str, int]:
+        """`{"retries": N}`, the retries since the last call, for a step's stats; empty without a served
+        teacher, so that other runs' records keep their keys."""
+        if not self.served:
+            return {}
+        total = sum(t.retries() for t in self.teachers)
+        new, self.total = total - self.total, total
+        return {"retries": new}
 
 
 class MetricsFile:

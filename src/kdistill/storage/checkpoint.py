@@ -126,15 +126,16 @@ def _save(value: Any, path: Path) -> None:
         torch.save(value, handle)
 
 
-def kept_checkpoint(folder: Path) -> str:
-    """What a failed write leaves to continue from: the newest complete checkpoint, if any."""
+def kept_checkpoint(folder: Path, fix: str = "free some space") -> str:
+    """What a failure leaves to continue from: the newest complete checkpoint, if any; `fix` says what
+    to do first (for a failed write, free some space)."""
     last = latest_checkpoint(folder)
     if last is None:
         return (
-            "No checkpoint was saved before it, so no step is kept: free some space, then run the same "
+            f"No checkpoint was saved before it, so no step is kept: {fix}, then run the same "
             "`kdistill train` command again (it takes this folder over)"
         )
-    return f"The previous checkpoint {last} is intact: free some space, then continue from it with --resume"
+    return f"The previous checkpoint {last} is intact: {fix}, then continue from it with --resume"
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

@@ -76,6 +76,10 @@ class Teacher(ABC):
                 without `has_hidden` refuses them.
         """
 
+    def retries(self) -> int:
+        """Requests this teacher retried so far (a served teacher's); none by default."""
+        return 0
+
     def local_models(self) -> list[nn.Module]:
         """The models this process runs for the signal (what its FLOPs count); none by default."""
         return []

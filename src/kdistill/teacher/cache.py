@@ -21,7 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kdistill.data import trained_rows
-from kdistill.errors import KdistillError
+from kdistill.errors import KdistillError, ServerUnreachable
 from kdistill.files import save_atomic
 from kdistill.losses import Sparse, VocabMap
 from kdistill.losses.hidden import require_live_teacher
@@ -60,12 +60,14 @@ def build_cache(
     collate: Any,
     vocab_size: int,
     extras: Any = None,
+    status: Any = dict,
 ) -> dict[str, Any]:
     """Write (or finish) the cache in `folder` and return its manifest.
 
     ``teacher_forward(batch, mask) -> (N, V)`` gives teacher logits at a batch's trained rows;
     ``extras(row) -> {name: (n,) tensor}``, if given, adds per-entry values stored beside them (the
-    student side of a cross-tokenizer alignment). An
+    student side of a cross-tokenizer alignment); ``status() -> {name: value}`` is shown on the
+    progress bar after each shard (a served teacher's retries). An
     existing complete cache for the same header is kept; an incomplete one is continued from its
     last whole shard; one built for something else is refused, not overwritten.
     """
@@ -89,13 +91,26 @@ def build_cache(
         with tqdm(total=count, initial=len(shards["shards"]), desc=f"cache {split}", unit="shard") as bar:
             for index in range(len(shards["shards"]), count):
                 start, end = index * spec.rows_per_shard, min(len(rows), (index + 1) * spec.rows_per_shard)
-                tensors = _shard(teacher_forward, rows, start, end, split, spec, collate, vocab_size, extras)
+                try:  # a served teacher that failed every retry: the message says what is kept
+                    args = (split, spec, collate, vocab_size, extras)
+                    tensors = _shard(teacher_forward, rows, start, end, *args)
+                except ServerUnreachable as err:
+                    raise ServerUnreachable(f"{err}. {_kept(manifest)}") from None
                 _add_shard(folder, manifest, split, (start, end), tensors)
                 bar.update(1)
+                bar.set_postfix(status())
     if not manifest["complete"]:
         manifest["complete"] = True
         fmt.save_manifest(folder, manifest)
     return manifest
+
+
+def _kept(manifest: dict[str, Any]) -> str:
+    done = sum(len(s["shards"]) for s in manifest["splits"].values())
+    return (
+        f"The {done} shards written before it are kept: make sure the teacher's server answers, then run "
+        "the same `kdistill cache` command to write the rest"
+    )
 
 
 def _add_shard(

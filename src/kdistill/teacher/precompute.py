@@ -42,12 +42,12 @@ def cache_teachers(cfg: RunConfig, device: torch.device) -> list[tuple[str, dict
             )
         if t.server:
             data = data or load_data(cfg, vocabs.tokenizer, None, vocabs.cross)
-            forward = _served_forward(cfg, t, name, name in vocabs.cross, vocabs.tokenizer, data)
+            forward, status = _served_forward(cfg, t, name, name in vocabs.cross, vocabs.tokenizer, data)
         else:
             model = load_teacher(t, device)
             compact_teacher(name, t, model)
             data = data or load_data(cfg, vocabs.tokenizer, model, vocabs.cross)
-            forward = _live_forward(model, width, device)
+            forward, status = _live_forward(model, width, device), dict
         header = cache_header(cfg, t, vocabs, data, name)
 
         folder = Path(t.cache)
@@ -64,7 +64,7 @@ def cache_teachers(cfg: RunConfig, device: torch.device) -> list[tuple[str, dict
             splits = {"train": data.train, "validation": data.validation}
             collate, extras = Collator(vocabs.tokenizer.pad_token_id), None
         _check_space(folder, splits, spec.top_k + spec.tail_samples, width, extras is not None)
-        manifest = build_cache(folder, forward, splits, header, spec, collate, width, extras)
+        manifest = build_cache(folder, forward, splits, header, spec, collate, width, extras, status)
         written.append((name, manifest))
         del forward
     return written
@@ -100,15 +100,19 @@ def _live_forward(model: Any, width: int, device: torch.device) -> Callable:
 
 def _served_forward(
     cfg: RunConfig, teacher: Any, name: str, cross: bool, tokenizer: Any, data: Any
-) -> Callable:
-    """`(batch, mask) -> Sparse` of a served teacher at the trained rows (its top k; no tail samples)."""
+) -> tuple[Callable, Callable]:
+    """`(batch, mask) -> Sparse` of a served teacher at the trained rows (its top k; no tail samples),
+    and what the progress bar shows of it: its requests' retries, once there are some."""
     if cfg.cache.tail_samples:
         raise KdistillError(
             f"teacher {name!r} is served: a server gives its top k only, so its cache holds no tail samples; "
             "set cache.tail_samples: 0"
         )
     server = checked_server(cfg, teacher, name, cross, tokenizer, data)
-    return lambda batch, mask: server.signal(batch)
+    return (
+        lambda batch, mask: server.signal(batch),
+        lambda: {"retries": server.retries} if server.retries else {},
+    )
 
 
 def _view_collator(pad_token_id: int) -> Any:

@@ -92,7 +92,10 @@ def load_live_teachers(cfg: RunConfig, device: torch.device) -> dict[str, nn.Mod
 def served_teacher(cfg: RunConfig, teacher: TeacherConfig, name: str) -> ServerClient:
     """The client of a served teacher; its top k is the cache's (`cache.top_k`)."""
     urls = tuple(teacher.server or ())
-    return ServerClient(ServerSettings(urls, teacher.served_name or name, cfg.cache.top_k))
+    model = teacher.served_name or name
+    return ServerClient(
+        ServerSettings(urls, model, cfg.cache.top_k, retries=teacher.retries, backoff=teacher.retry_backoff)
+    )
 
 
 def compact_teacher(name: str, teacher: TeacherConfig, model: nn.Module) -> None:

@@ -8,13 +8,17 @@ trained token: the same `Sparse` signal a teacher cache stores (top k; the tail'
 leave). The T = 1 log-probs are exact; at another temperature the tail's shape is unknown, and the
 divergences use `Sparse`'s stated approximation (tail tokens as likely as the least likely kept one).
 
-Requests go out concurrently, spread round-robin over the URLs; a failed request is retried on the
-next URL after a back-off, a bounded number of times. JSON over HTTP needs no more than the standard
-library here, which keeps kdistill free of an HTTP client dependency.
+Requests go out concurrently, spread round-robin over the URLs; a request that fails (no answer, or a
+5xx answer) is retried on the next URL after a back-off, a bounded number of times, the start-up
+check's requests too. Retries are counted (`retries`, which training logs as `teacher/retries`), and
+a request that fails every try says how many retries were made against which URLs. JSON over HTTP
+needs no more than the standard library here, which keeps kdistill free of an HTTP client dependency.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,10 +28,15 @@ from typing import Any, ClassVar
 import torch
 
 from kdistill.data import trained_rows
-from kdistill.errors import KdistillError
+from kdistill.errors import KdistillError, ServerUnreachable
 from kdistill.losses import Sparse
 from kdistill.serving.http import request_json
 from kdistill.teacher.base import Teacher, TeacherSignal
+
+log = logging.getLogger("kdistill")
+
+MAX_WAIT = 30.0  # seconds: the longest back-off between two tries
+WARN_EVERY = 10.0  # seconds: at most one warning line this often while a server fails
 
 
 @dataclass(frozen=True)
@@ -39,7 +48,7 @@ class ServerSettings:
     top_k: int
     timeout: float = 300.0  # seconds for one request
     retries: int = 4  # further tries of a failed request, each on the next URL
-    backoff: float = 0.5  # seconds before the first retry, doubled for each next one
+    backoff: float = 0.5  # seconds before the first retry, doubled for each next one (at most MAX_WAIT)
     concurrency: int = 8  # requests in flight
 
 
@@ -50,23 +59,26 @@ class ServerClient:
         self.settings = settings
         self.urls = [u.rstrip("/") for u in settings.urls]
         self._next = 0
+        self.retries = 0  # retries made so far, by every request together
+        self._lock = threading.Lock()  # requests run in threads: `retries` and the warnings are shared
+        self._warned = -WARN_EVERY
 
     def check(self, rows: Sequence[Sequence[int]], tokenizer: Any) -> None:
         """Before anything trains: every server answers and serves the model, gives k log-probs, and
         tokenizes `rows`' text into the same ids as `tokenizer`."""
         for url in self.urls:
-            served = [m.get("id") for m in self._call(url, "/v1/models", None, retry=False).get("data", [])]
+            served = [m.get("id") for m in self._call(url, "/v1/models", None).get("data", [])]
             if self.settings.model not in served:
                 raise KdistillError(
                     f"server {url} does not serve a model named {self.settings.model!r}; it serves {served}. "
                     "Set teacher.served_name to one of those"
                 )
             if rows:
-                self._request(url, list(rows[0][:8]), retry=False)  # a too small --max-logprobs fails here
+                self._request(url, list(rows[0][:8]))  # a too small --max-logprobs fails here
             for ids in rows[:4]:
                 text = tokenizer.decode(ids)
                 body = {"model": self.settings.model, "prompt": text, "add_special_tokens": False}
-                theirs = self._call(url, "/tokenize", body, retry=False).get("tokens")
+                theirs = self._call(url, "/tokenize", body).get("tokens")
                 ours = tokenizer(text, add_special_tokens=False)["input_ids"]
                 if theirs != ours:
                     raise KdistillError(
@@ -102,7 +114,7 @@ class ServerClient:
             answers = list(pool.map(lambda url, row: self._request(url, list(row)), urls, rows))
         return [self._parse(answer, row) for answer, row in zip(answers, rows)]
 
-    def _request(self, url: str, ids: list[int], retry: bool = True) -> list[Any]:
+    def _request(self, url: str, ids: list[int]) -> list[Any]:
         body = {
             "model": self.settings.model,
             "prompt": ids,
@@ -110,7 +122,7 @@ class ServerClient:
             "temperature": 0.0,
             "prompt_logprobs": self.settings.top_k,
         }
-        answer = self._call(url, "/v1/completions", body, retry)
+        answer = self._call(url, "/v1/completions", body)
         try:
             return answer["choices"][0]["prompt_logprobs"]
         except (KeyError, IndexError, TypeError):
@@ -143,18 +155,46 @@ class ServerClient:
             logprobs[p] = torch.tensor([entry["logprob"] for _, entry in top])
         return ids, logprobs, labels
 
-    def _call(self, url: str, path: str, body: dict | None, retry: bool = True) -> dict[str, Any]:
-        """One JSON request (GET without `body`), retried on the next URLs with back-off."""
-        attempts = 1 + (self.settings.retries if retry else 0)
-        for attempt in range(attempts):
-            target = url if attempt == 0 else self.urls[(self.urls.index(url) + attempt) % len(self.urls)]
+    def _call(self, url: str, path: str, body: dict | None) -> dict[str, Any]:
+        """One JSON request (GET without `body`), retried on the next URLs with back-off; an answer that
+        retrying cannot change (4xx) is not retried."""
+        started, tried = time.monotonic(), []
+        for attempt in range(1 + self.settings.retries):
+            target = self.urls[(self.urls.index(url) + attempt) % len(self.urls)]
+            tried.append(target)
             try:
                 return request_json(target + path, body, self.settings.timeout)
             except KdistillError as err:
-                if attempt == attempts - 1 or err.args[0].startswith("permanent:"):
-                    raise KdistillError(err.args[0].removeprefix("permanent: ")) from None
-                time.sleep(self.settings.backoff * 2**attempt)
+                message = err.args[0]
+                if message.startswith("permanent:"):
+                    raise KdistillError(message.removeprefix("permanent: ")) from None
+                if attempt == self.settings.retries:
+                    seconds = time.monotonic() - started
+                    raise ServerUnreachable(self._gave_up(message, tried, seconds)) from None
+                wait = min(self.settings.backoff * 2**attempt, MAX_WAIT)
+                self._count_retry(message, wait)
+                time.sleep(wait)
         raise AssertionError("unreachable")
+
+    def _count_retry(self, message: str, wait: float) -> None:
+        """Count one retry; warn (at most every WARN_EVERY seconds) that a server is failing."""
+        with self._lock:
+            self.retries += 1
+            now = time.monotonic()
+            if now - self._warned < WARN_EVERY:
+                return
+            self._warned = now
+        log.warning("teacher %s; retrying in %.1f s (retries so far: %d)", message, wait, self.retries)
+
+    def _gave_up(self, message: str, tried: list[str], seconds: float) -> str:
+        """The error of a request that failed every try: the last failure, then the retries and URLs."""
+        urls = ", ".join(dict.fromkeys(tried))
+        retries = f"{len(tried) - 1} {'retry' if len(tried) == 2 else 'retries'}"
+        return (
+            f"{message}; gave up after {retries} over {seconds:.1f} s "
+            f"against {urls} ({self.retries} retries by this run's requests in all). Check that the server "
+            "runs; to ride out a longer outage, raise teacher.retries"
+        )
 
 
 @dataclass
@@ -179,3 +219,6 @@ class ServedTeacher(Teacher):
                 f"({', '.join(self.client.urls)}): a server gives top-k log-probs, not hidden states"
             )
         return TeacherSignal(self.client.signal(batch))
+
+    def retries(self) -> int:
+        return self.client.retries
