@@ -74,6 +74,10 @@ def test_eval_run_folder(tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixtu
     assert held["student"]["kl"] == pytest.approx(summary["after"]["kl"], rel=1e-4)
     assert 0 <= held["student"]["top1"] <= 1 and 0 <= held["student"]["rouge_l"] <= 1
     assert held["teacher"]["ppl"] > 1 and held["rouge_rows"] == 2
+    for who in ("student", "teacher"):  # each model's own answers: length, repetition, the teacher's NLL
+        assert held[who]["answer_words"] > 0 and 0 <= held[who]["rep4"] <= 1 and held[who]["teacher_nll"] > 0
+    assert set(result["retention"]) == {"margin", "mean", "counted", "tasks"}
+    assert set(result["retention"]["tasks"]) == {"arc_easy", "winogrande"}
     assert result["kept"]["ppl"] == pytest.approx(held["teacher"]["ppl"] / held["student"]["ppl"])
     arc = result["benchmarks"]["tasks"]["arc_easy"]
     assert arc["student"]["n"] == 4 and {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"} <= set(
@@ -86,6 +90,7 @@ def test_eval_run_folder(tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixtu
     assert (
         "held-out perplexity" in printed
         and "kept" in printed
+        and "teacher NLL of the model's answers" in printed
         and f"written to {run / 'eval.json'}" in printed
     )
 

@@ -3,10 +3,15 @@
 The result is one JSON-able dict (written to `eval.json`):
 
     {"student": NAME, "teacher": NAME, "device": ..., "seconds": ...,
-     "held_out": {"source", "rows", "student": {ppl, ce, kl, top1, rouge_l, tokens}, "teacher": {...}},
+     "held_out": {"source", "rows", "student": {ppl, ce, kl, top1, rouge_l, tokens, answer_words, rep4,
+                  teacher_nll}, "teacher": {...}},
      "benchmarks": {"data_dir", "limit", "tasks": {TASK: {"student": {acc, acc_stderr, n}, "teacher": ...}}},
      "generations": [{"prompt", "reference", "student", "teacher"}],
-     "kept": {METRIC: share of the teacher's value; benchmarks above chance, null if not meaningful}}
+     "kept": {METRIC: share of the teacher's value; benchmarks above chance, null if not meaningful},
+     "retention": {"margin", "mean", "counted", "tasks": {TASK: {...}}}}  (eval/retention.py)
+
+`answer_words`, `rep4` and `teacher_nll` describe each model's greedy answers to the ROUGE-L prompts:
+mean words, share of repeated word 4-grams, and the teacher's per-token NLL of them (eval/answers.py).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from kdistill.data import tokenize_examples, tokenize_with_views
+from kdistill.eval.answers import answer_shape, teacher_nll
 from kdistill.eval.harness import run_benchmarks
 from kdistill.eval.load import EvalModels
 from kdistill.eval.metrics import (
@@ -30,6 +36,7 @@ from kdistill.eval.metrics import (
     kept_above_chance,
     mean_rouge_l,
 )
+from kdistill.eval.retention import retention
 from kdistill.eval.tasks import CHANCE
 from kdistill.files import write_atomic
 
@@ -63,6 +70,7 @@ def evaluate(models: EvalModels, settings: EvalSettings) -> dict[str, Any]:
         result["held_out"], result["generations"] = held_out_section(models, settings)
     if settings.tasks:
         result["benchmarks"] = benchmark_section(models, settings)
+        result["retention"] = retention(result["benchmarks"]["tasks"])
     result["kept"] = kept_shares(result)
     result["seconds"] = time.perf_counter() - started
     return result
@@ -97,13 +105,7 @@ def held_out_section(models: EvalModels, s: EvalSettings) -> tuple[dict[str, Any
             )
         section["teacher"] = teacher_own
     generated = models.validation[: s.rouge_rows]
-    references = [e.response for e in generated]
-    outputs = {
-        who: greedy_responses(model, tok, generated, s.max_new_tokens, s.batch_size, f"generating: {who}")
-        for who, model, tok in _each_model(models)
-    }
-    for who, texts in outputs.items():
-        section[who]["rouge_l"] = mean_rouge_l(texts, references)
+    outputs = _answers(models, s, generated, section)
     section["rouge_rows"] = len(generated)
     section["tokenizers"] = (
         "shared" if cross is None else "different (KL aligned; perplexities per own token)"
@@ -114,6 +116,27 @@ def held_out_section(models: EvalModels, s: EvalSettings) -> tuple[dict[str, Any
         for i, e in enumerate(generated[: s.show])
     ]
     return section, shown
+
+
+def _answers(
+    models: EvalModels, s: EvalSettings, generated: list[Any], section: dict[str, Any]
+) -> dict[str, list[str]]:
+    """Each model's greedy answers to `generated`'s prompts; their ROUGE-L against the references, length,
+    repetition and the teacher's NLL of them go into `section[who]`."""
+    references = [e.response for e in generated]
+    outputs = {
+        who: greedy_responses(model, tok, generated, s.max_new_tokens, s.batch_size, f"generating: {who}")
+        for who, model, tok in _each_model(models)
+    }
+    t_tok = models.teacher_tokenizer or models.tokenizer
+    for who, texts in outputs.items():
+        section[who]["rouge_l"] = mean_rouge_l(texts, references)
+        section[who] |= answer_shape(texts)
+        if models.teacher is not None:  # the teacher's own answers give the reference value
+            section[who]["teacher_nll"] = teacher_nll(
+                models.teacher, t_tok, generated, texts, models.max_length, s.batch_size, models.chunk_size
+            )
+    return outputs
 
 
 def benchmark_section(models: EvalModels, s: EvalSettings) -> dict[str, Any]:
