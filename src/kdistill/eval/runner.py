@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from kdistill.data import tokenize_examples, tokenize_with_views
+from kdistill.errors import KdistillError
 from kdistill.eval.answers import answer_shape, teacher_nll
 from kdistill.eval.harness import run_benchmarks
 from kdistill.eval.load import EvalModels
@@ -56,6 +57,7 @@ class EvalSettings:
     max_new_tokens: int = 128
     batch_size: int = 8
     num_fewshot: int | None = None
+    teacher_benchmarks: dict[str, Any] | None = None  # the teacher's scores per task, reused, not measured
 
 
 def evaluate(models: EvalModels, settings: EvalSettings) -> dict[str, Any]:
@@ -144,6 +146,9 @@ def benchmark_section(models: EvalModels, s: EvalSettings) -> dict[str, Any]:
     run = {"limit": s.limit, "batch_size": s.batch_size, "num_fewshot": s.num_fewshot}
     per_model = {}
     for who, model, tok in _each_model(models):  # each model scores through its own tokenizer
+        if who == "teacher" and s.teacher_benchmarks is not None:
+            per_model[who] = s.teacher_benchmarks
+            continue
         log.info("benchmarks: %s on %s (lm-eval's progress bars follow)", who, ", ".join(tasks))
         per_model[who] = run_benchmarks(model, tok, tasks, s.source, **run)
     return {
@@ -152,6 +157,31 @@ def benchmark_section(models: EvalModels, s: EvalSettings) -> dict[str, Any]:
         "num_fewshot": s.num_fewshot,
         "tasks": {t: {who: scores[t] for who, scores in per_model.items()} for t in tasks},
     }
+
+
+def reused_teacher_scores(
+    path: Path, tasks: list[str], source: str | Path | None, limit: int | None, num_fewshot: int | None
+) -> dict[str, Any]:
+    """The teacher's benchmark scores from an earlier eval.json at `path`, for `--teacher-scores`.
+
+    They stand for this evaluation's only if they were measured alike: the same benchmark data, item
+    limit and few-shot setting, and every task of `tasks` scored for the teacher.
+    """
+    try:
+        bench = json.loads(path.read_text()).get("benchmarks", {})
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise KdistillError(f"--teacher-scores {path}: cannot be read as eval.json ({err})") from None
+    for key, wanted in (("data_dir", str(source)), ("limit", limit), ("num_fewshot", num_fewshot)):
+        if bench.get(key) != wanted:
+            raise KdistillError(
+                f"--teacher-scores {path}: benchmarks.{key} is {bench.get(key)!r} there and {wanted!r} here; "
+                "the teacher's scores are reused only from an evaluation with the same settings"
+            )
+    found = bench.get("tasks", {})
+    missing = [t for t in tasks if "teacher" not in found.get(t, {})]
+    if missing:
+        raise KdistillError(f"--teacher-scores {path}: no teacher scores for {', '.join(missing)}")
+    return {t: found[t]["teacher"] for t in tasks}
 
 
 def _each_model(models: EvalModels) -> list[tuple[str, Any, Any]]:
