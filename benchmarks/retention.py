@@ -83,7 +83,8 @@ def kdistill(*argv: str, log: Path) -> float:
     """`kdistill ARGV` in a fresh process, its output in `log`; returns its wall seconds."""
     started = time.perf_counter()
     with open(log, "a") as handle:
-        code = subprocess.call([sys.executable, "-m", "kdistill", *argv], stdout=handle, stderr=handle)
+        command = [sys.executable, "-m", "kdistill", *argv]
+        code = subprocess.call(command, stdout=handle, stderr=handle, cwd=ROOT)  # the recipe's paths
     if code != 0:
         raise SystemExit(f"kdistill {' '.join(argv)} failed ({log}):\n{log.read_text()[-3000:]}")
     return time.perf_counter() - started
@@ -123,6 +124,9 @@ def train_arm(arm: str, args: argparse.Namespace, work: Path, minutes: float, re
     recipe = yaml.safe_load(args.recipe.read_text())
     recipe["student"] = {"model": str(pruned_student(args.recipe, work)), "finetune": "full"}
     recipe = merged(recipe, arm_changes(arm, args, work)) | {"output_dir": str(folder)}
+    for key in ("source", "validation_source"):  # relative to the project's root, as `kdistill` runs
+        if recipe["data"].get(key) and not Path(recipe["data"][key]).is_absolute():
+            recipe["data"][key] = str((ROOT / recipe["data"][key]).resolve())
     if resume:  # the cache or the responses are there: their cost was spent once, at the start
         prep = json.loads(prep_file.read_text())["seconds"]
     else:
@@ -292,6 +296,7 @@ def arguments() -> argparse.Namespace:
 
 def main() -> None:
     args = arguments()
+    args.work, args.out, args.recipe = args.work.resolve(), args.out.resolve(), args.recipe.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     private_cache(args.work)
