@@ -181,7 +181,14 @@ def test_seed_recipe_states_the_guide_exactly() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["quickstart.yaml", "same-tokenizer.yaml", "quickstart-cached.yaml", "multi-teacher.yaml"]
+    "name",
+    [
+        "quickstart.yaml",
+        "same-tokenizer.yaml",
+        "quickstart-cached.yaml",
+        "multi-teacher.yaml",
+        "retention.yaml",
+    ],
 )
 def test_shipped_configs_validate(name: str) -> None:
     load_config(ROOT / "configs" / name)

@@ -74,6 +74,10 @@ def test_eval_run_folder(tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixtu
     assert held["student"]["kl"] == pytest.approx(summary["after"]["kl"], rel=1e-4)
     assert 0 <= held["student"]["top1"] <= 1 and 0 <= held["student"]["rouge_l"] <= 1
     assert held["teacher"]["ppl"] > 1 and held["rouge_rows"] == 2
+    for who in ("student", "teacher"):  # each model's own answers: length, repetition, the teacher's NLL
+        assert held[who]["answer_words"] > 0 and 0 <= held[who]["rep4"] <= 1 and held[who]["teacher_nll"] > 0
+    assert set(result["retention"]) == {"margin", "mean", "counted", "tasks"}
+    assert set(result["retention"]["tasks"]) == {"arc_easy", "winogrande"}
     assert result["kept"]["ppl"] == pytest.approx(held["teacher"]["ppl"] / held["student"]["ppl"])
     arc = result["benchmarks"]["tasks"]["arc_easy"]
     assert arc["student"]["n"] == 4 and {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"} <= set(
@@ -86,6 +90,7 @@ def test_eval_run_folder(tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixtu
     assert (
         "held-out perplexity" in printed
         and "kept" in printed
+        and "teacher NLL of the model's answers" in printed
         and f"written to {run / 'eval.json'}" in printed
     )
 
@@ -167,3 +172,32 @@ def test_eval_errors(tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixture) 
     with pytest.raises(SystemExit):
         _eval(tiny["student"], "--limit", "0")
     assert "expected a positive number of items or 'all'" in capsys.readouterr().err
+
+
+def test_teacher_scores_are_reused_from_an_earlier_eval(
+    tmp_path: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from kdistill.eval import runner
+
+    run = trained_run(tmp_path, tiny)
+    data = benchmark_dir(tmp_path / "bench")
+    common = ("--data-dir", str(data), "--tasks", "arc_easy", "--rows", "4", "--rouge-rows", "1")
+    first = tmp_path / "first.json"
+    assert _eval(run, *common, "--limit", "4", "--output", str(first)) == 0
+    measured = []
+    real = runner.run_benchmarks
+    monkeypatch.setattr(
+        runner, "run_benchmarks", lambda model, *a, **k: measured.append(model) or real(model, *a, **k)
+    )
+    second = tmp_path / "second.json"
+    assert _eval(run, *common, "--limit", "4", "--output", str(second), "--teacher-scores", str(first)) == 0
+    assert len(measured) == 1  # the student only
+    a, b = (json.loads(p.read_text())["benchmarks"]["tasks"]["arc_easy"] for p in (first, second))
+    assert b["teacher"] == a["teacher"] and b["student"]["acc"] == a["student"]["acc"]
+    assert (
+        json.loads(second.read_text())["retention"]["tasks"]["arc_easy"]["teacher"]
+        == a["teacher"]["acc_norm"]
+    )
+    capsys.readouterr()
+    assert _eval(run, *common, "--limit", "3", "--teacher-scores", str(first)) == 2
+    assert f"--teacher-scores {first}: benchmarks.limit is 4 there and 3 here" in capsys.readouterr().err

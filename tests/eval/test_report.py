@@ -182,3 +182,43 @@ def test_report_without_matplotlib_and_a_failing_report(
 def test_report_on_a_folder_that_is_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["report", str(tmp_path)]) == 2
     assert "not a kdistill run folder (no kdistill_config.yaml in it)" in capsys.readouterr().err
+
+
+def test_report_shows_retention_side_by_side_with_a_bar_chart(tmp_path: Path, tiny: dict) -> None:
+    from kdistill.eval.retention import retention
+
+    run = trained_run(tmp_path, tiny, steps=2)
+    tasks = {
+        **EVAL["benchmarks"]["tasks"],  # acc_norm: (0.45 - 0.25) / (0.5 - 0.25) = 80 %
+        "piqa": {"student": {"acc": 0.56, "acc_stderr": 0.022, "n": 500},
+                 "teacher": {"acc": 0.65, "acc_stderr": 0.021, "n": 500}},  # 0.06 / 0.15 = 40 %
+        "mmlu": {"student": {"acc": 0.24, "acc_stderr": 0.019, "n": 500},
+                 "teacher": {"acc": 0.27, "acc_stderr": 0.02, "n": 500}},  # the teacher near chance
+    }  # fmt: skip
+    evaluation = {**EVAL, "benchmarks": {"limit": 500, "tasks": tasks}, "retention": retention(tasks)}
+    (run / "eval.json").write_text(json.dumps(evaluation))
+    (run / "bench.json").write_text(json.dumps(BENCH))
+    assert main(["report", str(run)]) == 0
+    page = _parse(run / "report.html")
+    assert "Retention: teacher and student side by side" in page.headings
+    cells = page.cells
+    assert cells[cells.index("retained above chance") - 3 : cells.index("retained above chance") + 1] == [
+        "", "teacher", "student", "retained above chance"
+    ]  # fmt: skip
+    row = cells.index("decode tokens/s")
+    assert cells[row : row + 4] == ["decode tokens/s", "20.0", "50.0", "student / teacher 2.50×"]
+    assert cells[cells.index("size on disk") + 1 : cells.index("size on disk") + 3] == ["513 MiB", "195 MiB"]
+    row = cells.index("PIQA acc (chance 50%)")
+    assert cells[row : row + 4] == ["PIQA acc (chance 50%)", "0.6500 ± 0.0210", "0.5600 ± 0.0220", "40.0%"]
+    row = cells.index("MMLU acc (chance 25%)")
+    assert cells[row + 3] == "— (teacher < chance + 5 pts)"
+    label = "retention above chance (mean over 2 tasks, teacher ≥ chance + 5 pts)"
+    assert cells[cells.index(label) + 3] == "60.0%"  # (80 % + 40 %) / 2
+    image = Image.open(run / "report" / "retention.png")
+    assert image.format == "PNG" and image.size[0] > 500
+    low, high = image.convert("L").getextrema()
+    assert high - low > 100
+    assert (
+        "![accuracy per benchmark: teacher, student and chance](report/retention.png)"
+        in (run / "report.md").read_text()
+    )

@@ -137,5 +137,6 @@ def test_fewer_steps_count_as_a_change_to_what_is_trained() -> None:
     from kdistill.storage.resume_config import _harmless
 
     assert _harmless("training.max_steps", 8, 10) and not _harmless("training.max_steps", 8, 6)
+    assert _harmless("training.max_minutes", 15, 60) and not _harmless("training.max_minutes", 60, 15)
     assert _harmless("training.health.window", 200, 50) and not _harmless("training.seed", 0, 1)
     assert _harmless("output_dir", "runs/a", "moved/a")  # a run folder copied elsewhere

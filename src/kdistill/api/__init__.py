@@ -90,6 +90,7 @@ def evaluate(
     batch_size: int = 8,
     num_fewshot: int | None = None,
     output: str | Path | None = None,
+    teacher_scores: str | Path | None = None,
 ) -> dict[str, Any]:
     """Held-out quality and benchmarks of a student (a run folder, or any model) against its teacher.
 
@@ -97,12 +98,14 @@ def evaluate(
     written to `output`, by default into the run folder, whose model card then shows it, and
     `result["written_to"]` says where. `tasks` is
     "all", "none" or task names; without benchmark data (`data_dir`, `$KDISTILL_EVAL_DATA`) "all"
-    skips them with a warning and named tasks are an error.
+    skips them with a warning and named tasks are an error. `teacher_scores` names an earlier eval.json
+    made with the same benchmark settings: the teacher's benchmark scores are taken from it instead of
+    being measured again.
     """
     import logging
 
     from kdistill.eval.load import load_eval_models
-    from kdistill.eval.runner import EvalSettings, write_json
+    from kdistill.eval.runner import EvalSettings, reused_teacher_scores, write_json
     from kdistill.eval.runner import evaluate as _evaluate
     from kdistill.eval.tasks import NO_DATA, benchmark_source, parse_tasks
 
@@ -113,10 +116,14 @@ def evaluate(
             raise KdistillError(NO_DATA)
         logging.getLogger("kdistill").warning("%s; benchmarks skipped", NO_DATA)
         names = []
+    reused = None
+    if teacher_scores is not None and names:
+        reused = reused_teacher_scores(Path(teacher_scores), names, source, limit, num_fewshot)
     models = load_eval_models(str(target), teacher, validation)
     settings = EvalSettings(
         tasks=tuple(names), source=source, limit=limit, rows=rows, rouge_rows=rouge_rows, show=generations,
         max_new_tokens=max_new_tokens, batch_size=batch_size, num_fewshot=num_fewshot,
+        teacher_benchmarks=reused,
     )  # fmt: skip
     result = _evaluate(models, settings)
     written = output or (models.run_dir / RunFiles.EVAL if models.run_dir else None)

@@ -32,6 +32,12 @@ def add_eval_commands(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--max-new-tokens", type=int, default=128, help="longest generation, in tokens")
     ev.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
     ev.add_argument("--output", help="where to write eval.json (default: inside the run folder)")
+    ev.add_argument(
+        "--teacher-scores",
+        metavar="EVAL_JSON",
+        help="take the teacher's benchmark scores from this earlier eval.json (same --data-dir, --limit and "
+        "--num-fewshot) instead of measuring them again",
+    )
     text = "Parameters, size, peak memory and tokens/s of teacher and student; writes bench.json."
     bench = commands.add_parser("bench", help=text, description=text)
     bench.add_argument("target", help=target_help)
@@ -109,7 +115,7 @@ def _eval(args: argparse.Namespace) -> int:
         args.target, teacher=args.teacher, validation=args.validation, tasks=args.tasks,
         data_dir=args.data_dir, limit=args.limit, rows=args.rows, rouge_rows=args.rouge_rows,
         generations=args.generations, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        num_fewshot=args.num_fewshot, output=args.output,
+        num_fewshot=args.num_fewshot, output=args.output, teacher_scores=args.teacher_scores,
     )  # fmt: skip
     for shown in result.get("generations", []):
         print(f"\n### {shown['prompt'][:300]}")

@@ -62,6 +62,14 @@ class TrainingConfig(Strict):
     learning_rate: float = Field(5e-5, gt=0, description="Peak AdamW learning rate.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    max_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="Stop after this many minutes of training (wall clock inside the training loop: "
+        "steps with their teacher forwards and generation, in-loop evaluation and checkpoints), or at "
+        "max_steps / num_epochs if sooner. Checkpointed: --resume continues with the minutes left. The "
+        "cosine schedule then decays over whichever limit is nearer (see docs/config.md).",
+    )
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps before cosine decay.")
     weight_decay: float = Field(
         0.0, ge=0, description="AdamW weight decay (not applied to norms and biases)."

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from kdistill.errors import KdistillError
+from kdistill.eval.charts import line_plot, retention_bars
 from kdistill.eval.pruned_report import pruning_blocks
-from kdistill.eval.tables import Table, bench_table, eval_table, markdown_table, number
+from kdistill.eval.tables import Table, bench_table, eval_table, markdown_table, number, retention_table
 from kdistill.files import RunFiles, write_atomic
 
 log = logging.getLogger("kdistill")
@@ -69,6 +69,8 @@ def report_blocks(run_dir: Path) -> list[Block]:
             blocks += [("h2", "Generations, side by side"), ("generations", evaluation["generations"])]
     else:
         blocks.append(("p", f"No evaluation yet: run `kdistill eval {run_dir}` and then `kdistill report`."))
+    if evaluation.get("retention", {}).get("tasks"):
+        blocks += _retention_blocks(evaluation, measured)
     if measured:
         blocks += [("h2", "Why distill: speed and memory (kdistill bench)"), ("p", _bench_note(measured))]
         blocks.append(("table", bench_table(measured)))
@@ -104,40 +106,30 @@ def _plot_blocks(records: list[dict[str, Any]]) -> list[Block]:
     blocks: list[Block] = [("h2", "Loss curves")]
     if train:
         keys = [k for k in ("loss", "loss/kd", "loss/ce", "loss/hidden") if any(k in r for r in train)]
-        png = _line_plot(train, keys, "training loss (per trained token)", "loss")
+        png = line_plot(train, keys, "training loss (per trained token)", "loss")
         blocks.append(("img", ("loss.png", png, "training loss: " + ", ".join(keys))))
     if held:
         keys = [k for k in ("eval/kl", "eval/ce") if any(k in r for r in held)]
-        png = _line_plot(held, keys, "held-out, per response token (T = 1)", "nats")
+        png = line_plot(held, keys, "held-out, per response token (T = 1)", "nats")
         blocks.append(("img", ("validation.png", png, "validation: " + ", ".join(keys))))
     return blocks
 
 
-_CURVE_LABELS = {
-    "loss": "total",
-    "loss/kd": "KD divergence (before the T² weight)",
-    "loss/ce": "cross-entropy",
-    "loss/hidden": "hidden-state loss",
-    "eval/kl": "KL to teacher",
-    "eval/ce": "cross-entropy",
-}
-
-
-def _line_plot(records: list[dict[str, Any]], keys: list[str], title: str, ylabel: str) -> bytes:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(7, 3.6), dpi=110, layout="constrained")
-    axes = figure.add_subplot()
-    for key in keys:
-        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-        label = _CURVE_LABELS.get(key, key)
-        axes.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3, label=label)
-    axes.set(title=title, xlabel="optimizer step", ylabel=ylabel)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+def _retention_blocks(evaluation: dict[str, Any], measured: dict[str, Any]) -> list[Block]:
+    """Teacher and student side by side with the share retained above chance, and a bar per benchmark."""
+    note = (
+        "Retained above chance: (student − chance) / (teacher − chance) on each benchmark (acc_norm where "
+        "lm-eval reports it), ± standard error; the mean counts the tasks where the teacher is at least "
+        f"{round(evaluation['retention']['margin'] * 100)} points above chance."
+    )
+    if not measured:
+        note += " Parameters, size and decode speed come from `kdistill bench`, not run yet."
+    blocks: list[Block] = [("h2", "Retention: teacher and student side by side"), ("p", note)]
+    blocks.append(("table", retention_table(evaluation, measured)))
+    png = retention_bars(evaluation["retention"]["tasks"])
+    if png is not None:
+        blocks.append(("img", ("retention.png", png, "accuracy per benchmark: teacher, student and chance")))
+    return blocks
 
 
 def _eval_note(evaluation: dict[str, Any]) -> str:

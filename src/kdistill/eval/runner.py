@@ -3,10 +3,15 @@
 The result is one JSON-able dict (written to `eval.json`):
 
     {"student": NAME, "teacher": NAME, "device": ..., "seconds": ...,
-     "held_out": {"source", "rows", "student": {ppl, ce, kl, top1, rouge_l, tokens}, "teacher": {...}},
+     "held_out": {"source", "rows", "student": {ppl, ce, kl, top1, rouge_l, tokens, answer_words, rep4,
+                  teacher_nll}, "teacher": {...}},
      "benchmarks": {"data_dir", "limit", "tasks": {TASK: {"student": {acc, acc_stderr, n}, "teacher": ...}}},
      "generations": [{"prompt", "reference", "student", "teacher"}],
-     "kept": {METRIC: share of the teacher's value; benchmarks above chance, null if not meaningful}}
+     "kept": {METRIC: share of the teacher's value; benchmarks above chance, null if not meaningful},
+     "retention": {"margin", "mean", "counted", "tasks": {TASK: {...}}}}  (eval/retention.py)
+
+`answer_words`, `rep4` and `teacher_nll` describe each model's greedy answers to the ROUGE-L prompts:
+mean words, share of repeated word 4-grams, and the teacher's per-token NLL of them (eval/answers.py).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from kdistill.data import tokenize_examples, tokenize_with_views
+from kdistill.errors import KdistillError
+from kdistill.eval.answers import answer_shape, teacher_nll
 from kdistill.eval.harness import run_benchmarks
 from kdistill.eval.load import EvalModels
 from kdistill.eval.metrics import (
@@ -30,6 +37,7 @@ from kdistill.eval.metrics import (
     kept_above_chance,
     mean_rouge_l,
 )
+from kdistill.eval.retention import retention
 from kdistill.eval.tasks import CHANCE
 from kdistill.files import write_atomic
 
@@ -49,6 +57,7 @@ class EvalSettings:
     max_new_tokens: int = 128
     batch_size: int = 8
     num_fewshot: int | None = None
+    teacher_benchmarks: dict[str, Any] | None = None  # the teacher's scores per task, reused, not measured
 
 
 def evaluate(models: EvalModels, settings: EvalSettings) -> dict[str, Any]:
@@ -63,6 +72,7 @@ def evaluate(models: EvalModels, settings: EvalSettings) -> dict[str, Any]:
         result["held_out"], result["generations"] = held_out_section(models, settings)
     if settings.tasks:
         result["benchmarks"] = benchmark_section(models, settings)
+        result["retention"] = retention(result["benchmarks"]["tasks"])
     result["kept"] = kept_shares(result)
     result["seconds"] = time.perf_counter() - started
     return result
@@ -97,13 +107,7 @@ def held_out_section(models: EvalModels, s: EvalSettings) -> tuple[dict[str, Any
             )
         section["teacher"] = teacher_own
     generated = models.validation[: s.rouge_rows]
-    references = [e.response for e in generated]
-    outputs = {
-        who: greedy_responses(model, tok, generated, s.max_new_tokens, s.batch_size, f"generating: {who}")
-        for who, model, tok in _each_model(models)
-    }
-    for who, texts in outputs.items():
-        section[who]["rouge_l"] = mean_rouge_l(texts, references)
+    outputs = _answers(models, s, generated, section)
     section["rouge_rows"] = len(generated)
     section["tokenizers"] = (
         "shared" if cross is None else "different (KL aligned; perplexities per own token)"
@@ -116,11 +120,35 @@ def held_out_section(models: EvalModels, s: EvalSettings) -> tuple[dict[str, Any
     return section, shown
 
 
+def _answers(
+    models: EvalModels, s: EvalSettings, generated: list[Any], section: dict[str, Any]
+) -> dict[str, list[str]]:
+    """Each model's greedy answers to `generated`'s prompts; their ROUGE-L against the references, length,
+    repetition and the teacher's NLL of them go into `section[who]`."""
+    references = [e.response for e in generated]
+    outputs = {
+        who: greedy_responses(model, tok, generated, s.max_new_tokens, s.batch_size, f"generating: {who}")
+        for who, model, tok in _each_model(models)
+    }
+    t_tok = models.teacher_tokenizer or models.tokenizer
+    for who, texts in outputs.items():
+        section[who]["rouge_l"] = mean_rouge_l(texts, references)
+        section[who] |= answer_shape(texts)
+        if models.teacher is not None:  # the teacher's own answers give the reference value
+            section[who]["teacher_nll"] = teacher_nll(
+                models.teacher, t_tok, generated, texts, models.max_length, s.batch_size, models.chunk_size
+            )
+    return outputs
+
+
 def benchmark_section(models: EvalModels, s: EvalSettings) -> dict[str, Any]:
     tasks = list(s.tasks)
     run = {"limit": s.limit, "batch_size": s.batch_size, "num_fewshot": s.num_fewshot}
     per_model = {}
     for who, model, tok in _each_model(models):  # each model scores through its own tokenizer
+        if who == "teacher" and s.teacher_benchmarks is not None:
+            per_model[who] = s.teacher_benchmarks
+            continue
         log.info("benchmarks: %s on %s (lm-eval's progress bars follow)", who, ", ".join(tasks))
         per_model[who] = run_benchmarks(model, tok, tasks, s.source, **run)
     return {
@@ -129,6 +157,31 @@ def benchmark_section(models: EvalModels, s: EvalSettings) -> dict[str, Any]:
         "num_fewshot": s.num_fewshot,
         "tasks": {t: {who: scores[t] for who, scores in per_model.items()} for t in tasks},
     }
+
+
+def reused_teacher_scores(
+    path: Path, tasks: list[str], source: str | Path | None, limit: int | None, num_fewshot: int | None
+) -> dict[str, Any]:
+    """The teacher's benchmark scores from an earlier eval.json at `path`, for `--teacher-scores`.
+
+    They stand for this evaluation's only if they were measured alike: the same benchmark data, item
+    limit and few-shot setting, and every task of `tasks` scored for the teacher.
+    """
+    try:
+        bench = json.loads(path.read_text()).get("benchmarks", {})
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise KdistillError(f"--teacher-scores {path}: cannot be read as eval.json ({err})") from None
+    for key, wanted in (("data_dir", str(source)), ("limit", limit), ("num_fewshot", num_fewshot)):
+        if bench.get(key) != wanted:
+            raise KdistillError(
+                f"--teacher-scores {path}: benchmarks.{key} is {bench.get(key)!r} there and {wanted!r} here; "
+                "the teacher's scores are reused only from an evaluation with the same settings"
+            )
+    found = bench.get("tasks", {})
+    missing = [t for t in tasks if "teacher" not in found.get(t, {})]
+    if missing:
+        raise KdistillError(f"--teacher-scores {path}: no teacher scores for {', '.join(missing)}")
+    return {t: found[t]["teacher"] for t in tasks}
 
 
 def _each_model(models: EvalModels) -> list[tuple[str, Any, Any]]:

@@ -50,6 +50,9 @@ def eval_table(result: dict[str, Any]) -> Table:
             ("kl", "held-out KL to teacher", 0.0),
             ("top1", "top-1 agreement with teacher", 1.0),
             ("rouge_l", f"ROUGE-L ({held.get('rouge_rows', '?')} generations)", None),
+            ("teacher_nll", "teacher NLL of the model's answers", None),
+            ("answer_words", "answer length (words)", None),
+            ("rep4", "repeated word 4-grams in answers", None),
         ):
             if key in student:
                 shown = teacher.get(key, teacher_default if teacher else None)
@@ -70,7 +73,41 @@ def eval_table(result: dict[str, Any]) -> Table:
     overall = mean_kept(kept)
     if overall is not None:
         rows.append(["mean share kept over benchmarks", "", "", share(overall)])
+    if result.get("retention", {}).get("mean") is not None:
+        rows.append([_retention_label(result["retention"]), "", "", share(result["retention"]["mean"])])
     return ["metric", "student", "teacher", "kept"], rows
+
+
+ROLES = ("teacher", "student")
+
+
+def retention_table(evaluation: dict[str, Any], measured: dict[str, Any]) -> Table:
+    """Teacher and student side by side, as the KD guide shows them: parameters, size on disk and decode
+    tokens/s (from `kdistill bench`, where run), every benchmark with its standard error, and the share
+    of the teacher's accuracy above chance the student retained (eval/retention.py)."""
+    rows = []
+    for key, label, show in (
+        ("parameters", "parameters", lambda v: f"{v / 1e6:,.1f} M"),
+        ("disk_bytes", "size on disk", _bytes),
+        ("generate_tok_s", "decode tokens/s", lambda v: f"{v:,.1f}"),
+    ):
+        cells = [show(measured[r][key]) if key in measured.get(r, {}) else "—" for r in ROLES]
+        ratio = measured.get("ratios", {}).get(key)
+        rows.append([label, *cells, "—" if ratio is None else f"student / teacher {ratio:.2f}×"])
+    found = evaluation.get("retention", {})
+    for task, row in found.get("tasks", {}).items():
+        label = f"{TASK_LABELS.get(task, task)} {row['metric']} (chance {row['chance']:.0%})"
+        teacher, student = ({"v": row[w], "v_stderr": row[f"{w}_stderr"]} for w in ("teacher", "student"))
+        kept = share(row["kept"]) if row["kept"] is not None else "— (teacher < chance + 5 pts)"
+        rows.append([label, _with_stderr(teacher, "v"), _with_stderr(student, "v"), kept])
+    if found.get("tasks"):
+        rows.append([_retention_label(found), "", "", share(found.get("mean"))])
+    return ["", "teacher", "student", "retained above chance"], rows
+
+
+def _retention_label(found: dict[str, Any]) -> str:
+    tasks, points = len(found["counted"]), round(found["margin"] * 100)
+    return f"retention above chance (mean over {tasks} tasks, teacher ≥ chance + {points} pts)"
 
 
 def _benchmark_share(kept: dict[str, float | None], key: str) -> str:
@@ -79,8 +116,10 @@ def _benchmark_share(kept: dict[str, float | None], key: str) -> str:
 
 
 def _with_stderr(scores: dict[str, float], metric: str) -> str:
-    stderr = scores.get(f"{metric}_stderr")
-    return f"{scores[metric]:.4f} ± {stderr:.4f}" if stderr is not None else f"{scores[metric]:.4f}"
+    value, stderr = scores[metric], scores.get(f"{metric}_stderr")
+    if value is None:
+        return "—"
+    return f"{value:.4f} ± {stderr:.4f}" if stderr is not None else f"{value:.4f}"
 
 
 def bench_table(result: dict[str, Any]) -> Table:

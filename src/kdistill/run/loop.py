@@ -38,6 +38,7 @@ class RunSummary:
     train_rows: int
     validation_rows: int
     dropped_rows: int
+    train_seconds: float  # inside the training loop, over every resumed part (training.max_minutes)
     before: dict[str, float] = field(default_factory=dict)
     after: dict[str, float] = field(default_factory=dict)
 
@@ -62,6 +63,7 @@ def train(
             run.sampler.restore(saved)  # a checkpoint's step and rows in flight (an engine's)
             with run.sampler:  # the student's vLLM engine, if any, stopped however the run ends
                 step = _steps(run, step, epoch, skip)
+                run.budget.stop()  # the measurements and the export after training are not training time
             return _finish(run, step, started)
         except ServerUnreachable as err:  # a served teacher failed every retry: say what is kept
             kept = kept_checkpoint(run.out / RunFiles.CHECKPOINTS, "make sure the teacher's server answers")
@@ -78,6 +80,11 @@ def _steps(run: Run, step: int, epoch: int, skip: int) -> int:
     live = [model_shape(m) for x in parts.teachers if runs for m in x.local_models()]
     window_log = LogWindow(model_shape(parts.student), live)
     retries = RetryCount(parts.teachers, any(x.server for _, x in cfg.teacher_list()))
+    budget = run.budget  # training.max_minutes
+    budget.start()
+    if budget.exhausted(held_out.agree):  # resumed from the checkpoint written at the budget
+        log.info("training.max_minutes=%g already spent: no step to run (raise it to go on)", t.max_minutes)
+        return step
     bar = tqdm(
         total=total, initial=step, desc="distill", unit="step", disable=not accelerator.is_main_process
     )
@@ -97,8 +104,10 @@ def _steps(run: Run, step: int, epoch: int, skip: int) -> int:
                 bar.update(1)
                 if run.monitor.after_step(step, stats, run.step.optimizer.skipped):
                     window_log.add({**stats, **retries.since_last()})
+                # training.max_minutes: a checkpoint at the budget, so --resume with more minutes goes on.
+                timed_out = step < total and budget.exhausted(held_out.agree)
                 # Once in a while: log, evaluate, checkpoint; on a signal, checkpoint and stop.
-                if (step % t.logging_steps == 0 or step == total) and window_log.sums["trained"]:
+                if (step % t.logging_steps == 0 or step == total or timed_out) and window_log.sums["trained"]:
                     progress = epoch + (index + 1) / run.windows_per_epoch
                     record = window_log.flush(accelerator, run.scheduler.get_last_lr()[0], progress)
                     run.metrics.write(step, {**record, **run.monitor.on_log(record)})
@@ -106,11 +115,14 @@ def _steps(run: Run, step: int, epoch: int, skip: int) -> int:
                 if t.eval_steps and step % t.eval_steps == 0 and step < total:
                     held_out.evaluate(step)
                 signum = stop.requested(held_out.agree) if step < total else None
-                if signum or (t.save_steps and step % t.save_steps == 0 and step < total):
+                if signum or timed_out or (t.save_steps and step % t.save_steps == 0 and step < total):
                     checkpoint = run.save(step, epoch, index + 1, run.sampler.state())
                 if signum:
                     accelerator.end_training()  # trackers flush what they hold
                     raise Interrupted(signum, step, checkpoint)
+                if timed_out:
+                    log.info("training.max_minutes=%g reached at step %d", t.max_minutes, step)
+                    return step
                 if step >= total:
                     break
             epoch, skip = epoch + 1, 0
@@ -128,6 +140,7 @@ def _starting_point(run: Run, resume: bool) -> tuple[int, int, int, dict[str, An
         args = (run.accelerator, run.model, run.optimizer, run.scheduler, run.projections())
         state = load_checkpoint(checkpoint, *args)
         run.held_out.before = state["before"]
+        run.budget.spent_before = state.get("train_seconds", 0.0)
         if run.cfg.training.micro_batch_size is None:  # keep what out-of-memory back-off found
             run.backoff.micro = state.get("micro_batch_size", run.backoff.micro)
         run.metrics.truncate_after(state["step"])
@@ -152,8 +165,9 @@ def _finish(run: Run, step: int, started: float) -> RunSummary:
     export_student(accelerator, run.model, parts.tokenizer, run.out, run.cfg.student.merge, run.projections())
     data, seconds = parts.data, time.perf_counter() - started
     summary = RunSummary(
-        str(run.out), step, seconds, len(data.train), len(data.validation), data.dropped, before, after
-    )
+        str(run.out), step, seconds, len(data.train), len(data.validation), data.dropped,
+        run.budget.seconds(), before, after,
+    )  # fmt: skip
     if accelerator.is_main_process:
         (run.out / RunFiles.SUMMARY).write_text(json.dumps(summary.__dict__, indent=2))
     accelerator.wait_for_everyone()  # no process may tear down the process group while the main one writes

@@ -22,6 +22,7 @@ from kdistill.models.build import checkpoint_student
 from kdistill.objective.batch import StudentLoss
 from kdistill.objective.settings import loss_settings
 from kdistill.run.accelerator import flat_hparams, mixed_precision, whole_models
+from kdistill.run.budget import TimeBudget, budget_schedule
 from kdistill.run.components import Components, build_components, check_output_dir, prepare_output_dir
 from kdistill.run.guards import OomBackoff, SkipNonFinite, oom_advice
 from kdistill.run.health import HealthMonitor, build_health
@@ -61,6 +62,7 @@ class Run:
     backoff: OomBackoff
     monitor: HealthMonitor
     total_steps: int
+    budget: TimeBudget  # training.max_minutes: the training seconds spent and the limit
     windows_per_epoch: int
     lock: FolderLock  # one run per folder: held until the run ends
     sampler: Sampler
@@ -80,6 +82,7 @@ class Run:
             "window": window,
             "before": self.held_out.before,
             "micro_batch_size": self.backoff.micro,
+            "train_seconds": self.budget.seconds(),
             **(extra or {}),
         }
         folder, keep = self.out / RunFiles.CHECKPOINTS, self.cfg.training.save_total_limit
@@ -138,7 +141,11 @@ def _build_run(
     windows_per_epoch = math.ceil(len(parts.data.train) / rows_per_window)
     total_steps = t.max_steps or math.ceil(t.num_epochs * windows_per_epoch)
     # The scheduler is stepped by hand once per optimizer step; accelerate's wrapper steps it per process.
-    scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, total_steps)
+    budget = TimeBudget(t.max_minutes)  # a resumed run sets the seconds its checkpoint had spent
+    if t.max_minutes is None:
+        scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, total_steps)
+    else:  # the decay follows the budget too (run/budget.py)
+        scheduler = budget_schedule(optimizer, t.warmup_steps, total_steps, budget)
     if accelerator.state.deepspeed_plugin is not None:  # it cannot infer this without a prepared loader
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.batch_size
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -165,8 +172,8 @@ def _build_run(
     return Run(
         cfg=cfg, out=out, accelerator=accelerator, parts=parts, model=model, optimizer=optimizer,
         scheduler=scheduler, collator=collator, metrics=metrics, held_out=held_out, backoff=backoff,
-        monitor=monitor, total_steps=total_steps, windows_per_epoch=windows_per_epoch, lock=lock,
-        sampler=sampler, step=step,
+        monitor=monitor, total_steps=total_steps, budget=budget, windows_per_epoch=windows_per_epoch,
+        lock=lock, sampler=sampler, step=step,
     )  # fmt: skip
 
 

@@ -4,8 +4,8 @@ Each checkpoint keeps the resolved config it was written under (`RunFiles.CONFIG
 `step-N/`). On `--resume` every difference from it is listed. A change that alters what is trained
 (models, data, loss, on-policy settings, tokenizer, cache, seed, batch and accumulation, learning
 rate and its schedule) is refused, naming each key with its old and new values, unless `--force` is
-given. A change that does not (more steps, logging, save and eval cadence, trackers, health
-thresholds) is applied and printed. Either way the run folder's `config_history.yaml` records the
+given. A change that does not (more steps, epochs or minutes, logging, save and eval cadence, trackers,
+health thresholds) is applied and printed. Either way the run folder's `config_history.yaml` records the
 config before and after, and the step from which the new one applies; `kdistill_config.yaml` stays the
 config now in force, which `kdistill eval` and `report` read.
 """
@@ -39,7 +39,8 @@ _CADENCE = {
     "training.micro_batch_size",  # the effective batch and the per-token normalisation stay the same
     "training.gradient_checkpointing",  # recomputes activations; the gradients are the same
 }
-_LENGTH = ("training.max_steps", "training.num_epochs")  # applied only when they extend the run
+# Applied only when they extend the run.
+_LENGTH = ("training.max_steps", "training.num_epochs", "training.max_minutes")
 
 
 def flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
