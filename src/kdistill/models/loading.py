@@ -225,6 +225,8 @@ def damaged_weights(folder: Path) -> str | None:
                 f"bytes, the file holds {size:,}"
             )
     return None
+
+
 def _gguf_key(source: ModelSource) -> str:
     file = Path(source.path) / source.gguf_file
     stat = file.stat()
