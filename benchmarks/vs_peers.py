@@ -58,6 +58,8 @@ from pathlib import Path
 
 import torch
 
+from peer_accounting import PeakPss
+
 ROOT = Path(__file__).resolve().parents[1]
 DOLLY = ROOT.parent / "shared" / "data" / "instruct" / "dolly-train.jsonl"
 DEFAULTS = {  # setup: steps, batch, accumulation, max length, learning rate
@@ -423,18 +425,21 @@ def profile(spec: dict) -> dict:
 
 
 def spawn(kind: str, spec_path: Path, out: Path) -> dict:
-    """Run one worker process; its result with process wall time and peak RSS (its own, from wait4)."""
+    """Run one worker process; its result with process wall time, its own peak RSS (from wait4) and the
+    peak summed PSS of it and every process it starts (`peer_accounting.PeakPss`)."""
     out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, __file__, "--worker", kind, "--spec", str(spec_path), "--out", str(out)]
     start = time.perf_counter()
     with open(out / "log.txt", "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)
+        with PeakPss(process.pid) as pss:  # the worker and every process it starts
+            _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         sys.exit(f"{kind} worker failed ({process.returncode}):\n" + (out / "log.txt").read_text()[-3000:])
     result = json.loads((out / "result.json").read_text())
-    return {**result, "process_s": time.perf_counter() - start, "peak_rss_mib": usage.ru_maxrss / 1024}
+    return {**result, "process_s": time.perf_counter() - start, "peak_rss_mib": usage.ru_maxrss / 1024,
+            "pss_peak_mib": pss.mib}  # fmt: skip
 
 
 def machine() -> str:
@@ -509,13 +514,7 @@ def worker(args: argparse.Namespace) -> None:
     jobs = {
         "kdistill": run_kdistill,
         "trl": run_trl,
-        "on-policy-kdistill-hf": lambda spec, out: on_policy.run_kdistill(spec, out, "hf"),
-        "on-policy-kdistill-vllm": lambda spec, out: on_policy.run_kdistill(spec, out, "vllm"),
-        "on-policy-kdistill-vllm-sync2": lambda spec, out: on_policy.run_kdistill(spec, out, "vllm", 2),
-        "on-policy-kdistill-vllm-overlap": lambda spec, out: on_policy.run_kdistill(
-            spec, out, "vllm", 1, True
-        ),
-        "on-policy-trl": on_policy.run_trl,
+        **{f"on-policy-{arm}": job for arm, job in on_policy.JOBS.items()},
     }
     if args.worker in jobs:
         result = jobs[args.worker](spec, args.out)
@@ -528,16 +527,18 @@ def worker(args: argparse.Namespace) -> None:
 def on_policy_row(args: argparse.Namespace, spec: dict, spec_path: Path, work: Path) -> None:
     import vs_peers_on_policy as on_policy
 
-    spec["max_new_tokens"], spec["cores"] = args.max_new_tokens, args.cores
-    if args.vllm_python:
-        spec["vllm_python"] = args.vllm_python
-    spec_path.write_text(json.dumps(spec))
-    result = {**on_policy.compare(spec_path, work, args.reps, spawn), "machine": machine(), "settings": spec}
+    spec.update(max_new_tokens=args.max_new_tokens, cores=args.cores, warmup=args.warmup, timed=args.timed)
+    spec.update(best_batch=args.best_batch, vllm_python=args.vllm_python or str(on_policy.VLLM_PYTHON))
+    arms = tuple(args.arms.split(",")) if args.arms else on_policy.ARMS[args.cores]
+    if on_policy.PEER not in arms or not set(arms) <= set(on_policy.JOBS):
+        sys.exit(f"--arms {args.arms}: a comma-separated subset of {', '.join(on_policy.JOBS)} with trl-gkd")
+    compared = on_policy.compare(spec, spec_path, work, args.reps, spawn, arms)
+    result = {"layouts": compared, "machine": machine(), "settings": spec}
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         print(f"machine: {result['machine']}\nsettings: {spec}")
-        on_policy.print_table(result)
+        on_policy.print_table(compared)
 
 
 def main() -> None:
@@ -567,6 +568,19 @@ def main() -> None:
         help="on-policy: 2 gives every trainer cores 0 and 1, kdistill's vLLM engine core 1 of its own "
         "(benchmarks/vs_peers_on_policy.py)",
     )
+    parser.add_argument("--warmup", type=int, default=2, help="on-policy: untimed steps first, in every arm")
+    parser.add_argument(
+        "--timed", type=int, default=20, help="on-policy: timed steps after them, in every arm"
+    )
+    parser.add_argument(
+        "--best-batch",
+        type=int,
+        default=None,
+        help="on-policy: TRL's best micro-batch (default: a step's rows)",
+    )
+    parser.add_argument(
+        "--arms", default=None, help="on-policy: a comma-separated subset of the arms (trl-gkd always in)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -580,6 +594,8 @@ def main() -> None:
     settings.update(
         {k: v for k in ("steps", "batch", "accum", "max_length") if (v := getattr(args, k)) is not None}
     )
+    if args.on_policy:  # every arm's steps: the warm-up and the timed ones
+        settings["steps"] = args.warmup + args.timed
     work = args.work or Path(tempfile.mkdtemp(prefix="kdistill-vs-peers-"))
     work.mkdir(parents=True, exist_ok=True)
     from kdistill.prerun.flops import matmul_peak
