@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 class Ledger:
@@ -29,16 +30,16 @@ class Ledger:
 
     def __init__(self) -> None:
         self.ends: list[float] = []
-        self.work: list[tuple[int, int, int, int]] = []  # (step, rows, trained tokens, rows ending at EOS)
-        torch.optim.optimizer.register_optimizer_step_post_hook(
-            lambda *_: self.ends.append(time.perf_counter())
-        )
+        self.work: list[tuple[int, ...]] = []  # (step, rows, trained tokens, rows ending at EOS, tokens)
+        register_optimizer_step_post_hook(lambda *_: self.ends.append(time.perf_counter()))
 
-    def rows(self, labels: torch.Tensor, eos: int) -> None:
-        """Count a batch of rows `labels` `(B, T)` (-100 where nothing trains) for the current step."""
+    def rows(self, labels: torch.Tensor, eos: int, mask: torch.Tensor | None = None) -> None:
+        """Count a batch of rows `labels` `(B, T)` (-100 where nothing trains; `mask`: its non-padding
+        tokens) for the current step."""
         trained = labels != -100
         ended = ((labels == eos) & trained).any(-1)
-        self.work.append((len(self.ends), labels.shape[0], int(trained.sum()), int(ended.sum())))
+        tokens = int(mask.sum()) if mask is not None else 0
+        self.work.append((len(self.ends), labels.shape[0], int(trained.sum()), int(ended.sum()), tokens))
 
     def result(self, warmup: int, timed: int) -> dict:
         """The timed steps (`warmup` untimed first, at least one, so every clock starts at a step's end)."""
@@ -46,10 +47,11 @@ class Ledger:
             raise SystemExit(f"{len(self.ends)} optimizer steps ran; the window needs {warmup} + {timed}")
         seconds = self.ends[warmup + timed - 1] - self.ends[warmup - 1]
         window = [w for w in self.work if warmup <= w[0] < warmup + timed]
-        rows, trained, eos = (sum(w[i] for w in window) for i in (1, 2, 3))
+        rows, trained, eos, tokens = (sum(w[i] for w in window) for i in (1, 2, 3, 4))
         return {"timed_s": seconds, "timed_steps": timed, "rows": rows, "trained": trained, "eos_rows": eos,
                 "steps_per_s": timed / seconds, "trained_tokens_per_s": trained / seconds,
-                "mean_generated": trained / max(rows, 1)}  # fmt: skip
+                "mean_generated": trained / max(rows, 1), "tokens": tokens,
+                "tokens_per_s": tokens / seconds}  # fmt: skip
 
 
 def _tree(root: int) -> list[int]:

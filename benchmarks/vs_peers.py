@@ -58,7 +58,7 @@ from pathlib import Path
 
 import torch
 
-from peer_accounting import PeakPss
+from peer_accounting import Ledger, PeakPss
 
 ROOT = Path(__file__).resolve().parents[1]
 DOLLY = ROOT.parent / "shared" / "data" / "instruct" / "dolly-train.jsonl"
@@ -170,6 +170,12 @@ def peak_rss_mib() -> float:
     return int(status.split("VmHWM:")[1].split()[0]) / 1024
 
 
+def _eos(spec: dict) -> int:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(Path(spec["work"]) / "teacher").eos_token_id
+
+
 def counts(spec: dict) -> dict:
     """Non-padding tokens, trained tokens and causal attention pairs of the rows: the same for both."""
     rows = json.loads((Path(spec["work"]) / "tokens.json").read_text())
@@ -184,7 +190,16 @@ def run_kdistill(spec: dict, out: Path) -> dict:
     import yaml
 
     from kdistill.cli import main
+    from kdistill.sampling.base import PassThrough, StepRows
 
+    ledger, eos = Ledger(), _eos(spec)
+
+    def counted(self, window, step):  # the rows each step trains on
+        for batch in window:
+            ledger.rows(batch["labels"], eos, batch["attention_mask"])
+        return StepRows(window)
+
+    PassThrough.rows = counted
     work = Path(spec["work"])
     config = {
         "teacher": {"model": str(work / "teacher")},
@@ -217,8 +232,8 @@ def run_kdistill(spec: dict, out: Path) -> dict:
     seen = counts(spec)
     if record["trained_tokens"] != seen["trained"]:
         sys.exit(f"kdistill trained {record['trained_tokens']} tokens, the rows hold {seen['trained']}")
-    seconds = seen["tokens"] / record["tokens_per_s"]
-    return {"train_s": seconds, "loss": record["loss/kd"], "logged_flops_per_s": record["flops_per_s"]}
+    timed = ledger.result(spec["warmup"], spec["timed"])
+    return {**timed, "loss": record["loss/kd"], "logged_flops_per_s": record["flops_per_s"]}
 
 
 def run_trl(spec: dict, out: Path) -> dict:
@@ -239,11 +254,14 @@ def run_trl(spec: dict, out: Path) -> dict:
         def on_train_end(self, *args, **kwargs):
             clock["end"] = time.perf_counter()
 
+    ledger, eos = Ledger(), _eos(spec)
+
     class Counted(GKDTrainer):  # counts the non-padding tokens it is given, for the same tokens/s
         tokens = 0
 
         def compute_loss(self, model, inputs, *args, **kwargs):
             Counted.tokens += int(inputs["attention_mask"].sum())
+            ledger.rows(inputs["labels"], eos, inputs["attention_mask"])
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     args = GKDConfig(
@@ -281,7 +299,8 @@ def run_trl(spec: dict, out: Path) -> dict:
     trainer.save_model(str(out / "run"))  # as kdistill exports its student
     if Counted.tokens != counts(spec)["tokens"]:
         sys.exit(f"TRL processed {Counted.tokens} tokens, the rows hold {counts(spec)['tokens']}")
-    return {"train_s": clock["end"] - clock["begin"], "loss": result.training_loss}
+    timed = ledger.result(spec["warmup"], spec["timed"])
+    return {**timed, "trainer_clock_s": clock["end"] - clock["begin"], "loss": result.training_loss}
 
 
 def fairness(spec: dict) -> dict:
@@ -450,21 +469,28 @@ def machine() -> str:
 
 
 def summarise(runs: list[dict], check: dict, peak: float) -> dict:
-    """Medians per trainer, and kdistill's ratios to TRL."""
+    """Medians per trainer over the timed steps, kdistill's ratios to TRL (and each repetition's). FLOPs
+    are the run's (`step_flops`) scaled by the timed share of its tokens."""
     medians = {}
     for name in ("kdistill", "trl"):
         mine = [r for r in runs if r["trainer"] == name]
-        medians[name] = {
-            k: statistics.median(r[k] for r in mine)
-            for k in ("tokens_per_s", "train_s", "process_s", "peak_rss_mib")
-        }
-        medians[name]["flops_per_s"] = check["flops"] / medians[name]["train_s"]
-        medians[name]["utilisation"] = medians[name]["flops_per_s"] / peak
+        keys = ("tokens_per_s", "steps_per_s", "timed_s", "process_s", "peak_rss_mib", "pss_peak_mib")
+        medians[name] = {k: statistics.median(r[k] for r in mine) for k in keys}
+        flops = statistics.median(check["flops"] * r["tokens"] / check["tokens"] / r["timed_s"] for r in mine)
+        medians[name]["flops_per_s"] = flops
+        medians[name]["utilisation"] = flops / peak
     kd, trl = medians["kdistill"], medians["trl"]
+    each = [
+        next(r for r in runs if r["trainer"] == "kdistill" and r["rep"] == rep)["tokens_per_s"]
+        / r["tokens_per_s"]
+        for rep, r in ((r["rep"], r) for r in runs if r["trainer"] == "trl")
+    ]
     return {
         "medians": medians,
         "tokens_per_s_ratio": kd["tokens_per_s"] / trl["tokens_per_s"],
+        "tokens_per_s_ratio_each_rep": each,
         "peak_rss_ratio": kd["peak_rss_mib"] / trl["peak_rss_mib"],
+        "peak_pss_ratio": kd["pss_peak_mib"] / trl["pss_peak_mib"],
         "process_wall_ratio": kd["process_s"] / trl["process_s"],
         "matmul_peak_flops": peak,
         "loss_kdistill": check["kdistill_loss"],
@@ -480,24 +506,28 @@ def summarise(runs: list[dict], check: dict, peak: float) -> dict:
 
 def print_table(runs: list[dict], summary: dict, settings: dict) -> None:
     print(f"machine: {summary['machine']}\nsettings: {settings}")
-    print("| trainer | rep | tokens/s | train s | process s | peak RSS MiB | GFLOP/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("timed: the same steps in both, after the same warm-up; peak PSS: the worker and its processes")
+    print("| trainer | rep | tokens/s | steps/s | timed s | process s | peak RSS MiB | peak PSS MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in runs:
-        cells = (r["tokens_per_s"], r["train_s"], r["process_s"], r["peak_rss_mib"])
-        gflops = summary["flops_per_run"] / r["train_s"] / 1e9
+        cells = (r["tokens_per_s"], r["steps_per_s"], r["timed_s"], r["process_s"], r["peak_rss_mib"])
         print(
-            f"| {r['trainer']} | {r['rep']} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {gflops:.2f} |"
+            f"| {r['trainer']} | {r['rep']} | "
+            + " | ".join(f"{c:.2f}" for c in cells)
+            + f" | {r['pss_peak_mib']:.0f} |"
         )
     for name, m in summary["medians"].items():
         share = f"{100 * m['utilisation']:.1f}% of matmul peak"
         print(
-            f"median {name}: {m['tokens_per_s']:.1f} tokens/s, {m['train_s']:.1f} s train, "
-            f"{m['peak_rss_mib']:.0f} MiB peak, {m['flops_per_s'] / 1e9:.2f} GFLOP/s = {share}"
+            f"median {name}: {m['tokens_per_s']:.1f} tokens/s, {m['steps_per_s']:.3f} steps/s, "
+            f"{m['pss_peak_mib']:.0f} MiB peak PSS, {m['flops_per_s'] / 1e9:.2f} GFLOP/s = {share}"
         )
     print(f"matmul peak: {summary['matmul_peak_flops'] / 1e9:.1f} GFLOP/s (fp32)")
     s = summary
+    each = ", ".join(f"{x:.2f}x" for x in s["tokens_per_s_ratio_each_rep"])
     print(
-        f"kdistill / TRL: tokens/s x{s['tokens_per_s_ratio']:.2f}, peak RSS x{s['peak_rss_ratio']:.2f}, "
+        f"kdistill / TRL: tokens/s x{s['tokens_per_s_ratio']:.2f} (each repetition {each}), peak PSS "
+        f"x{s['peak_pss_ratio']:.2f}, peak RSS x{s['peak_rss_ratio']:.2f}, "
         f"process wall x{s['process_wall_ratio']:.2f}"
     )
     print(
@@ -527,7 +557,7 @@ def worker(args: argparse.Namespace) -> None:
 def on_policy_row(args: argparse.Namespace, spec: dict, spec_path: Path, work: Path) -> None:
     import vs_peers_on_policy as on_policy
 
-    spec.update(max_new_tokens=args.max_new_tokens, cores=args.cores, warmup=args.warmup, timed=args.timed)
+    spec.update(max_new_tokens=args.max_new_tokens, cores=args.cores)
     spec.update(best_batch=args.best_batch, vllm_python=args.vllm_python or str(on_policy.VLLM_PYTHON))
     arms = tuple(args.arms.split(",")) if args.arms else on_policy.ARMS[args.cores]
     if on_policy.PEER not in arms or not set(arms) <= set(on_policy.JOBS):
@@ -568,10 +598,10 @@ def main() -> None:
         help="on-policy: 2 gives every trainer cores 0 and 1, kdistill's vLLM engine core 1 of its own "
         "(benchmarks/vs_peers_on_policy.py)",
     )
-    parser.add_argument("--warmup", type=int, default=2, help="on-policy: untimed steps first, in every arm")
     parser.add_argument(
-        "--timed", type=int, default=20, help="on-policy: timed steps after them, in every arm"
+        "--warmup", type=int, default=2, help="untimed steps first, in every arm (at least 1)"
     )
+    parser.add_argument("--timed", type=int, default=20, help="timed steps after them, in every arm")
     parser.add_argument(
         "--best-batch",
         type=int,
@@ -594,8 +624,7 @@ def main() -> None:
     settings.update(
         {k: v for k in ("steps", "batch", "accum", "max_length") if (v := getattr(args, k)) is not None}
     )
-    if args.on_policy:  # every arm's steps: the warm-up and the timed ones
-        settings["steps"] = args.warmup + args.timed
+    settings["steps"] = args.steps or args.warmup + args.timed  # every arm's: warm-up and timed steps
     work = args.work or Path(tempfile.mkdtemp(prefix="kdistill-vs-peers-"))
     work.mkdir(parents=True, exist_ok=True)
     from kdistill.prerun.flops import matmul_peak
@@ -606,7 +635,8 @@ def main() -> None:
         spec = old  # models and rows from an earlier run in this folder, same settings: reuse them
     else:
         spec = {**prepare(args.setup, work, settings), "setup": args.setup}
-        spec_path.write_text(json.dumps(spec))
+    spec.update(warmup=args.warmup, timed=spec["steps"] - args.warmup)
+    spec_path.write_text(json.dumps(spec))
     if args.profile:
         report = spawn("profile", spec_path, work / "profile")
         print(json.dumps(report["sections_s"], indent=1) + "\n" + report["top_ops"])
@@ -620,9 +650,7 @@ def main() -> None:
         order = ("kdistill", "trl") if rep % 2 == 0 else ("trl", "kdistill")  # neither always goes first
         for name in order:
             result = spawn(name, spec_path, work / f"{name}-{rep}")
-            runs.append(
-                {"trainer": name, "rep": rep, "tokens_per_s": check["tokens"] / result["train_s"], **result}
-            )
+            runs.append({"trainer": name, "rep": rep, **result})
     peak = max(peak, matmul_peak())
     summary = {**summarise(runs, check, peak), "machine": machine(), "setup": args.setup, "settings": spec}
     if args.json:
