@@ -58,6 +58,8 @@ from pathlib import Path
 
 import torch
 
+from peer_accounting import Ledger, PeakPss
+
 ROOT = Path(__file__).resolve().parents[1]
 DOLLY = ROOT.parent / "shared" / "data" / "instruct" / "dolly-train.jsonl"
 DEFAULTS = {  # setup: steps, batch, accumulation, max length, learning rate
@@ -168,6 +170,12 @@ def peak_rss_mib() -> float:
     return int(status.split("VmHWM:")[1].split()[0]) / 1024
 
 
+def _eos(spec: dict) -> int:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(Path(spec["work"]) / "teacher").eos_token_id
+
+
 def counts(spec: dict) -> dict:
     """Non-padding tokens, trained tokens and causal attention pairs of the rows: the same for both."""
     rows = json.loads((Path(spec["work"]) / "tokens.json").read_text())
@@ -182,7 +190,16 @@ def run_kdistill(spec: dict, out: Path) -> dict:
     import yaml
 
     from kdistill.cli import main
+    from kdistill.sampling.base import PassThrough, StepRows
 
+    ledger, eos = Ledger(), _eos(spec)
+
+    def counted(self, window, step):  # the rows each step trains on
+        for batch in window:
+            ledger.rows(batch["labels"], eos, batch["attention_mask"])
+        return StepRows(window)
+
+    PassThrough.rows = counted
     work = Path(spec["work"])
     config = {
         "teacher": {"model": str(work / "teacher")},
@@ -215,8 +232,8 @@ def run_kdistill(spec: dict, out: Path) -> dict:
     seen = counts(spec)
     if record["trained_tokens"] != seen["trained"]:
         sys.exit(f"kdistill trained {record['trained_tokens']} tokens, the rows hold {seen['trained']}")
-    seconds = seen["tokens"] / record["tokens_per_s"]
-    return {"train_s": seconds, "loss": record["loss/kd"], "logged_flops_per_s": record["flops_per_s"]}
+    timed = ledger.result(spec["warmup"], spec["timed"])
+    return {**timed, "loss": record["loss/kd"], "logged_flops_per_s": record["flops_per_s"]}
 
 
 def run_trl(spec: dict, out: Path) -> dict:
@@ -237,11 +254,14 @@ def run_trl(spec: dict, out: Path) -> dict:
         def on_train_end(self, *args, **kwargs):
             clock["end"] = time.perf_counter()
 
+    ledger, eos = Ledger(), _eos(spec)
+
     class Counted(GKDTrainer):  # counts the non-padding tokens it is given, for the same tokens/s
         tokens = 0
 
         def compute_loss(self, model, inputs, *args, **kwargs):
             Counted.tokens += int(inputs["attention_mask"].sum())
+            ledger.rows(inputs["labels"], eos, inputs["attention_mask"])
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     args = GKDConfig(
@@ -279,7 +299,8 @@ def run_trl(spec: dict, out: Path) -> dict:
     trainer.save_model(str(out / "run"))  # as kdistill exports its student
     if Counted.tokens != counts(spec)["tokens"]:
         sys.exit(f"TRL processed {Counted.tokens} tokens, the rows hold {counts(spec)['tokens']}")
-    return {"train_s": clock["end"] - clock["begin"], "loss": result.training_loss}
+    timed = ledger.result(spec["warmup"], spec["timed"])
+    return {**timed, "trainer_clock_s": clock["end"] - clock["begin"], "loss": result.training_loss}
 
 
 def fairness(spec: dict) -> dict:
@@ -423,18 +444,21 @@ def profile(spec: dict) -> dict:
 
 
 def spawn(kind: str, spec_path: Path, out: Path) -> dict:
-    """Run one worker process; its result with process wall time and peak RSS (its own, from wait4)."""
+    """Run one worker process; its result with process wall time, its own peak RSS (from wait4) and the
+    peak summed PSS of it and every process it starts (`peer_accounting.PeakPss`)."""
     out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, __file__, "--worker", kind, "--spec", str(spec_path), "--out", str(out)]
     start = time.perf_counter()
     with open(out / "log.txt", "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)
+        with PeakPss(process.pid) as pss:  # the worker and every process it starts
+            _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         sys.exit(f"{kind} worker failed ({process.returncode}):\n" + (out / "log.txt").read_text()[-3000:])
     result = json.loads((out / "result.json").read_text())
-    return {**result, "process_s": time.perf_counter() - start, "peak_rss_mib": usage.ru_maxrss / 1024}
+    return {**result, "process_s": time.perf_counter() - start, "peak_rss_mib": usage.ru_maxrss / 1024,
+            "pss_peak_mib": pss.mib}  # fmt: skip
 
 
 def machine() -> str:
@@ -445,21 +469,28 @@ def machine() -> str:
 
 
 def summarise(runs: list[dict], check: dict, peak: float) -> dict:
-    """Medians per trainer, and kdistill's ratios to TRL."""
+    """Medians per trainer over the timed steps, kdistill's ratios to TRL (and each repetition's). FLOPs
+    are the run's (`step_flops`) scaled by the timed share of its tokens."""
     medians = {}
     for name in ("kdistill", "trl"):
         mine = [r for r in runs if r["trainer"] == name]
-        medians[name] = {
-            k: statistics.median(r[k] for r in mine)
-            for k in ("tokens_per_s", "train_s", "process_s", "peak_rss_mib")
-        }
-        medians[name]["flops_per_s"] = check["flops"] / medians[name]["train_s"]
-        medians[name]["utilisation"] = medians[name]["flops_per_s"] / peak
+        keys = ("tokens_per_s", "steps_per_s", "timed_s", "process_s", "peak_rss_mib", "pss_peak_mib")
+        medians[name] = {k: statistics.median(r[k] for r in mine) for k in keys}
+        flops = statistics.median(check["flops"] * r["tokens"] / check["tokens"] / r["timed_s"] for r in mine)
+        medians[name]["flops_per_s"] = flops
+        medians[name]["utilisation"] = flops / peak
     kd, trl = medians["kdistill"], medians["trl"]
+    each = [
+        next(r for r in runs if r["trainer"] == "kdistill" and r["rep"] == rep)["tokens_per_s"]
+        / r["tokens_per_s"]
+        for rep, r in ((r["rep"], r) for r in runs if r["trainer"] == "trl")
+    ]
     return {
         "medians": medians,
         "tokens_per_s_ratio": kd["tokens_per_s"] / trl["tokens_per_s"],
+        "tokens_per_s_ratio_each_rep": each,
         "peak_rss_ratio": kd["peak_rss_mib"] / trl["peak_rss_mib"],
+        "peak_pss_ratio": kd["pss_peak_mib"] / trl["pss_peak_mib"],
         "process_wall_ratio": kd["process_s"] / trl["process_s"],
         "matmul_peak_flops": peak,
         "loss_kdistill": check["kdistill_loss"],
@@ -475,24 +506,28 @@ def summarise(runs: list[dict], check: dict, peak: float) -> dict:
 
 def print_table(runs: list[dict], summary: dict, settings: dict) -> None:
     print(f"machine: {summary['machine']}\nsettings: {settings}")
-    print("| trainer | rep | tokens/s | train s | process s | peak RSS MiB | GFLOP/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("timed: the same steps in both, after the same warm-up; peak PSS: the worker and its processes")
+    print("| trainer | rep | tokens/s | steps/s | timed s | process s | peak RSS MiB | peak PSS MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in runs:
-        cells = (r["tokens_per_s"], r["train_s"], r["process_s"], r["peak_rss_mib"])
-        gflops = summary["flops_per_run"] / r["train_s"] / 1e9
+        cells = (r["tokens_per_s"], r["steps_per_s"], r["timed_s"], r["process_s"], r["peak_rss_mib"])
         print(
-            f"| {r['trainer']} | {r['rep']} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {gflops:.2f} |"
+            f"| {r['trainer']} | {r['rep']} | "
+            + " | ".join(f"{c:.2f}" for c in cells)
+            + f" | {r['pss_peak_mib']:.0f} |"
         )
     for name, m in summary["medians"].items():
         share = f"{100 * m['utilisation']:.1f}% of matmul peak"
         print(
-            f"median {name}: {m['tokens_per_s']:.1f} tokens/s, {m['train_s']:.1f} s train, "
-            f"{m['peak_rss_mib']:.0f} MiB peak, {m['flops_per_s'] / 1e9:.2f} GFLOP/s = {share}"
+            f"median {name}: {m['tokens_per_s']:.1f} tokens/s, {m['steps_per_s']:.3f} steps/s, "
+            f"{m['pss_peak_mib']:.0f} MiB peak PSS, {m['flops_per_s'] / 1e9:.2f} GFLOP/s = {share}"
         )
     print(f"matmul peak: {summary['matmul_peak_flops'] / 1e9:.1f} GFLOP/s (fp32)")
     s = summary
+    each = ", ".join(f"{x:.2f}x" for x in s["tokens_per_s_ratio_each_rep"])
     print(
-        f"kdistill / TRL: tokens/s x{s['tokens_per_s_ratio']:.2f}, peak RSS x{s['peak_rss_ratio']:.2f}, "
+        f"kdistill / TRL: tokens/s x{s['tokens_per_s_ratio']:.2f} (each repetition {each}), peak PSS "
+        f"x{s['peak_pss_ratio']:.2f}, peak RSS x{s['peak_rss_ratio']:.2f}, "
         f"process wall x{s['process_wall_ratio']:.2f}"
     )
     print(
@@ -509,13 +544,7 @@ def worker(args: argparse.Namespace) -> None:
     jobs = {
         "kdistill": run_kdistill,
         "trl": run_trl,
-        "on-policy-kdistill-hf": lambda spec, out: on_policy.run_kdistill(spec, out, "hf"),
-        "on-policy-kdistill-vllm": lambda spec, out: on_policy.run_kdistill(spec, out, "vllm"),
-        "on-policy-kdistill-vllm-sync2": lambda spec, out: on_policy.run_kdistill(spec, out, "vllm", 2),
-        "on-policy-kdistill-vllm-overlap": lambda spec, out: on_policy.run_kdistill(
-            spec, out, "vllm", 1, True
-        ),
-        "on-policy-trl": on_policy.run_trl,
+        **{f"on-policy-{arm}": job for arm, job in on_policy.JOBS.items()},
     }
     if args.worker in jobs:
         result = jobs[args.worker](spec, args.out)
@@ -528,16 +557,18 @@ def worker(args: argparse.Namespace) -> None:
 def on_policy_row(args: argparse.Namespace, spec: dict, spec_path: Path, work: Path) -> None:
     import vs_peers_on_policy as on_policy
 
-    spec["max_new_tokens"], spec["cores"] = args.max_new_tokens, args.cores
-    if args.vllm_python:
-        spec["vllm_python"] = args.vllm_python
-    spec_path.write_text(json.dumps(spec))
-    result = {**on_policy.compare(spec_path, work, args.reps, spawn), "machine": machine(), "settings": spec}
+    spec.update(max_new_tokens=args.max_new_tokens, cores=args.cores)
+    spec.update(best_batch=args.best_batch, vllm_python=args.vllm_python or str(on_policy.VLLM_PYTHON))
+    arms = tuple(args.arms.split(",")) if args.arms else on_policy.ARMS[args.cores]
+    if on_policy.PEER not in arms or not set(arms) <= set(on_policy.JOBS):
+        sys.exit(f"--arms {args.arms}: a comma-separated subset of {', '.join(on_policy.JOBS)} with trl-gkd")
+    compared = on_policy.compare(spec, spec_path, work, args.reps, spawn, arms)
+    result = {"layouts": compared, "machine": machine(), "settings": spec}
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         print(f"machine: {result['machine']}\nsettings: {spec}")
-        on_policy.print_table(result)
+        on_policy.print_table(compared)
 
 
 def main() -> None:
@@ -567,6 +598,19 @@ def main() -> None:
         help="on-policy: 2 gives every trainer cores 0 and 1, kdistill's vLLM engine core 1 of its own "
         "(benchmarks/vs_peers_on_policy.py)",
     )
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed steps first, in every arm (at least 1)"
+    )
+    parser.add_argument("--timed", type=int, default=20, help="timed steps after them, in every arm")
+    parser.add_argument(
+        "--best-batch",
+        type=int,
+        default=None,
+        help="on-policy: TRL's best micro-batch (default: a step's rows)",
+    )
+    parser.add_argument(
+        "--arms", default=None, help="on-policy: a comma-separated subset of the arms (trl-gkd always in)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -580,6 +624,7 @@ def main() -> None:
     settings.update(
         {k: v for k in ("steps", "batch", "accum", "max_length") if (v := getattr(args, k)) is not None}
     )
+    settings["steps"] = args.steps or args.warmup + args.timed  # every arm's: warm-up and timed steps
     work = args.work or Path(tempfile.mkdtemp(prefix="kdistill-vs-peers-"))
     work.mkdir(parents=True, exist_ok=True)
     from kdistill.prerun.flops import matmul_peak
@@ -590,7 +635,8 @@ def main() -> None:
         spec = old  # models and rows from an earlier run in this folder, same settings: reuse them
     else:
         spec = {**prepare(args.setup, work, settings), "setup": args.setup}
-        spec_path.write_text(json.dumps(spec))
+    spec.update(warmup=args.warmup, timed=spec["steps"] - args.warmup)
+    spec_path.write_text(json.dumps(spec))
     if args.profile:
         report = spawn("profile", spec_path, work / "profile")
         print(json.dumps(report["sections_s"], indent=1) + "\n" + report["top_ops"])
@@ -604,9 +650,7 @@ def main() -> None:
         order = ("kdistill", "trl") if rep % 2 == 0 else ("trl", "kdistill")  # neither always goes first
         for name in order:
             result = spawn(name, spec_path, work / f"{name}-{rep}")
-            runs.append(
-                {"trainer": name, "rep": rep, "tokens_per_s": check["tokens"] / result["train_s"], **result}
-            )
+            runs.append({"trainer": name, "rep": rep, **result})
     peak = max(peak, matmul_peak())
     summary = {**summarise(runs, check, peak), "machine": machine(), "setup": args.setup, "settings": spec}
     if args.json:

@@ -28,6 +28,7 @@ from kdistill.prerun.memory import (
 from kdistill.prerun.memory_plan import _teacher_bits, memory_plan, suggestions
 from kdistill.prerun.memory_shapes import KNOWN_ARCHITECTURES, device_bytes, padded, shape_of, widest_batch
 from kdistill.run.lean import lean_gated_mlps
+from kdistill.sampling.engine_memory import ENGINE_PROCESS_BYTES
 
 
 def test_known_architectures_give_the_published_parameter_counts() -> None:
@@ -184,6 +185,25 @@ def test_on_policy_steps_count_the_generation_kv_cache() -> None:
     assert on_vllm["generation KV cache"] == 0 and on_vllm["vLLM engine's share"] == 6 * GB
     served = [*engine, "training.on_policy.engine.server=http://127.0.0.1:8100"]
     assert parts(memory_plan(load_config("configs/seed.yaml", served), 24 * GB))["vLLM engine's share"] == 0
+
+
+def test_an_engine_kdistill_starts_is_sized_for_the_steps_rows() -> None:
+    """Without engine.memory: the engine's weights and a KV cache for the step's 4 x 2 rows of 256 + 128
+    tokens (Phi-2: 32 layers of 32 KV heads of 80, bf16 on a GPU, 128-token blocks); on CPU also its
+    processes, in fp32."""
+    sets = ["training.on_policy.lmbda=1", "training.on_policy.max_new_tokens=128"]
+    sets += ["training.on_policy.max_prompt_length=256", "training.on_policy.engine=vllm"]
+    gpu = parts(memory_plan(load_config("configs/seed.yaml", sets), 24 * GB))
+    block = 2 * 128 * 32 * 32 * 80 * 2
+    assert gpu["vLLM engine KV cache"] == 30 * block  # 8 rows x 3 blocks x 1.25
+    assert gpu["vLLM engine's share"] == 0 and gpu["vLLM engine processes"] == 0
+    phi2 = 32 * 78_643_200 + 2 * 51200 * 2560  # its 32 layers (2.52 G), the embedding and the head
+    assert gpu["vLLM engine weights"] == phi2 * 2
+    cpu = parts(memory_plan(load_config("configs/seed.yaml", sets), None))
+    assert cpu["vLLM engine KV cache"] == 2 * gpu["vLLM engine KV cache"]
+    assert cpu["vLLM engine processes"] == 2 * ENGINE_PROCESS_BYTES
+    two = parts(memory_plan(load_config("configs/seed.yaml", sets), 24 * GB, processes=2))
+    assert two["vLLM engine KV cache"] == 60 * block  # one engine holds both processes' rows
 
 
 def test_the_widest_batch_is_among_those_the_run_sees(tiny: dict, tmp_path) -> None:

@@ -483,3 +483,25 @@ def test_resume_on_the_engine_reproduces_samples_and_weights(
     records = lambda out: [tuple(r.get(k) for k in keys) for r in _metrics(out) if "loss" in r]  # noqa: E731
     assert records(tmp_path / "straight") == records(tmp_path / "resumed")
     assert [r[-1] for r in records(tmp_path / "straight")] == ([0, 1, 1, 1, 1, 1] if overlap else [0] * 6)
+
+
+def test_the_engine_is_given_a_kv_cache_for_the_steps_rows(
+    tiny: dict, tmp_path: Path, fake_on_path: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without `memory`: `--kv-cache-memory-bytes` for the step's rows (a user's VLLM_CPU_KVCACHE_SPACE,
+    which vLLM would let win, is left out); with it: vLLM's share of the device, and no cache size."""
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
+    tokenizer = AutoTokenizer.from_pretrained(tiny["student"])
+    student = AutoModelForCausalLM.from_pretrained(tiny["student"], dtype=torch.float32)
+    c = student.config
+    kv = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * c.num_hidden_layers
+    for memory, expected in [(None, 5 * 2 * 128 * kv * 4), (0.2, None)]:  # 4 rows x 1 block x 1.25
+        settings = EngineSettings(sys.executable, None, "student", memory, 120, 1, 64, rows=4)
+        with VllmEngine(settings, tmp_path / "engine", student, tokenizer, step=0) as engine:
+            proc = Path(f"/proc/{engine.server.process.pid}")
+            command = (proc / "cmdline").read_bytes().decode().split("\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        given = command[command.index("--kv-cache-memory-bytes") + 1] if expected else None
+        assert given == (str(expected) if expected else None)
+        assert ("--gpu-memory-utilization" in command) == (memory is not None)
+        assert (b"VLLM_CPU_KVCACHE_SPACE=4" in environ) == (memory is not None)

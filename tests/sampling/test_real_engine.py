@@ -84,7 +84,7 @@ def test_the_engine_generates_what_the_student_does_after_a_sync(
     if lora:
         student = with_lora(student, LoraSettings(r=8, lora_alpha=16, lora_dropout=0.0)).eval()
     rows, eos = _prompts(tokenizer, 4), tokenizer.eos_token_id
-    settings = EngineSettings(str(VLLM_PYTHON), None, "student", 0.2, 1200, 1, 256)
+    settings = EngineSettings(str(VLLM_PYTHON), None, "student", None, 1200, 1, 256, rows=4)  # a sized cache
     with VllmEngine(settings, tmp_path / "engine", student, tokenizer, step=0) as engine:
         assert _engine_greedy(engine, rows, eos) == _greedy(student, rows, eos)
         torch.manual_seed(0)

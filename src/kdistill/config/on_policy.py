@@ -55,12 +55,14 @@ class VllmConfig(Strict):
         "shows, on a machine that reads this run's folder); kdistill then starts none.",
     )
     served_name: str = Field("student", description="The student's model name on the engine.")
-    memory: float = Field(
-        0.2,
+    memory: float | None = Field(
+        None,
         gt=0,
         le=1,
         description="Share of the device's memory vLLM reserves (--gpu-memory-utilization; on its CPU "
-        "backend, of RAM).",
+        "backend, of RAM). Default: none; the engine's KV cache is sized for the rows a step samples "
+        "(--kv-cache-memory-bytes: rows x (max_prompt_length + max_new_tokens) x layers x KV heads x "
+        "head_dim, keys and values, in whole cache blocks, with a 25 % margin).",
     )
     start_timeout: float = Field(
         900.0, gt=0, description="Seconds the engine may take to start before the run stops."

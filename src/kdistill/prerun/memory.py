@@ -13,8 +13,10 @@ plus the largest phase:
   each layer's activations as it makes the layer's gradients, so the two are counted apart);
 - teacher forward: one teacher layer's temporaries under inference mode, and the states it returns;
 - generation (on-policy steps): the student's KV cache, its prompt pass and the sampling logits;
-  with a vLLM engine the student samples in another process, whose share of the device is resident
-  here, and a full student's weights are serialised once for it when it starts (engine sync);
+  with a vLLM engine the student samples in the engine's processes, resident beside training: the
+  processes themselves, their copy of the weights and a KV cache sized for the step's rows
+  (`sampling/engine_memory.py`; or the share of the device `engine.memory` gives vLLM), and a full
+  student's weights are serialised once for it when it starts (engine sync);
 - evaluation: a held-out batch without gradients.
 
 The activations per token and layer count the tensors autograd saves in a transformers decoder
@@ -93,7 +95,8 @@ class Plan:
     prompt: int = 0  # on-policy steps: prompt tokens per row while the student writes (0: none)
     new_tokens: int = 0  # on-policy steps: tokens the student writes per row
     gen_rows: int = 0  # on-policy steps: rows per generate call (0: the micro-batch)
-    engine_bytes: int = 0  # on-policy steps on a vLLM engine kdistill starts: its share of the device
+    engine_bytes: int = 0  # on-policy steps on a vLLM engine kdistill starts: the share `memory` gives it
+    engine_parts: tuple[int, int, int] = (0, 0, 0)  # else its processes, weights and KV cache (bytes)
     engine: bool = False  # the student samples on a vLLM engine, not in this process
     processes: int = 1
     strategy: str = "ddp"
@@ -219,6 +222,9 @@ def parts(p: Plan) -> dict[str, int]:
         "generation KV cache": kv,
         "prompt pass and logits": prompt_pass,
         "vLLM engine's share": p.engine_bytes,
+        "vLLM engine processes": p.engine_parts[0],
+        "vLLM engine weights": p.engine_parts[1],
+        "vLLM engine KV cache": p.engine_parts[2],
         # safetensors serialises a full student into one buffer for the engine's first file (a --resume
         # writes it with the optimizer state loaded); later syncs copy in place (engine_weights.py)
         "weights for the engine": s.params() * 4 if p.engine and p.cpu and not p.lora_params else 0,

@@ -26,8 +26,9 @@ from kdistill.prerun.memory import (
     phase_totals,
 )
 from kdistill.prerun.memory_shapes import KNOWN_ARCHITECTURES, Shape, Widest, padded, shape_of
+from kdistill.sampling.engine_memory import EngineShape, engine_bytes
 from kdistill.sampling.generate import rows_per_call
-from kdistill.sampling.settings import generation_batch_size
+from kdistill.sampling.settings import generation_batch_size, step_rows
 from kdistill.teacher.roster import teacher_kind
 
 
@@ -119,13 +120,24 @@ def _shapes(cfg: RunConfig) -> tuple[Shape | None, Shape, int]:
     return t_shape, t_shape, s.from_teacher.num_layers
 
 
-def _engine(cfg: RunConfig, device: int | None) -> tuple[bool, int]:
-    """(on-policy steps sample on a vLLM engine, the share of the device it reserves): an engine
-    kdistill starts runs beside training on the same device; one the user started, elsewhere."""
+def _engine(
+    cfg: RunConfig, device: int | None, shape: Shape, layers: int, processes: int
+) -> tuple[bool, int, tuple[int, int, int]]:
+    """(on-policy steps sample on a vLLM engine, the share of the device `engine.memory` gives it, else
+    its processes, weights and KV cache for every process's rows): an engine kdistill starts runs
+    beside training on the same device (its processes in host memory, counted on CPU); one the user
+    started runs elsewhere."""
     op = cfg.training.on_policy
     engine = op.lmbda > 0 and op.engine.kind == "vllm"
-    share = op.engine.memory * (device or machine_memory()) if engine and not op.engine.server else 0
-    return engine, int(share)
+    if not engine or op.engine.server:
+        return engine, 0, (0, 0, 0)
+    if op.engine.memory is not None:
+        return engine, int(op.engine.memory * (device or machine_memory())), (0, 0, 0)
+    params = layers * shape.layer_params() + shape.vocab * shape.hidden * 2  # the engine unties the head
+    sized = EngineShape(layers, shape.kv_heads, shape.head_dim, params, 4 if device is None else 2)
+    rows = step_rows(cfg) * processes  # every process's rows in flight on the one engine
+    size = engine_bytes(sized, rows, op.max_prompt_length + op.max_new_tokens)
+    return engine, 0, (size["processes"] if device is None else 0, size["weights"], size["KV cache"])
 
 
 def memory_plan(
@@ -142,7 +154,7 @@ def memory_plan(
         raise KdistillError(f"--strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
     cpu, t, s, tr, d = device is None, cfg.teacher, cfg.student, cfg.training, cfg.data
     t_shape, s_shape, layers = _shapes(cfg)
-    engine, share = _engine(cfg, device)
+    engine, share, engine_parts = _engine(cfg, device, s_shape, layers, processes)
     bits, embed, mapped, expand = _teacher_bits(cfg, cpu)
     rows = tr.micro_batch_size or tr.batch_size
     most = padded(cfg.data.max_length)
@@ -184,6 +196,7 @@ def memory_plan(
         gen_rows=_generation_rows(cfg, rows),
         engine=engine,
         engine_bytes=share,
+        engine_parts=engine_parts,
         processes=processes,
         strategy=strategy,
         **_calibration(cfg),

@@ -34,6 +34,7 @@ import torch
 from accelerate.utils import broadcast_object_list
 
 from kdistill.errors import KdistillError
+from kdistill.sampling.engine_memory import kv_cache_bytes, shape_of_student
 from kdistill.sampling.engine_weights import write_base, write_weights
 from kdistill.sampling.generate import Sampling, responses, row_seed
 from kdistill.serving.http import http_json
@@ -49,7 +50,7 @@ class EngineSettings:
     python: str
     server: str | None  # a running server's URL; None: kdistill starts one
     served_name: str
-    memory: float
+    memory: float | None  # the share of the device vLLM reserves; None: a KV cache sized for `rows`
     start_timeout: float
     sync_steps: int
     max_model_len: int
@@ -57,6 +58,7 @@ class EngineSettings:
     devices: str | None = None  # where a server kdistill starts runs: GPUs, or CPU cores ("1", "2-3")
     concurrency: int = 32  # requests in flight
     timeout: float = 600.0  # seconds for one request
+    rows: int = 1  # rows a step samples on one training process (the KV cache holds every process's)
 
 
 class VllmEngine:
@@ -209,6 +211,8 @@ class VllmEngine:
         s, port = self.settings, int(self.url.rsplit(":", 1)[1])
         args = (s.python, str(base.resolve()), s.served_name, port, 1, s.memory, s.max_model_len, dtype)
         command = vllm_command(*args)
+        if s.memory is None:
+            command += ["--kv-cache-memory-bytes", str(self.kv_cache_bytes(tied))]
         command += ["--generation-config", "vllm"]  # no sampling defaults from the model's folder
         gpus, _ = self._placement()
         if len(gpus) > 1:
@@ -220,6 +224,12 @@ class VllmEngine:
             command += ["--hf-overrides", '{"tie_word_embeddings": false}']
         return command
 
+    def kv_cache_bytes(self, tied: bool) -> int:
+        """The KV cache the engine is given: every process's rows in flight at the longest sequence."""
+        s, count = self.settings, self.processes.num_processes if self.processes is not None else 1
+        shape = shape_of_student(self._student, tied)
+        return kv_cache_bytes(shape, min(s.rows * count, s.concurrency), s.max_model_len)
+
     def _environment(self) -> dict[str, str]:
         extra = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if self.lora else {"VLLM_SERVER_DEV_MODE": "1"}
         gpus, cores = self._placement()
@@ -227,7 +237,9 @@ class VllmEngine:
             extra["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
         if cores:
             extra["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
-        return {**os.environ, **extra}
+        sized = self.settings.memory is None  # the env var would override the plan's size
+        inherited = {k: v for k, v in os.environ.items() if not (sized and k == "VLLM_CPU_KVCACHE_SPACE")}
+        return {**inherited, **extra}
 
     def _placement(self) -> tuple[list[int], list[int]]:
         """`devices` as `(GPUs, CPU cores)` of the server kdistill starts: GPUs with CUDA, cores on

@@ -20,6 +20,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 from kdistill.data import IGNORE_INDEX, Collator, Tokenized
+from kdistill.sampling.decode import decode
 
 Rows = list[list[list[int]]]  # per batch, per row: token ids
 
@@ -36,6 +37,7 @@ class Sampling:
     eos_token_id: int
     pad_token_id: int
     generation_batch_size: int  # rows per generate call at the configured micro-batch (engine hf)
+    loop: str = "static"  # the in-process decoding loop: static (`decode.decode`) or generate
 
 
 def is_on_policy(lmbda: float, seed: int, step: int) -> bool:
@@ -100,22 +102,46 @@ class RowSeeded(LogitsProcessor):
         self.temperature = temperature
         self.top_p = TopPLogitsWarper(top_p) if top_p < 1 else None
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        """Each row's token `(B,)` for next-token scores `(B, vocab)`, one draw from each row's stream."""
         scores = scores.float() / self.temperature
         if self.top_p is not None:
-            scores = self.top_p(input_ids, scores)
+            scores = self.top_p(None, scores)
         noise = torch.stack([torch.empty_like(scores[0]).exponential_(generator=g) for g in self.generators])
-        chosen = (scores.log_softmax(-1) - noise.log()).argmax(-1, keepdim=True)
-        return torch.full_like(scores, float("-inf")).scatter_(-1, chosen, 0.0)
+        return (scores.log_softmax(-1) - noise.log()).argmax(-1)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        chosen = self.choose(scores)[:, None]
+        return torch.full_like(scores, float("-inf"), dtype=torch.float32).scatter_(-1, chosen, 0.0)
 
 
 @torch.inference_mode()
 def sample(student: Any, rows: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[list[int]]:
     """The student's sampled responses to `rows` (prompt ids), row i from `seeds[i]` alone (`RowSeeded`):
-    batched, with its KV cache, left padded, in eval mode (no dropout), LoRA adapters active."""
+    all rows in one call, left padded, in eval mode (no dropout), LoRA adapters active; by the loop
+    `sampling.loop` names (`static`: `decode.decode`; `generate`: transformers' generate)."""
     device = next(student.parameters()).device
     was_training = student.training
     student.eval()
+    draw = RowSeeded(seeds, sampling.temperature, sampling.top_p, device)
+    inputs = left_padded(rows, sampling.pad_token_id, device)
+    try:
+        if sampling.loop == "generate":
+            out = _generated(student, inputs, sampling, draw)
+        else:
+            out = decode(
+                student, inputs, draw.choose, max_new_tokens=sampling.max_new_tokens,
+                eos=sampling.eos_token_id, pad=sampling.pad_token_id,
+            )  # fmt: skip
+    finally:
+        student.train(was_training)
+    return responses(out, sampling.eos_token_id)
+
+
+def _generated(
+    student: Any, inputs: dict[str, torch.Tensor], sampling: Sampling, draw: RowSeeded
+) -> torch.Tensor:
+    """transformers' generate with `draw` as its only logits processor: the generated ids `(B, new)`."""
     settings = GenerationConfig(
         do_sample=False,  # RowSeeded has already drawn each row's token
         max_new_tokens=sampling.max_new_tokens,
@@ -123,17 +149,8 @@ def sample(student: Any, rows: list[list[int]], sampling: Sampling, seeds: list[
         pad_token_id=sampling.pad_token_id,
         use_cache=True,  # training turns it off in the model's config
     )
-    draw = RowSeeded(seeds, sampling.temperature, sampling.top_p, device)
-    try:
-        out = student.generate(
-            **left_padded(rows, sampling.pad_token_id, device),
-            generation_config=settings,
-            logits_processor=LogitsProcessorList([draw]),
-        )
-    finally:
-        student.train(was_training)
-    width = max(len(r) for r in rows)
-    return responses(out[:, width:], sampling.eos_token_id)
+    out = student.generate(**inputs, generation_config=settings, logits_processor=LogitsProcessorList([draw]))
+    return out[:, inputs["input_ids"].shape[1] :]
 
 
 def sample_grouped(

@@ -55,7 +55,13 @@ def engine_settings(cfg: RunConfig) -> EngineSettings | None:
         max_model_len=o.max_prompt_length + o.max_new_tokens,  # the longest sequence the engine holds
         overlap=e.overlap,
         devices=e.devices,
+        rows=step_rows(cfg),
     )
+
+
+def step_rows(cfg: RunConfig) -> int:
+    """Rows an optimizer step samples on one training process: batch_size x gradient_accumulation_steps."""
+    return cfg.training.batch_size * cfg.training.gradient_accumulation_steps
 
 
 def build_sampler(
