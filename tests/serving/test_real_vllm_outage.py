@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from conftest import write_config
 from serving.test_real_vllm import TOP_K, VLLM_PYTHON, _port, _server, pytestmark  # noqa: F401 (its marks)
 
-RETRIES = 24  # back-off 0.5, 1, ... 16 s, then 30 s: about 9.5 minutes, more than a restart takes
+RETRIES = 40  # back-off 0.5, 1, ... 16 s, then 30 s: about 17.5 minutes, more than a restart takes under load
 DATA = {"max_length": 128, "validation_size": 8}
 
 
