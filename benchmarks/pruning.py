@@ -210,7 +210,7 @@ def quickstart_after(teacher: Any, tokenizer: Any, args: argparse.Namespace) -> 
     )
     return {
         "teacher": teacher,
-        "held_out": load_held_out(cfg, tokenizer, cfg.data.validation_size),
+        "held_out": load_held_out(cfg, tokenizer, len(held_out_examples(cfg, 10**9))),  # all of them
         "memo": {},
         "prompts": prompts,
         "new_tokens": args.answer_tokens,
