@@ -130,12 +130,13 @@ def test_removal_scores_are_the_loss_and_kl_without_each_layer() -> None:
     kl, loss = removal_scores(model, data, "kl", False), removal_scores(model, data, "loss", False)
     batch = data[0]
     mask = batch["labels"][:, 1:] != -100
-    full = (
-        model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask].log_softmax(-1)
-    )
+    with torch.no_grad():
+        full = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
+    full = full.log_softmax(-1)
     for i in range(4):
         cut_model = prune(model, PrunedShape(3, 32, 48, 4, 2), _every(model, [j for j in range(4) if j != i]))
-        cut = cut_model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
+        with torch.no_grad():
+            cut = cut_model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
         cut = cut.log_softmax(-1)
         targets = batch["labels"][:, 1:][mask]
         assert kl[i] == pytest.approx(float((full.exp() * (full - cut)).sum(-1).mean()), rel=1e-9)
@@ -151,7 +152,11 @@ def test_contiguous_removal_scores_each_block_and_keeps_the_rest() -> None:
     assert len(blocks) == 3  # two layers off: blocks start at 0, 1 and 2
     batch = data[0]
     mask = batch["labels"][:, 1:] != -100
-    logits = lambda m: m(batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]  # noqa: E731
+
+    def logits(m: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return m(batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
+
     full = logits(model).log_softmax(-1)
     for start in range(3):
         rest = [j for j in range(4) if not start <= j < start + 2]
