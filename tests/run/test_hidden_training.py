@@ -23,7 +23,7 @@ from kdistill.cli import main
 from kdistill.config import DataConfig, validate_config
 from kdistill.data import Collator, build_datasets, trained_rows
 from kdistill.errors import KdistillError
-from kdistill.losses.hidden import HiddenProjections, hidden_loss_sums, load_projections
+from kdistill.losses.hidden import HiddenProjections, auto_layer_pairs, hidden_loss_sums, load_projections
 from kdistill.objective.batch import LossSettings, StepSums, StudentLoss
 from kdistill.teacher.live import LiveTeacher
 
@@ -287,6 +287,26 @@ def test_from_teacher_pairs_copied_layers_and_validate_says_so(
     records = _train_records(tmp_path / "out")
     assert all(r["loss/hidden"] > 0 for r in records)
     assert load_projections(tmp_path / "out").pairs == [(1, 1), (4, 2)]  # equal widths: pairs, no weights
+
+
+def test_a_pruned_student_pairs_the_layers_it_kept(
+    tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixture
+) -> None:
+    student = {"from_teacher": {"method": "importance", "num_layers": 2, "calibration_rows": 8}}
+    config = tiny_config(tiny, tmp_path / "out", student=student, loss={"hidden": {"weight": 0.5}})
+    path = write_config(tmp_path / "run.yaml", config)
+    assert main(["validate", str(path)]) == 0
+    assert (
+        "2 layer pairs (teacher, student): each student layer with its original, chosen at calibration"
+        in (capsys.readouterr().out)
+    )
+    assert main(["prune", str(path), "--output", str(tmp_path / "pruned")]) == 0
+    kept = json.loads((tmp_path / "pruned" / "importance.json").read_text())["kept"]["layers"]
+    expected = [(k + 1, i + 1) for i, k in enumerate(kept)]
+    assert expected != auto_layer_pairs(4, 2)  # the same relative depth would pair other layers
+    config["training"]["max_steps"] = 2
+    assert main(["train", str(write_config(tmp_path / "run.yaml", config))]) == 0
+    assert load_projections(tmp_path / "out").pairs == expected
 
 
 def test_explicit_layers_are_checked_against_both_models(

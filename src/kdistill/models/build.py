@@ -134,10 +134,13 @@ def build_student(
         if teacher is None:
             raise KdistillError("student.from_teacher needs a live teacher model to copy layers from")
         if cfg.from_teacher.method == "importance":
-            model = build_pruned(teacher, cfg.from_teacher, calibration or []).model
+            pruned = build_pruned(teacher, cfg.from_teacher, calibration or [])
+            model, copied = pruned.model, pruned.kept.layers
         else:
             model = shrink(teacher, cfg.from_teacher.num_layers)
+            copied = keep_indices(teacher.config.num_hidden_layers, cfg.from_teacher.num_layers)
         model = model.to(device=device, dtype=dtype)
+        model.kdistill_copied_layers = copied  # loss.hidden pairs each layer with its original
     else:
         model = load_model(student_source(cfg), dtype, device)
     model.config.use_cache = False

@@ -19,6 +19,12 @@ def base_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def copied_layers(model: nn.Module) -> list[int] | None:
+    """The teacher's decoder layers a `from_teacher` student was copied from, in order (set when it was
+    made in this process), or None."""
+    return getattr(base_model(model), "kdistill_copied_layers", None)
+
+
 def text_config(config: Any) -> Any:
     """A model config's text part: the config itself, or a multimodal model's text config."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -127,6 +127,13 @@ def max_length_fits(checked: Checked) -> None:
             )
 
 
+def pruned_pairs_pending(cfg: RunConfig) -> bool:
+    """loss.hidden's `auto` pairs wait for calibration: a `method: importance` student's layers are
+    chosen then, and each pairs with the first teacher's layer it is pruned from."""
+    made = cfg.student.from_teacher
+    return cfg.loss.hidden.layers == "auto" and made is not None and made.method == "importance"
+
+
 def lora_targets_match(checked: Checked) -> None:
     """student.lora.target_modules name modules the student has (peft runs on a meta-device copy)."""
     student = checked.cfg.student
@@ -216,22 +223,31 @@ def made_config(checked: Checked) -> Any:
 
 
 def hidden_pairs(
-    cfg: RunConfig, teachers: dict[str, tuple[int, int]], student: tuple[int, int]
+    cfg: RunConfig,
+    teachers: dict[str, tuple[int, int]],
+    student: tuple[int, int],
+    copied: list[int] | None = None,
 ) -> list[tuple[str, LayerPairs]]:
     """Each teacher's `(teacher_layer, student_layer)` pairs for loss.hidden.
 
     `teachers` maps each teacher's name to its `(layers, hidden size)`, `student` is the student's.
     `auto` pairs layers at the same relative depth (`auto_layer_pairs`), except that a `from_teacher`
-    student's layers pair with the layers of the first teacher they were copied from (spread evenly too,
-    first and last included): each student layer starts as a copy of the teacher layer it is paired with.
+    student's layers pair with the layers of the first teacher they were copied from: each student
+    layer starts as a copy of the teacher layer it is paired with. `copied` lists those layers once the
+    student is made; before, they are known for `method: even` (spread evenly, first and last
+    included), and `method: importance` pairs by relative depth until calibration chooses its layers
+    (`pruned_pairs_pending` says when).
     """
     layers, several = cfg.loss.hidden.layers, len(teachers) > 1
     found = []
+    made = cfg.student.from_teacher
     for index, (name, _) in enumerate(cfg.teacher_list()):
         depth = teachers[name][0]
-        made = cfg.student.from_teacher
-        if layers == "auto" and index == 0 and made is not None and made.method == "even":
-            pairs = copied_layer_pairs(keep_indices(depth, student[0]))
+        kept = copied
+        if kept is None and made is not None and made.method == "even":
+            kept = keep_indices(depth, student[0])
+        if layers == "auto" and index == 0 and made is not None and kept is not None:
+            pairs = copied_layer_pairs(kept)
         else:
             key = f"loss.hidden.layers (teacher {name!r})" if several else "loss.hidden.layers"
             pairs = resolve_layer_pairs(layers, depth, student[0], key)

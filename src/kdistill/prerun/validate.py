@@ -19,6 +19,7 @@ from kdistill.prerun.preflight import (
     MODEL_CHECKS,
     hidden_pairs,
     model_shapes,
+    pruned_pairs_pending,
     run_checks,
 )
 from kdistill.teacher.packing import header_mismatch, load_manifest
@@ -30,10 +31,13 @@ def hidden_lines(checked: Checked) -> list[str]:
     """`kdistill validate`'s lines on loss.hidden: each teacher's layer pairs and projection sizes."""
     shapes, own = model_shapes(checked)
     lines = []
-    for name, pairs in hidden_pairs(checked.cfg, shapes, own):
+    for index, (name, pairs) in enumerate(hidden_pairs(checked.cfg, shapes, own)):
         width = shapes[name][1]
         maps = f"a {own[1]} -> {width} projection per pair" if own[1] != width else "no projection"
-        lines.append(f"hidden {name}: {len(pairs)} layer pairs (teacher, student) {pairs}, {maps}")
+        listed = f"(teacher, student) {pairs}"
+        if index == 0 and pruned_pairs_pending(checked.cfg):
+            listed = "(teacher, student): each student layer with its original, chosen at calibration"
+        lines.append(f"hidden {name}: {len(pairs)} layer pairs {listed}, {maps}")
     return lines
 
 

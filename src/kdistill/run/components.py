@@ -19,7 +19,7 @@ from kdistill.errors import KdistillError
 from kdistill.files import RunFiles
 from kdistill.losses.hidden import HiddenProjections
 from kdistill.models.build import build_student, full_precision, load_teacher
-from kdistill.models.parts import base_model, depth_and_width
+from kdistill.models.parts import base_model, copied_layers, depth_and_width
 from kdistill.models.prune.calibration import load_calibration
 from kdistill.prerun.preflight import hidden_pairs, run_checks
 from kdistill.storage.checkpoint import latest_checkpoint
@@ -98,7 +98,7 @@ def build_projections(
     own = depth_and_width(base_model(student).config)
     return [
         HiddenProjections(pairs, own[1], shapes[name][1]).to(device)
-        for name, pairs in hidden_pairs(cfg, shapes, own)
+        for name, pairs in hidden_pairs(cfg, shapes, own, copied_layers(student))
     ]
 
 
