@@ -245,9 +245,7 @@ def test_chat_roles_other_than_system_user_assistant_are_refused(tmp_path: Path)
     path = _jsonl(tmp_path / "chat.jsonl", [good, odd])
     with pytest.raises(KdistillError) as err:
         load_examples(str(path))
-    assert (
-        str(err.value) == f"{path}:2, message 2: role 'function' is not one of system, user, assistant"
-    )
+    assert str(err.value) == f"{path}:2, message 2: role 'function' is not one of system, user, assistant"
 
 
 def test_a_chat_template_that_refuses_a_conversation_is_named(tiny: dict[str, Path]) -> None:

@@ -14,7 +14,7 @@ from kdistill.errors import KdistillError
 from kdistill.models.prune import build_pruned, build_shape, count_params
 from kdistill.models.prune.importance import Importance, removal_scores, score_units
 from kdistill.models.prune.shape import PrunedShape, teacher_shape
-from kdistill.models.prune.surgery import Kept, choose, prune, top
+from kdistill.models.prune.surgery import REFIT_RIDGE, Kept, choose, prune, top
 
 COMMON = dict(
     vocab_size=96,
@@ -166,6 +166,58 @@ def test_contiguous_removal_scores_each_block_and_keeps_the_rest() -> None:
     assert pruned.kept.layers == [j for j in range(4) if not best <= j < best + 2]
     depth = pruned.scores.depth()  # per layer: the cheapest block holding it; the removed block's lowest
     assert sorted(range(4), key=depth.__getitem__)[:2] == [best, best + 1]
+
+
+def test_mlp_refit_is_the_least_squares_fit_of_the_full_mlp(caplog: pytest.LogCaptureFixture) -> None:
+    model = tiny_model("llama")
+    data = batches()
+    activations: dict[int, list[torch.Tensor]] = {i: [] for i in range(4)}
+    hooks = [
+        layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, i=i: activations[i].append(a[0]))
+        for i, layer in enumerate(model.model.layers)
+    ]
+    with torch.no_grad():
+        for batch in data:
+            model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for hook in hooks:
+        hook.remove()
+    cfg = importance_cfg(num_layers=3, intermediate_size=20, hidden_size=16, mlp_refit=True)
+    plain = build_pruned(model, cfg.model_copy(update={"mlp_refit": False}), data, progress=False)
+    pruned = build_pruned(model, cfg, data, progress=False)
+    assert pruned.kept.to_json() == plain.kept.to_json()
+    tokens = sum(int(b["attention_mask"].sum()) for b in data)  # 57 for 20 kept neurons: too few to trust
+    assert f"mlp_refit: {tokens} calibration tokens for 20 kept MLP neurons a layer" in caplog.text
+    for new, layer in enumerate(pruned.kept.layers):
+        a = torch.cat([x[b["attention_mask"].bool()] for x, b in zip(activations[layer], data)])
+        w = model.model.layers[layer].mlp.down_proj.weight.detach()
+        k, channels = pruned.kept.neurons[new], pruned.kept.channels
+        inner = a[:, k].T @ a[:, k]
+        ridge = REFIT_RIDGE * inner.diagonal().mean()
+        # the normal equations of min |A Wᵀ - A_K W'ᵀ|² + r |W'|², by hand
+        expected = torch.linalg.solve(
+            inner + ridge * torch.eye(20, dtype=torch.float64), a[:, k].T @ a @ w.T
+        ).T
+        got = pruned.model.model.layers[new].mlp.down_proj.weight.detach()
+        torch.testing.assert_close(got, expected[channels], rtol=1e-7, atol=1e-9)
+        sliced = plain.model.model.layers[new].mlp.down_proj.weight.detach()
+        full = a @ w.T[:, channels]
+        errors = [float((full - a[:, k] @ w_k.T).square().sum()) for w_k in (got, sliced)]
+        assert errors[0] < 0.9 * errors[1]
+        # the rest of the layer is the plain cut's
+        torch.testing.assert_close(
+            pruned.model.model.layers[new].mlp.up_proj.weight,
+            plain.model.model.layers[new].mlp.up_proj.weight,
+        )
+    whole = build_pruned(model, importance_cfg(num_layers=3, mlp_refit=True), data, progress=False)
+    for new, layer in enumerate(whole.kept.layers):  # every neuron kept: the teacher's weights
+        assert torch.equal(
+            whole.model.model.layers[new].mlp.down_proj.weight, model.model.layers[layer].mlp.down_proj.weight
+        )
+
+
+def test_mlp_refit_needs_method_importance() -> None:
+    with pytest.raises(ValueError, match="mlp_refit need method: importance"):
+        FromTeacher(method="even", num_layers=2, mlp_refit=True)
 
 
 def _every(model, layers: list[int]) -> Kept:

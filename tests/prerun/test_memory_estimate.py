@@ -250,5 +250,12 @@ def test_a_pruned_students_calibration_is_in_the_loading_peak(tiny: dict, tmp_pa
     # two fp64 log-prob tables of every calibration token over the vocabulary, and a temporary
     extra = calibration_bytes(with_removal) - calibration_bytes(plan)
     assert extra == 3 * tokens * t.vocab * 8
+    refit = {**made, "mlp_refit": True}
+    sections = {"student": {"from_teacher": refit, "finetune": "full"}}
+    cfg = load_config(write_config(tmp_path / "d.yaml", tiny_config(tiny, tmp_path / "d", **sections)))
+    # every layer's fp32 Gram matrix of its MLP activations, and two fp64 ones while refitting
+    assert calibration_bytes(memory_plan(cfg, None)) - calibration_bytes(plan) == (
+        (t.layers * 4 + 16) * t.intermediate**2
+    )
     even = load_config(write_config(tmp_path / "c.yaml", tiny_config(tiny, tmp_path / "c")))
     assert calibration_bytes(memory_plan(even, None)) == 0

@@ -58,6 +58,12 @@ class FromTeacher(Strict):
         "drop removed; the cheapest block goes, as Minitron found near the end); one forward pass per "
         "layer or block for all but the first.",
     )
+    mlp_refit: bool = Field(
+        False,
+        description="Refit each pruned MLP's down projection by least squares, so that the kept neurons "
+        "reproduce the full MLP's output on the calibration rows (method: importance). Calibration then "
+        "keeps one intermediate x intermediate fp32 Gram matrix per teacher layer (docs/pruning.md).",
+    )
     calibration_rows: int = Field(
         64, gt=0, description="Training rows whose activations score the units (method: importance)."
     )
@@ -67,8 +73,12 @@ class FromTeacher(Strict):
     def _targets(self) -> FromTeacher:
         widths = [k for k in _WIDTHS if getattr(self, k) is not None]
         if self.method == "even":
-            if widths or self.params is not None:
-                keys = ", ".join([*widths, *(["params"] if self.params is not None else [])])
+            others = [
+                *(["params"] if self.params is not None else []),
+                *(["mlp_refit"] if self.mlp_refit else []),
+            ]
+            if widths or others:
+                keys = ", ".join([*widths, *others])
                 raise ValueError(
                     f"student.from_teacher: {keys} need method: importance (even cuts layers only)"
                 )

@@ -102,6 +102,7 @@ class Plan:
     strategy: str = "ddp"
     calibration_tokens: int = 0  # a pruned student's calibration batch: rows x max_length (0: none)
     removal_scores: bool = False  # and its removal scores: fp64 log-probs of those tokens
+    mlp_refit: bool = False  # and the MLP activations' Gram matrices (`from_teacher.mlp_refit`)
 
 
 def layer_activations(p: Plan) -> int:
@@ -275,12 +276,14 @@ def load_peak(p: Plan) -> int:
 def calibration_bytes(p: Plan) -> int:
     """Calibration's own tensors: one batch through one teacher layer under no_grad (its residual,
     norm, attention and MLP widths in fp32), and with removal scores the full and the cut model's fp64
-    log-probs at those tokens, with one temporary of that size."""
+    log-probs at those tokens, with one temporary of that size; with `mlp_refit`, every layer's fp32
+    Gram matrix of its MLP activations and two fp64 ones while a layer is refit."""
     t = p.teacher
     if not p.calibration_tokens or t is None:
         return 0
     layer = p.calibration_tokens * (4 * t.hidden + 2 * t.q_width + 3 * t.intermediate) * 4
-    return layer + (3 * p.calibration_tokens * t.vocab * 8 if p.removal_scores else 0)
+    grams = (t.layers * 4 + 2 * 8) * t.intermediate**2 if p.mlp_refit else 0
+    return layer + grams + (3 * p.calibration_tokens * t.vocab * 8 if p.removal_scores else 0)
 
 
 def peak(p: Plan) -> int:

@@ -211,6 +211,7 @@ def _calibration(cfg: RunConfig) -> dict[str, Any]:
     return {
         "calibration_tokens": made.calibration_batch_size * padded(cfg.data.max_length),
         "removal_scores": made.depth_score != "block_influence",
+        "mlp_refit": made.mlp_refit,
     }
 
 

@@ -8,6 +8,7 @@ shapes of one budget that `kdistill prune --search` ranks.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -18,7 +19,9 @@ from kdistill.config.student import FromTeacher
 from kdistill.errors import KdistillError
 from kdistill.models.prune.importance import Importance, removal_scores, score_units
 from kdistill.models.prune.shape import PrunedShape, build_shape, count_params, teacher_shape
-from kdistill.models.prune.surgery import Kept, choose, prune, top
+from kdistill.models.prune.surgery import Kept, choose, prune, refit_mlp, top
+
+log = logging.getLogger("kdistill")
 
 __all__ = [
     "Pruned",
@@ -100,7 +103,7 @@ def score_teacher(
     device = next(teacher.parameters()).device
     batches = [{k: v.to(device) for k, v in b.items()} for b in calibration]
     started = time.perf_counter()
-    importance = score_units(teacher, batches, progress)
+    importance = score_units(teacher, batches, progress, gram=cfg.mlp_refit)
     seconds = {"calibration": time.perf_counter() - started}
     drop = teacher.config.num_hidden_layers - layers
     if cfg.depth_score != "block_influence" and drop > 0:
@@ -116,6 +119,18 @@ def score_teacher(
 
 
 def cut(teacher: nn.Module, scores: Scores, shape: PrunedShape) -> Pruned:
-    """The student of `shape` that keeps the units `scores` ranks highest."""
+    """The student of `shape` that keeps the units `scores` ranks highest (its MLPs refit when the
+    scores hold the activations' Gram matrices: `mlp_refit`)."""
     kept = choose(scores.importance, scores.kept_layers(shape.layers), shape, teacher_shape(teacher.config))
-    return Pruned(prune(teacher, shape, kept), shape, kept, scores)
+    student = prune(teacher, shape, kept)
+    if scores.importance.gram is not None:
+        tokens = scores.importance.tokens
+        if tokens < 4 * shape.intermediate < 4 * teacher_shape(teacher.config).intermediate:
+            log.warning(
+                "student.from_teacher.mlp_refit: %d calibration tokens for %d kept MLP neurons a layer; the "
+                "refit may fit those rows rather than the data (raise calibration_rows)",
+                tokens,
+                shape.intermediate,
+            )
+        refit_mlp(student, teacher, kept, scores.importance.gram)
+    return Pruned(student, shape, kept, scores)
