@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_config, write_config
@@ -50,27 +49,3 @@ def test_search_trains_the_finalists_and_writes_the_best_untrained(
     assert main(["train", str(write_config(tmp_path / "trained.yaml", run))]) == 0
     report = (tmp_path / "trained" / "report.md").read_text()
     assert "## The pruned student" in report and "`--search 2`" in report and "| kept |" in report
-
-
-def test_search_with_mlp_refit_writes_the_refit_student(tiny: dict[str, Path], tmp_path: Path) -> None:
-    made = {"method": "importance", "params": 0.6, "calibration_rows": 8, "mlp_refit": True}
-    config = tiny_config(tiny, tmp_path / "run", student={"from_teacher": made, "finetune": "full"})
-    searched = tmp_path / "searched"
-    args = ["prune", str(write_config(tmp_path / "run.yaml", config)), "--output", str(searched)]
-    assert main([*args, "--eval-rows", "8", "--search", "1", "--search-steps", "1"]) == 0
-    chosen = next(
-        c for c in json.loads((searched / "prune.json").read_text())["search"]["candidates"] if c["chosen"]
-    )
-    s = chosen["shape"]
-    shape = {"num_layers": s["layers"], "hidden_size": s["hidden"], "intermediate_size": s["intermediate"]}
-    shape |= {"num_key_value_heads": s["kv_heads"], "num_attention_heads": s["heads"]}
-    config["student"]["from_teacher"] = {**made, "params": None, **shape}
-    direct = tmp_path / "direct"
-    assert main(["prune", str(write_config(tmp_path / "run.yaml", config)), "--output", str(direct)]) == 0
-    # the same shape pruned and refit without the search: the same weights, and not the plain cut's
-    config["student"]["from_teacher"]["mlp_refit"] = False
-    plain = tmp_path / "plain"
-    assert main(["prune", str(write_config(tmp_path / "run.yaml", config)), "--output", str(plain)]) == 0
-    a, b, c = (AutoModelForCausalLM.from_pretrained(f).state_dict() for f in (searched, direct, plain))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not torch.equal(a["model.layers.0.mlp.down_proj.weight"], c["model.layers.0.mlp.down_proj.weight"])

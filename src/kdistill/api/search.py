@@ -2,8 +2,7 @@
 
 1. Score the teacher's units once on the calibration rows.
 2. Cut every shape of the grid (`models.prune.candidates`) and measure it on the first
-   `screen_rows` held-out rows, untrained: its KL to the teacher (with `mlp_refit`, refit first, as
-   the student it would become).
+   `screen_rows` held-out rows, untrained: its KL to the teacher.
 3. The K lowest go on: each is written as a folder and trained `steps` optimizer steps by the run's
    own config (the same data, loss, learning rate and seed; only the student and the step count
    differ), through the same `kdistill train`.
@@ -19,7 +18,6 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,40 +56,38 @@ def search_pruned(
     started = time.perf_counter()
     calibration = load_calibration(cfg, source.tokenizer)
     scores = score_teacher(teacher, settings, calibration, min(s.layers for s in shapes))
-    refit_on = calibration if settings.mlp_refit else None  # every candidate is refit, as it will be
-    cut_ = partial(cut, teacher, scores, refit_on=refit_on, progress=False)
     screen = source.held_out[: -(-screen_rows // HELD_OUT_BATCH)]
-    rows = [_screened(source, cut_, shape, screen) for shape in tqdm(shapes, desc="search: untrained KL")]
+    rows = [_screened(source, scores, shape, screen) for shape in tqdm(shapes, desc="search: untrained KL")]
     chosen = sorted(rows, key=lambda r: r["untrained"]["kl"])[:finalists]
     with tempfile.TemporaryDirectory(prefix=".search-", dir=output.parent) as work:
         for i, row in enumerate(chosen, 1):
             log.info("search: candidate %d of %d, %s", i, len(chosen), row["shape"].describe())
-            row["trained"] = _short_run(source, cut_, row["shape"], Path(work) / f"candidate-{i}", steps)
+            row["trained"] = _short_run(source, scores, row["shape"], Path(work) / f"candidate-{i}", steps)
             log.info(
                 "search: candidate %d of %d after %d steps: held-out KL %.4f, perplexity %.2f",
                 *(i, len(chosen), steps, row["trained"]["kl"], row["trained"]["ppl"]),
             )
     best = min(chosen, key=lambda r: r["trained"]["kl"])
     best["chosen"] = True
-    pruned = cut_(best["shape"], progress=True)
+    pruned = cut(teacher, scores, best["shape"])
     table = [_record(r) for r in sorted(rows, key=_rank)]
     search = {"candidates": table, "steps": steps, "screen_rows": screen_rows, "finalists": finalists}
     seconds = time.perf_counter() - started
     return write_student(source, output, pruned.model, pruned, seconds, {"search": search})
 
 
-def _screened(source: PruneSource, cut_: Any, shape: PrunedShape, screen: list) -> dict[str, Any]:
-    model = cut_(shape).model
+def _screened(source: PruneSource, scores: Any, shape: PrunedShape, screen: list) -> dict[str, Any]:
+    model = cut(source.teacher, scores, shape).model
     quality = response_quality(source.teacher, model, screen, progress=False, memo=source.memo)
     return {"shape": shape, "params": parameter_counts(model), "untrained": quality}
 
 
 def _short_run(
-    source: PruneSource, cut_: Any, shape: PrunedShape, work: Path, steps: int
+    source: PruneSource, scores: Any, shape: PrunedShape, work: Path, steps: int
 ) -> dict[str, float]:
     """`steps` steps of the run's own training from the candidate: held-out KL and perplexity after."""
     folder = work / "student"
-    cut_(shape).model.save_pretrained(folder)
+    cut(source.teacher, scores, shape).model.save_pretrained(folder)
     source.tokenizer.save_pretrained(folder)
     config = source.cfg.model_dump(mode="json")
     config["student"] |= {"model": str(folder), "from_teacher": None}

@@ -276,19 +276,14 @@ def load_peak(p: Plan) -> int:
 def calibration_bytes(p: Plan) -> int:
     """Calibration's own tensors: one batch through one teacher layer under no_grad (its residual,
     norm, attention and MLP widths in fp32), and with removal scores the full and the cut model's fp64
-    log-probs at those tokens, with one temporary of that size; with `mlp_refit`, each student layer's
-    fp32 sums (its kept activations' Gram matrix and their product with the target), a batch's kept
-    activations, MLP outputs and layer outputs, and two fp64 matrices while a layer is solved."""
-    t, s = p.teacher, p.student
+    log-probs at those tokens, with one temporary of that size; with `mlp_refit`, every layer's fp32
+    Gram matrix of its MLP activations and two fp64 ones while a layer is refit."""
+    t = p.teacher
     if not p.calibration_tokens or t is None:
         return 0
     layer = p.calibration_tokens * (4 * t.hidden + 2 * t.q_width + 3 * t.intermediate) * 4
-    refit = 0
-    if p.mlp_refit:
-        sums = s.layers * (s.intermediate + s.hidden) * s.intermediate * 4
-        batch = p.calibration_tokens * s.layers * (s.intermediate + 3 * t.hidden) * 4
-        refit = sums + batch + 2 * s.intermediate**2 * 8
-    return layer + refit + (3 * p.calibration_tokens * t.vocab * 8 if p.removal_scores else 0)
+    grams = (t.layers * 4 + 2 * 8) * t.intermediate**2 if p.mlp_refit else 0
+    return layer + grams + (3 * p.calibration_tokens * t.vocab * 8 if p.removal_scores else 0)
 
 
 def peak(p: Plan) -> int:

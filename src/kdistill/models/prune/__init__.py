@@ -18,9 +18,8 @@ from torch import nn
 from kdistill.config.student import FromTeacher
 from kdistill.errors import KdistillError
 from kdistill.models.prune.importance import Importance, removal_scores, score_units
-from kdistill.models.prune.refit import refit_mlp
 from kdistill.models.prune.shape import PrunedShape, build_shape, count_params, teacher_shape
-from kdistill.models.prune.surgery import Kept, choose, prune, top
+from kdistill.models.prune.surgery import Kept, choose, prune, refit_mlp, top
 
 log = logging.getLogger("kdistill")
 
@@ -83,8 +82,7 @@ def build_pruned(
 ) -> Pruned:
     """The `method: importance` student of `cfg`, pruned from the full-precision `teacher`."""
     shape = build_shape(teacher.config, cfg)
-    scores = score_teacher(teacher, cfg, calibration, shape.layers, progress)
-    return cut(teacher, scores, shape, calibration if cfg.mlp_refit else None, progress)
+    return cut(teacher, score_teacher(teacher, cfg, calibration, shape.layers, progress), shape)
 
 
 def score_teacher(
@@ -105,7 +103,7 @@ def score_teacher(
     device = next(teacher.parameters()).device
     batches = [{k: v.to(device) for k, v in b.items()} for b in calibration]
     started = time.perf_counter()
-    importance = score_units(teacher, batches, progress)
+    importance = score_units(teacher, batches, progress, gram=cfg.mlp_refit)
     seconds = {"calibration": time.perf_counter() - started}
     drop = teacher.config.num_hidden_layers - layers
     if cfg.depth_score != "block_influence" and drop > 0:
@@ -120,27 +118,19 @@ def score_teacher(
     return Scores(importance, cfg.depth_score, seconds)
 
 
-def cut(
-    teacher: nn.Module,
-    scores: Scores,
-    shape: PrunedShape,
-    refit_on: list[dict[str, torch.Tensor]] | None = None,
-    progress: bool = True,
-) -> Pruned:
-    """The student of `shape` that keeps the units `scores` ranks highest; with `refit_on` (the
-    calibration batches, for `mlp_refit`), its MLP down projections refit on them (`refit.refit_mlp`)."""
+def cut(teacher: nn.Module, scores: Scores, shape: PrunedShape) -> Pruned:
+    """The student of `shape` that keeps the units `scores` ranks highest (its MLPs refit when the
+    scores hold the activations' Gram matrices: `mlp_refit`)."""
     kept = choose(scores.importance, scores.kept_layers(shape.layers), shape, teacher_shape(teacher.config))
     student = prune(teacher, shape, kept)
-    if refit_on:
+    if scores.importance.gram is not None:
         tokens = scores.importance.tokens
-        if tokens < 4 * shape.intermediate:
+        if tokens < 4 * shape.intermediate < 4 * teacher_shape(teacher.config).intermediate:
             log.warning(
                 "student.from_teacher.mlp_refit: %d calibration tokens for %d kept MLP neurons a layer; the "
                 "refit may fit those rows rather than the data (raise calibration_rows)",
                 tokens,
                 shape.intermediate,
             )
-        device = next(teacher.parameters()).device
-        batches = [{k: v.to(device) for k, v in b.items()} for b in refit_on]
-        refit_mlp(student, teacher, kept, batches, progress)
+        refit_mlp(student, teacher, kept, scores.importance.gram)
     return Pruned(student, shape, kept, scores)

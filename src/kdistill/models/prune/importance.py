@@ -36,6 +36,7 @@ class Importance:
     tokens: int
     removal: list[float] | None = None  # loss or KL with each layer removed, when scored
     contiguous: list[float] | None = None  # loss or KL with each block of `width` layers removed, by start
+    gram: list[torch.Tensor] | None = None  # per layer: the MLP activations' (intermediate, intermediate) AᵀA
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -57,20 +58,23 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 @torch.no_grad()
 def score_units(
-    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], progress: bool = True
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], progress: bool = True, gram: bool = False
 ) -> Importance:
-    """Every unit's activation score over the real tokens of `batches` (one forward pass each)."""
+    """Every unit's activation score over the real tokens of `batches` (one forward pass each); with
+    `gram`, also each layer's Gram matrix of its MLP activations (for `surgery.refit_mlp`)."""
     layers = decoder_layers(model)
     config = model.config
     heads, size = config.num_attention_heads, _head_dim(config)
     sums = _Sums(len(layers), config.intermediate_size, heads, config.hidden_size)
     state: dict[str, torch.Tensor] = {}
+    grams = [torch.zeros(0) for _ in layers]
     handles = []
     for i, layer in enumerate(layers):
         handles += [
             layer.register_forward_hook(_influence(sums, state, i), with_kwargs=True),
             layer.self_attn.o_proj.register_forward_pre_hook(_head_norms(sums, state, i, heads, size)),
             layer.mlp.down_proj.register_forward_pre_hook(_magnitudes(sums.neurons, state, i)),
+            *([layer.mlp.down_proj.register_forward_pre_hook(_gram(grams, state, i))] if gram else []),
             layer.self_attn.q_proj.register_forward_pre_hook(_channels(sums, state)),
             layer.mlp.gate_proj.register_forward_pre_hook(_channels(sums, state)),
         ]
@@ -90,6 +94,7 @@ def score_units(
         heads=[row / n for row in sums.heads],
         channels=sums.channels / n,
         tokens=sums.tokens,
+        gram=[g.cpu() for g in grams] if gram else None,
     )
 
 
@@ -129,6 +134,15 @@ def _head_norms(sums: _Sums, state: dict[str, torch.Tensor], i: int, heads: int,
 def _magnitudes(target: torch.Tensor, state: dict[str, torch.Tensor], i: int) -> Any:
     def hook(module: nn.Module, args: tuple) -> None:
         target[i] += _masked_sum(args[0].abs(), state["mask"])
+
+    return hook
+
+
+def _gram(grams: list[torch.Tensor], state: dict[str, torch.Tensor], i: int) -> Any:
+    def hook(module: nn.Module, args: tuple) -> None:
+        x = args[0][state["mask"]]
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        grams[i] = x.T @ x if grams[i].numel() == 0 else grams[i].addmm_(x.T, x)
 
     return hook
 
