@@ -25,7 +25,8 @@ from kdistill.prerun.memory import (
     peak,
     phase_totals,
 )
-from kdistill.prerun.memory_plan import _teacher_bits, memory_plan, suggestions
+from kdistill.prerun.memory_advice import suggestions
+from kdistill.prerun.memory_plan import _teacher_bits, memory_plan
 from kdistill.prerun.memory_shapes import KNOWN_ARCHITECTURES, device_bytes, padded, shape_of, widest_batch
 from kdistill.run.lean import lean_gated_mlps
 from kdistill.sampling.engine_memory import ENGINE_PROCESS_BYTES

@@ -245,7 +245,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _memory(cfg: Any, args: argparse.Namespace) -> list[str]:
-    from kdistill.prerun.memory_plan import machine_memory, memory_lines, memory_plan
+    from kdistill.prerun.memory_advice import memory_lines
+    from kdistill.prerun.memory_plan import machine_memory, memory_plan
     from kdistill.prerun.memory_shapes import device_bytes, widest_batch
 
     if args.processes < 1:

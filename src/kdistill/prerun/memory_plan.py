@@ -1,9 +1,9 @@
-"""`kdistill validate --memory`: a run's config read into a memory `Plan`, its verdict and advice."""
+"""`kdistill validate --memory`: a run's config read into a memory `Plan` (its verdict and advice:
+`memory_advice`)."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -14,16 +14,9 @@ from kdistill.losses.chunked import chunk_rows
 from kdistill.models.build import made_student_config, student_source, teacher_source
 from kdistill.models.loading import gguf_type, load_config_only
 from kdistill.prerun.memory import (
-    GB,
-    PHASE_OF,
-    PHASES,
     STRATEGIES,
     Model,
     Plan,
-    load_peak,
-    parts,
-    peak,
-    phase_totals,
 )
 from kdistill.prerun.memory_shapes import KNOWN_ARCHITECTURES, Shape, Widest, padded, shape_of
 from kdistill.sampling.engine_memory import EngineShape, engine_bytes
@@ -218,94 +211,3 @@ def _calibration(cfg: RunConfig) -> dict[str, Any]:
 def machine_memory() -> int:
     """This machine's physical memory, in bytes."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def memory_lines(cfg: RunConfig, plan: Plan, budget: int, device_name: str) -> list[str]:
-    """The breakdown, the verdict on `device_name` (`budget` bytes per process) and the advice."""
-    where = "per process" if plan.processes > 1 else "one process"
-    lines = [
-        f"memory ({where}, {plan.processes} x {plan.strategy}; micro-batch {plan.rows} x {plan.length} "
-        f"tokens, checkpointing {'on' if plan.checkpointing else 'off'}):"
-    ]
-    phases = phase_totals(plan)
-    for name, size in parts(plan).items():
-        if size:
-            lines.append(f"  {name:<24} {size / GB:7.2f} GB  {PHASE_OF.get(name, 'resident')}")
-    largest = max(PHASES, key=lambda phase: phases[phase])
-    total, loading = phases["resident"] + phases[largest], load_peak(plan)
-    lines.append(
-        f"  {'training peak':<24} {total / GB:7.2f} GB  resident {phases['resident'] / GB:.2f} + "
-        f"{largest} {phases[largest] / GB:.2f} (the largest phase)"
-    )
-    if loading > total:
-        what = "and calibrating" if plan.calibration_tokens else "while loading"
-        lines.append(f"  {'loading peak':<24} {loading / GB:7.2f} GB  the teacher in fp32 {what}")
-    fits = peak(plan) <= budget
-    lines.append(
-        f"verdict: {'fits' if fits else 'does NOT fit'} on {device_name} ({budget / GB:.1f} GB): "
-        f"estimated peak {peak(plan) / GB:.2f} GB"
-    )
-    if fits:
-        return lines
-    cacheable = plan.teacher is not None and cfg.data.responses == "dataset"
-    quantizable = not plan.cpu or plan.teacher_bits > 8
-    steps = suggestions(plan, budget, quantizable, cacheable)
-    if not steps or peak_after(steps) > budget:
-        lines.append(
-            "no change below makes it fit; use more processes with --strategy fsdp or zero3, or a smaller "
-            "student"
-        )
-    lines += [f"  then {text}: {size / GB:.2f} GB" for text, size in steps]
-    return lines
-
-
-def peak_after(steps: list[tuple[str, int]]) -> int:
-    return steps[-1][1] if steps else 0
-
-
-def _helps(changed: Plan, current: Plan) -> bool:
-    """A change worth suggesting lowers the peak by at least 1 %."""
-    return peak(changed) < 0.99 * peak(current)
-
-
-def suggestions(p: Plan, budget: int, quantizable: bool, cacheable: bool) -> list[tuple[str, int]]:
-    """The cheapest changes that make `p` fit in `budget`, in order, each with the peak after it
-    (changes accumulate; the list stops at the first that fits)."""
-    steps = []
-    current = p
-    rows = p.rows
-    while rows > 1 and peak(current) > budget:
-        rows = max(1, rows // 2)
-        current = replace(current, rows=rows)
-        steps.append((f"training.micro_batch_size={rows}", peak(current)))
-    candidates = [
-        ("training.gradient_checkpointing=true", not p.checkpointing, {"checkpointing": True}),
-        (
-            "teacher.quantization=4bit",
-            quantizable and p.teacher_bits > 4.5,
-            {"teacher_bits": 4.13, "teacher_mapped": p.cpu, "teacher_embedding_bytes": 0 if p.cpu else 2},
-        ),
-        (
-            "a teacher cache (`kdistill cache`; teacher.cache)",
-            cacheable,
-            {"teacher": None, "hidden_pairs": 0},
-        ),
-    ]
-    for text, useful, change in candidates:
-        if peak(current) <= budget:
-            return steps
-        changed = replace(current, **change)
-        if useful and _helps(changed, current):
-            current = changed
-            steps.append((text, peak(current)))
-    length = p.length
-    while length > 128 and peak(current) > budget:
-        shorter = replace(current, length=length // 2, trained=current.trained // 2)
-        if not _helps(shorter, current):
-            break  # the peak hardly depends on the length any more
-        current, length = shorter, length // 2
-        steps.append((f"data.max_length={length}", peak(current)))
-    if peak(current) > budget and p.chunk_rows > 64:
-        current = replace(current, chunk_rows=64)
-        steps.append(("loss.chunk_size=64", peak(current)))
-    return steps
