@@ -76,10 +76,8 @@ ARMS = (
     "search",
     "quickstart",
 )
-FOLDER_ARMS = (
-    "search",
-    "quickstart",
-)  # students `kdistill prune` wrote: --search-folder, --quickstart-folder
+# Students `kdistill prune` wrote, read from --search-folder and --quickstart-folder.
+FOLDER_ARMS = ("search", "quickstart")
 
 
 def rows_of(args: argparse.Namespace) -> dict[str, int]:
