@@ -18,7 +18,7 @@ from `../shared/data/instruct/dolly-train.jsonl`, held-out rows from `dolly-vali
 - `depth_width`: the budget recipe alone (MLP to a third, then layers, then MLP back up);
 - `search`: the folder `kdistill prune --search` wrote (`--search-folder`); its scoring time is the
   whole search's;
-- `quickstart`: the quickstart's own student, the search's shape with `mlp_refit` (the folder
+- `quickstart`: the quickstart's own student, 17 layers and MLP 692 with `mlp_refit` (the folder
   `kdistill prune configs/quickstart.yaml` wrote: `--quickstart-folder`).
 Per arm, before training: parameters, the seconds calibration and scoring took, held-out response
 perplexity, KL to the teacher and top-1 agreement (the teacher's own perplexity beside it), greedy
