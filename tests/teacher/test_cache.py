@@ -15,7 +15,7 @@ from kdistill.config import load_config
 from kdistill.data import Collator, trained_rows
 from kdistill.losses.divergences import forward_kl
 from kdistill.run.components import build_components
-from kdistill.teacher import cache as cache_module
+from kdistill.teacher import cache_build as cache_module
 from kdistill.teacher.packing import bytes_per_token, decode_logprobs, encode
 
 

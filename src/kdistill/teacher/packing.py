@@ -32,6 +32,7 @@ from kdistill.losses.signal import log1mexp
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+VOCAB_MAP_FILE = "vocab_map.safetensors"  # beside the shards of a teacher with another tokenizer
 
 
 def encode(ids: Tensor, logprobs: Tensor, tail: Tensor, vocab_size: int) -> dict[str, Tensor]:
@@ -167,3 +168,16 @@ def encode_top_k(signal: Sparse, temperature: float, vocab_size: int) -> dict[st
     """
     tail = signal.bucket_log_probs(vocab_size, temperature)[:, -1]
     return encode(signal.ids, signal.logprobs, tail, vocab_size)
+
+
+def shard_problem(folder: Path, shard: dict[str, Any]) -> str | None:
+    """Why a recorded shard cannot be used (missing, truncated, corrupt), or None."""
+    path = folder / shard["file"]
+    if not path.is_file():
+        return f"shard {shard['file']} is missing"
+    size = path.stat().st_size
+    if size != shard["bytes"]:
+        return f"shard {shard['file']} is {size} bytes, the manifest says {shard['bytes']} (truncated?)"
+    if sha256_file(path) != shard["sha256"]:
+        return f"shard {shard['file']} does not match its checksum (corrupt)"
+    return None

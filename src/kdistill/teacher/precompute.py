@@ -15,7 +15,7 @@ from kdistill.data.tokenize import IGNORE_INDEX
 from kdistill.errors import KdistillError
 from kdistill.files import check_space
 from kdistill.models.build import load_teacher
-from kdistill.teacher.cache import build_cache, save_vocab_map
+from kdistill.teacher.cache_build import build_cache, save_vocab_map
 from kdistill.teacher.live import live_teacher
 from kdistill.teacher.packing import bytes_per_token
 from kdistill.teacher.responses import load_data

@@ -17,7 +17,8 @@ from kdistill.errors import KdistillError
 from kdistill.models.build import load_teacher, teacher_source
 from kdistill.models.compact import compact_frozen
 from kdistill.teacher.base import Teacher
-from kdistill.teacher.cache import CachedTeacher, CacheSpec, TeacherCache
+from kdistill.teacher.cache import CachedTeacher, TeacherCache
+from kdistill.teacher.cache_build import CacheSpec
 from kdistill.teacher.live import LiveTeacher
 from kdistill.teacher.packing import rows_fingerprint, tokenizer_fingerprint
 from kdistill.teacher.served import ServedTeacher, ServerClient, ServerSettings
