@@ -15,7 +15,7 @@ from kdistill.config import load_config
 from kdistill.data import Collator, trained_rows
 from kdistill.losses.divergences import forward_kl
 from kdistill.run.components import build_components
-from kdistill.teacher import cache_build as cache_module
+from kdistill.teacher import cache_build
 from kdistill.teacher.packing import bytes_per_token, decode_logprobs, encode
 
 
@@ -106,7 +106,7 @@ def test_train_from_cache_without_loading_a_teacher(tmp_path: Path, tiny: dict, 
 
 def test_an_interrupted_build_continues_where_it_stopped(tmp_path: Path, tiny: dict, monkeypatch) -> None:
     config = _config(tmp_path, tiny, cache={"rows_per_shard": 8})
-    real, calls = cache_module._shard, []
+    real, calls = cache_build._shard, []
 
     def failing(*args, **kwargs):
         calls.append(args[2])
@@ -114,7 +114,7 @@ def test_an_interrupted_build_continues_where_it_stopped(tmp_path: Path, tiny: d
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cache_module, "_shard", failing)
+    monkeypatch.setattr(cache_build, "_shard", failing)
     assert main(["cache", str(config)]) == 130
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert not manifest["complete"] and len(manifest["splits"]["train"]["shards"]) == 2
@@ -123,7 +123,7 @@ def test_an_interrupted_build_continues_where_it_stopped(tmp_path: Path, tiny: d
     assert main(["cache", str(config)]) == 0
     assert calls[3] == 16  # the third shard was the first one computed again
     first = {p.name: p.read_bytes() for p in (tmp_path / "cache").glob("*.safetensors")}
-    monkeypatch.setattr(cache_module, "_shard", real)
+    monkeypatch.setattr(cache_build, "_shard", real)
     (tmp_path / "again").mkdir()
     fresh = _config(tmp_path / "again", tiny, cache={"rows_per_shard": 8})
     assert main(["cache", str(fresh)]) == 0
@@ -206,7 +206,7 @@ def test_a_signal_while_caching_keeps_the_shards_and_says_how_to_resume(
     config = tiny_config(tiny, tmp_path / "run", cache={"rows_per_shard": 8})
     config["teacher"]["cache"] = str(tmp_path / "cache")
     path = write_config(tmp_path / "run.yaml", config)
-    real, shards = cache_module.save_atomic, {"n": 0}
+    real, shards = cache_build.save_atomic, {"n": 0}
 
     def term_after_two(*args, **kwargs):
         real(*args, **kwargs)
@@ -214,12 +214,12 @@ def test_a_signal_while_caching_keeps_the_shards_and_says_how_to_resume(
         if shards["n"] == 2:
             os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's notice mid-build
 
-    monkeypatch.setattr(cache_module, "save_atomic", term_after_two)
+    monkeypatch.setattr(cache_build, "save_atomic", term_after_two)
     assert main(["cache", str(path)]) == 130
     err = capsys.readouterr().err
     assert "kdistill: cache: interrupted; every shard written so far is kept" in err
     assert f"kdistill: resume with: kdistill cache {path}" in err
-    monkeypatch.setattr(cache_module, "save_atomic", real)
+    monkeypatch.setattr(cache_build, "save_atomic", real)
     assert main(["cache", str(path)]) == 0
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert sum(s["rows"] for s in manifest["splits"].values()) == 48  # 40 training + 8 validation rows

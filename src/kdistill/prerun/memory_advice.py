@@ -39,17 +39,13 @@ def memory_lines(cfg: RunConfig, plan: Plan, budget: int, device_name: str) -> l
     cacheable = plan.teacher is not None and cfg.data.responses == "dataset"
     quantizable = not plan.cpu or plan.teacher_bits > 8
     steps = suggestions(plan, budget, quantizable, cacheable)
-    if not steps or peak_after(steps) > budget:
+    if not steps or steps[-1][1] > budget:  # the peak after the last change
         lines.append(
             "no change below makes it fit; use more processes with --strategy fsdp or zero3, or a smaller "
             "student"
         )
     lines += [f"  then {text}: {size / GB:.2f} GB" for text, size in steps]
     return lines
-
-
-def peak_after(steps: list[tuple[str, int]]) -> int:
-    return steps[-1][1] if steps else 0
 
 
 def _helps(changed: Plan, current: Plan) -> bool:

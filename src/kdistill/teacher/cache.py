@@ -42,7 +42,7 @@ class TeacherCache:
         if manifest is None:
             raise KdistillError(f"teacher cache {folder} does not exist; build it with `{how_to_build}`")
         if not manifest["complete"]:
-            done = sum(len(s["shards"]) for s in manifest["splits"].values())
+            done = fmt.shards_written(manifest)
             raise KdistillError(
                 f"teacher cache {folder} is incomplete ({done} shards written); run `{how_to_build}` "
                 "again to finish it"

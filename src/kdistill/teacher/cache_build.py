@@ -99,7 +99,7 @@ def build_cache(
 
 
 def _kept(manifest: dict[str, Any]) -> str:
-    done = sum(len(s["shards"]) for s in manifest["splits"].values())
+    done = fmt.shards_written(manifest)
     return (
         f"The {done} shards written before it are kept: make sure the teacher's server answers, then run "
         "the same `kdistill cache` command to write the rest"
@@ -112,7 +112,7 @@ def _add_shard(
     """Write one shard of `split` (its `rows`), then record it in the manifest: it is part of the cache."""
     shards = manifest["splits"][split]
     name = f"{split}-{len(shards['shards']):05d}.safetensors"
-    done = sum(len(s["shards"]) for s in manifest["splits"].values())
+    done = fmt.shards_written(manifest)
     kept = (
         f"The {done} shards before it are intact: free some space, then run the same `kdistill cache` "
         "command to write the rest"

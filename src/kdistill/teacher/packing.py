@@ -170,6 +170,11 @@ def encode_top_k(signal: Sparse, temperature: float, vocab_size: int) -> dict[st
     return encode(signal.ids, signal.logprobs, tail, vocab_size)
 
 
+def shards_written(manifest: dict[str, Any]) -> int:
+    """How many shards the manifest records, over every split."""
+    return sum(len(split["shards"]) for split in manifest["splits"].values())
+
+
 def shard_problem(folder: Path, shard: dict[str, Any]) -> str | None:
     """Why a recorded shard cannot be used (missing, truncated, corrupt), or None."""
     path = folder / shard["file"]
