@@ -29,15 +29,20 @@ def test_teacher_nll_matches_a_full_logits_reference(tiny: dict) -> None:
     teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"]).eval()
     examples = to_examples(dolly_rows(5, seed=4), "dolly", "rows")
     answers = ["a b c", "the answer is four", "yes", "no, not at all", "maybe later"]
-    got = teacher_nll(teacher, tokenizer, examples, answers, 64, batch_size=2, chunk_size=3)
+    got, stderr = teacher_nll(teacher, tokenizer, examples, answers, 64, batch_size=2, chunk_size=3)
     rows, _ = tokenize_examples([Example(e.prompt, a) for e, a in zip(examples, answers)], tokenizer, 64)
-    total, count = 0.0, 0
+    sums, counts = [], []
     with torch.no_grad():
         for row in rows:
             ids = torch.tensor([row.input_ids])
             labels = torch.tensor(row.labels[1:])
             logits = teacher(input_ids=ids).logits[0, :-1]
             keep = labels != -100
-            total += float(F.cross_entropy(logits[keep], labels[keep], reduction="sum"))
-            count += int(keep.sum())
-    assert count > 5 and got == pytest.approx(total / count, rel=1e-4)
+            sums.append(float(F.cross_entropy(logits[keep], labels[keep], reduction="sum")))
+            counts.append(int(keep.sum()))
+    mean = sum(sums) / sum(counts)
+    assert sum(counts) > 5 and got == pytest.approx(mean, rel=1e-4)
+    # Its standard error takes each answer as one sample: the ratio estimator's, written out.
+    m = len(rows)
+    spread = sum((s - mean * n) ** 2 for s, n in zip(sums, counts)) * m / (m - 1)
+    assert stderr == pytest.approx(spread**0.5 / sum(counts), rel=1e-3) and stderr > 0

@@ -20,6 +20,7 @@ from kdistill.eval.metrics import (
     kept,
     kept_above_chance,
     mean_rouge_l,
+    ratio_stderr,
     rouge_l,
 )
 from kdistill.eval.runner import kept_shares, mean_kept, write_json
@@ -67,18 +68,38 @@ def test_held_out_sums_by_hand() -> None:
     ]
     for chunk in (None, 1, 3):
         got = held_out_sums(hidden, head, None, labels, Dense(teacher), chunk)
-        assert got.tolist() == pytest.approx(expected, rel=1e-6)
+        assert got.shape == (1, 4) and got[0].tolist() == pytest.approx(expected, rel=1e-6)
     bias = torch.tensor([0.0, 0.0, 10.0])  # now every student row picks token 2
-    assert held_out_sums(hidden, head, bias, labels, Dense(teacher), 2)[3] == 2
+    assert held_out_sums(hidden, head, bias, labels, Dense(teacher), 2)[0, 3] == 2
     as_hidden = DenseHidden(hidden=teacher, head=torch.eye(3))
-    assert held_out_sums(hidden, head, None, labels, as_hidden, 2)[3] == 3
-    alone = held_out_sums(hidden, head, None, labels, None, 2)
+    assert held_out_sums(hidden, head, None, labels, as_hidden, 2)[0, 3] == 3
+    alone = held_out_sums(hidden, head, None, labels, None, 2)[0]
     assert alone[0] == pytest.approx(expected[0]) and alone[1:].tolist() == [0, 0, 0]
+    # Per sequence: tokens 0-1 are one, 2-3 another; chunks of 3 cut the second sequence's run.
+    sequence = torch.tensor([0, 0, 1, 1])
+    per = held_out_sums(hidden, head, None, labels, Dense(teacher), 3, sequence=sequence)
+    first = held_out_sums(hidden[:2], head, None, labels[:2], Dense(teacher[:2]), None)[0]
+    assert per.shape == (2, 4) and per[0].tolist() == pytest.approx(first.tolist(), rel=1e-6)
+    assert per.sum(0).tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_ratio_stderr_is_the_clustered_standard_error() -> None:
+    # Equal-length sequences: the standard error of the mean of the per-sequence means.
+    values, tokens = torch.tensor([2.0, 4.0, 6.0, 8.0]), torch.tensor([2.0, 2.0, 2.0, 2.0])
+    means = values / tokens
+    assert ratio_stderr(values, tokens) == pytest.approx(float(means.std() / 2), rel=1e-6)
+    # Sequences without tokens do not count; one sequence has no spread to measure.
+    empty = ratio_stderr(torch.tensor([2.0, 4.0, 6.0, 8.0, 0.0]), torch.tensor([2.0, 2.0, 2.0, 2.0, 0.0]))
+    assert empty == pytest.approx(ratio_stderr(values, tokens))
+    assert math.isnan(ratio_stderr(torch.tensor([3.0]), torch.tensor([3.0])))
+    # Every sequence at the same per-token value: no error.
+    assert ratio_stderr(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 3.0])) == 0.0
 
 
 def _reference(student: torch.nn.Module, teacher: torch.nn.Module, rows: list) -> dict[str, float]:
     """Per-token CE, KL(teacher || student) and top-1 agreement from full logits, one row at a time."""
     ce = kl = agree = tokens = 0.0
+    row_kl, row_tokens = [], []
     for row in rows:
         ids = torch.tensor([row.input_ids])
         labels = torch.tensor(row.labels[1:])
@@ -90,7 +111,11 @@ def _reference(student: torch.nn.Module, teacher: torch.nn.Module, rows: list) -
         kl += float((t.exp() * (t - s)).sum())
         agree += float((s.argmax(-1) == t.argmax(-1)).sum())
         tokens += int(keep.sum())
-    return {"ce": ce / tokens, "kl": kl / tokens, "top1": agree / tokens, "tokens": tokens}
+        row_kl.append(float((t.exp() * (t - s)).sum()))
+        row_tokens.append(int(keep.sum()))
+    kl_stderr = ratio_stderr(torch.tensor(row_kl, dtype=torch.float64), torch.tensor(row_tokens).double())
+    means = {"ce": ce / tokens, "kl": kl / tokens, "top1": agree / tokens, "tokens": tokens}
+    return means | {"kl_stderr": kl_stderr}
 
 
 def test_held_out_metrics_match_a_full_logits_reference(tiny: dict) -> None:
@@ -101,8 +126,9 @@ def test_held_out_metrics_match_a_full_logits_reference(tiny: dict) -> None:
     expected = _reference(student, teacher, rows)
     cache: dict[int, object] = {}
     got, own = held_out_metrics(student, teacher, rows, tokenizer.pad_token_id, 3, 7, None, cache)
-    for key in ("ce", "kl", "top1", "tokens"):
+    for key in ("ce", "kl", "top1", "tokens", "kl_stderr"):
         assert got[key] == pytest.approx(expected[key], rel=1e-4), key
+    assert 0 < got["ppl_stderr"] < got["ppl"] and 0 < got["top1_stderr"] < 0.5
     assert got["ppl"] == pytest.approx(math.exp(expected["ce"]), rel=1e-4)
     assert 0 < got["top1"] < 1 and len(cache) == 4  # 10 rows in batches of 3
     # The teacher's own perplexity from the same pass equals a pass of the teacher on its own.
@@ -114,7 +140,9 @@ def test_held_out_metrics_match_a_full_logits_reference(tiny: dict) -> None:
     again, _ = held_out_metrics(student, teacher, rows, tokenizer.pad_token_id, 3, 7, None, cache)
     assert again["kl"] == pytest.approx(got["kl"]) and again["top1"] == got["top1"]
     alone, _ = held_out_metrics(student, None, rows, tokenizer.pad_token_id, 3, 7)
-    assert set(alone) == {"ce", "ppl", "tokens"} and alone["ce"] == pytest.approx(got["ce"], rel=1e-5)
+    assert set(alone) == {"ce", "ppl", "tokens", "ce_stderr", "ppl_stderr"} and alone["ce"] == pytest.approx(
+        got["ce"], rel=1e-5
+    )
 
 
 def test_held_out_metrics_equal_the_training_loops_evaluation(tiny: dict) -> None:

@@ -43,6 +43,9 @@ def test_retention_over_tasks_by_hand() -> None:
     found = retention(tasks)
     assert found["counted"] == ["arc_easy", "piqa", "boolq"]
     assert found["mean"] == pytest.approx((0.5 + 0.75 + 0.0) / 3)
+    # Every student score has stderr 0.02: per task 0.02 / (t - c), combined as sqrt(sum of squares) / 3.
+    spread = [0.02 / 0.30, 0.02 / 0.12, 0.02 / 0.20]
+    assert found["mean_stderr"] == pytest.approx(sum(x * x for x in spread) ** 0.5 / 3)
     assert set(found["tasks"]) == {"arc_easy", "piqa", "mmlu", "boolq"}
     arc = found["tasks"]["arc_easy"]
     assert arc == {
@@ -51,6 +54,7 @@ def test_retention_over_tasks_by_hand() -> None:
     }  # fmt: skip
     assert found["tasks"]["mmlu"]["kept"] is None
     assert retention({"mmlu": tasks["mmlu"]}) == {
-        "margin": 0.05, "mean": None, "counted": [], "tasks": {"mmlu": found["tasks"]["mmlu"]}
+        "margin": 0.05, "mean": None, "mean_stderr": None, "counted": [],
+        "tasks": {"mmlu": found["tasks"]["mmlu"]},
     }  # fmt: skip
     assert primary_metric({"acc": 0.3}) == "acc" and primary_metric(_scores(0.3, norm=0.4)) == "acc_norm"

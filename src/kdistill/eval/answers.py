@@ -38,15 +38,16 @@ def teacher_nll(
     max_length: int,
     batch_size: int = 8,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
-) -> float:
+) -> tuple[float, float]:
     """The teacher's mean per-token NLL (nats) of `answers` as the responses to `examples`' prompts,
-    through its own tokenizer and chat template; NaN without an answer token."""
+    through its own tokenizer and chat template, and its standard error over answers; NaN without an
+    answer token."""
     rows, _ = tokenize_examples(
         [Example(e.prompt, a) for e, a in zip(examples, answers)], tokenizer, max_length
     )
     if not rows:
-        return float("nan")
+        return float("nan"), float("nan")
     own, _ = held_out_metrics(
         teacher, None, rows, tokenizer.pad_token_id, batch_size, chunk_size, progress="teacher NLL of answers"
     )
-    return own["ce"]
+    return own["ce"], own["ce_stderr"]

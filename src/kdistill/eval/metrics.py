@@ -99,32 +99,58 @@ def held_out_sums(
     teacher: Dense | DenseHidden | None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     student_softcap: float | None = None,
+    sequence: Tensor | None = None,
 ) -> Tensor:
-    """`(ce, kl, teacher_ce, top1)` sums over N rows, each row's logits made once for all four.
+    """`(S, 4)` sums of `(ce, kl, teacher_ce, top1)` per sequence, each token's logits made once for all
+    four.
 
     Args:
-        hidden: `(N, H)` student final hidden states at the trained rows; row i predicts `labels[i]`.
+        hidden: `(N, H)` student final hidden states at the trained tokens; token i predicts `labels[i]`.
         head, bias: the student's `(V, H)` output head and optional `(V,)` bias.
         labels: `(N,)` next-token ids.
-        teacher: the teacher's signal for the same N rows; without it `kl`, `teacher_ce` and `top1` are 0.
-        chunk_size: rows per chunk, so no `(N, V)` logit matrix is held; `None` does all at once.
+        teacher: the teacher's signal for the same N tokens; without it `kl`, `teacher_ce` and `top1`
+            are 0.
+        chunk_size: tokens per chunk, so no `(N, V)` logit matrix is held; `None` does all at once.
+        sequence: `(N,)` the sequence (`0 .. S - 1`, in order) each token belongs to; without it the N
+            tokens are one sequence (S = 1).
     KL(teacher || student) and both cross-entropies are at T = 1, with the training loss's formulas;
-    `top1` counts the rows where student and teacher have the same arg-max token.
+    `top1` counts the tokens where student and teacher have the same arg-max token.
     """
-    sums = torch.zeros(4, dtype=torch.float64, device=hidden.device)
-    step = chunk_rows(chunk_size or max(hidden.shape[0], 1), head.shape[0], hidden.device)
-    for start in range(0, hidden.shape[0], step):
-        end = min(start + step, hidden.shape[0])
+    n = hidden.shape[0]
+    if sequence is None:
+        sequence = torch.zeros(n, dtype=torch.long, device=hidden.device)
+    sums = torch.zeros(int(sequence.max()) + 1 if n else 1, 4, dtype=torch.float64, device=hidden.device)
+    step = chunk_rows(chunk_size or max(n, 1), head.shape[0], hidden.device)
+    for start in range(0, n, step):
+        end = min(start + step, n)
         z = softcap_logits(F.linear(hidden[start:end], head, bias).float(), student_softcap)
-        target = labels[start:end, None]
-        sums[0] += (torch.logsumexp(z, -1) - z.gather(-1, target).squeeze(-1)).sum()
+        target, seq = labels[start:end, None], sequence[start:end]
+        sums[:, 0].index_add_(0, seq, (torch.logsumexp(z, -1) - z.gather(-1, target).squeeze(-1)).double())
         if teacher is None:
             continue
         t = teacher.rows(start, end)
-        sums[1] += forward_kl(z, t)
-        sums[2] += (torch.logsumexp(t, -1) - t.gather(-1, target).squeeze(-1)).sum()
-        sums[3] += (z.argmax(-1) == t.argmax(-1)).sum()
+        # The training loss's KL is a sum: taken once per run of one sequence's tokens in this chunk.
+        ids, counts = torch.unique_consecutive(seq, return_counts=True)
+        ends = counts.cumsum(0)
+        for s, a, b in zip(ids.tolist(), (ends - counts).tolist(), ends.tolist()):
+            sums[s, 1] += forward_kl(z[a:b], t[a:b])
+        sums[:, 2].index_add_(0, seq, (torch.logsumexp(t, -1) - t.gather(-1, target).squeeze(-1)).double())
+        sums[:, 3].index_add_(0, seq, (z.argmax(-1) == t.argmax(-1)).double())
     return sums
+
+
+def ratio_stderr(values: Tensor, tokens: Tensor) -> float:
+    """The standard error of a per-token mean `sum(values) / sum(tokens)` over sequences, each
+    sequence one sample (its tokens are not independent): the ratio estimator's linearised variance,
+    `sqrt(m / (m - 1) * sum_i (v_i - r n_i)^2) / sum_i n_i` over the m sequences with tokens (Cochran
+    1977, 6.3). NaN for fewer than two sequences.
+    """
+    keep = tokens > 0
+    m, total = int(keep.sum()), float(tokens.sum())
+    if m < 2:
+        return float("nan")
+    residual = values[keep] - values.sum() / total * tokens[keep]
+    return math.sqrt(m / (m - 1) * float((residual**2).sum())) / total
 
 
 @torch.inference_mode()
@@ -144,12 +170,13 @@ def held_out_metrics(
 
     The student's are `{"ce", "ppl", "tokens"}`, plus `"kl"` (to the teacher) and `"top1"` (agreement
     with it) with a teacher. The teacher's, `{"ce", "ppl", "tokens"}`, come from the same forward pass
-    and head as its KL (None without a teacher). `teacher_cache` keeps the teacher's outputs per batch,
-    so several students evaluated on the same rows run the teacher once. With `cross` (a teacher of
-    another tokenizer; `rows` then carry its views as "teacher"), `"kl"` is the aligned KL of training,
-    top-1 agreement, which needs one vocabulary, is not reported, and neither is the teacher's own
-    perplexity, which is per teacher token (run it on the teacher's own rows). `progress` names a
-    progress bar over the batches.
+    and head as its KL (None without a teacher). Each mean has its standard error beside it as
+    `KEY_stderr`, with the held-out row as the sample (`ratio_stderr`). `teacher_cache` keeps the
+    teacher's outputs per batch, so several students evaluated on the same rows run the teacher once.
+    With `cross` (a teacher of another tokenizer; `rows` then carry its views as "teacher"), `"kl"` is
+    the aligned KL of training, without a standard error; top-1 agreement, which needs one vocabulary,
+    is not reported, and neither is the teacher's own perplexity, which is per teacher token (run it on
+    the teacher's own rows). `progress` names a progress bar over the batches.
     """
     if cross is not None:
         return _aligned_metrics(student, teacher, rows, pad_id, batch_size, chunk_size, cross, progress), None
@@ -158,7 +185,7 @@ def held_out_metrics(
     decoder, cap = base_model(student).get_decoder(), softcap(student)
     was_training = student.training
     student.eval()
-    sums, tokens = torch.zeros(4, dtype=torch.float64), 0
+    per_row, row_tokens = [], []  # per held-out row: its four sums and its response tokens
     batches = _batches(rows, pad_id, batch_size)
     for index, batch in enumerate(tqdm(batches, desc=progress, unit="batch", disable=progress is None)):
         mask, targets = trained_rows(batch["labels"])
@@ -171,17 +198,34 @@ def held_out_metrics(
             signal = cache[index]
         ids, attention = batch["input_ids"], batch["attention_mask"]
         final = decoder(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
-        sums += held_out_sums(final[:, :-1][mask], head, bias, targets, signal, chunk_size, cap).cpu()
-        tokens += targets.numel()
+        row = mask.nonzero()[:, 0]  # the batch row of each trained token, in the order `[mask]` takes them
+        sums = held_out_sums(final[:, :-1][mask], head, bias, targets, signal, chunk_size, cap, row)
+        per_row.append(sums.cpu())
+        row_tokens.append(mask.sum(1)[: sums.shape[0]].double().cpu())
     student.train(was_training)
-    if tokens == 0:
+    if not per_row:
         return {}, None
-    ce, kl, teacher_ce, top1 = (float(v) / tokens for v in sums)
-    metrics = {"ce": ce, "ppl": perplexity(ce), "tokens": float(tokens)}
-    if teacher is None:
+    return _per_token(torch.cat(per_row), torch.cat(row_tokens), with_teacher=teacher is not None)
+
+
+def _per_token(
+    sums: Tensor, tokens: Tensor, with_teacher: bool
+) -> tuple[dict[str, float], dict[str, float] | None]:
+    """`held_out_metrics`' two dicts from `(R, 4)` per-row sums and `(R,)` token counts: per-token means
+    and their standard errors over rows (`ratio_stderr`); a perplexity's is `ppl * stderr(ce)`."""
+    total = float(tokens.sum())
+
+    def mean_and_error(column: int) -> tuple[float, float]:
+        return float(sums[:, column].sum()) / total, ratio_stderr(sums[:, column], tokens)
+
+    (ce, ce_err), (kl, kl_err), (t_ce, t_ce_err), (top1, top1_err) = map(mean_and_error, range(4))
+    metrics = {"ce": ce, "ppl": perplexity(ce), "tokens": total, "ce_stderr": ce_err}
+    metrics["ppl_stderr"] = metrics["ppl"] * ce_err
+    if not with_teacher:
         return metrics, None
-    own = {"ce": teacher_ce, "ppl": perplexity(teacher_ce), "tokens": float(tokens)}
-    return metrics | {"kl": kl, "top1": top1}, own
+    own = {"ce": t_ce, "ppl": perplexity(t_ce), "tokens": total, "ce_stderr": t_ce_err}
+    own["ppl_stderr"] = own["ppl"] * t_ce_err
+    return metrics | {"kl": kl, "kl_stderr": kl_err, "top1": top1, "top1_stderr": top1_err}, own
 
 
 def _aligned_metrics(

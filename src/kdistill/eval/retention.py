@@ -10,6 +10,10 @@ the noise of a student near chance averages out instead of counting upward. The 
 the mean of `kept` over the tasks where the teacher is at least `MARGIN` (5 accuracy points) above
 chance. A task where the teacher itself is near chance has no lead to keep: it is left out of the
 mean, never counted as kept.
+
+The mean's standard error is the student's sampling error carried through: `stderr(s) / (t - c)` per
+task, combined over the n counted tasks as `sqrt(sum of squares) / n`. The teacher, measured on the
+same items, is the reference and adds none.
 """
 
 from __future__ import annotations
@@ -39,9 +43,10 @@ def task_retention(student: float, teacher: float, chance: float, margin: float 
 def retention(tasks: dict[str, dict[str, Any]], margin: float = MARGIN) -> dict[str, Any]:
     """Per task and overall retention from `eval.json`'s `benchmarks.tasks` (see the module docstring).
 
-    Returns `{"margin", "mean", "counted": [TASK, ...], "tasks": {TASK: {"metric", "chance", "student",
-    "student_stderr", "teacher", "teacher_stderr", "kept"}}}`; `mean` is None when no task counts.
-    Tasks without a teacher score or a known chance level are left out.
+    Returns `{"margin", "mean", "mean_stderr", "counted": [TASK, ...], "tasks": {TASK: {"metric",
+    "chance", "student", "student_stderr", "teacher", "teacher_stderr", "kept"}}}`; `mean` and
+    `mean_stderr` are None when no task counts. Tasks without a teacher score or a known chance level
+    are left out.
     """
     rows: dict[str, dict[str, Any]] = {}
     for task, scores in tasks.items():
@@ -59,8 +64,12 @@ def retention(tasks: dict[str, dict[str, Any]], margin: float = MARGIN) -> dict[
             "kept": task_retention(_number(student), _number(teacher), CHANCE[task], margin),
         }
     counted = [task for task, row in rows.items() if row["kept"] is not None]
-    mean = sum(rows[t]["kept"] for t in counted) / len(counted) if counted else None
-    return {"margin": margin, "mean": mean, "counted": counted, "tasks": rows}
+    if not counted:
+        return {"margin": margin, "mean": None, "mean_stderr": None, "counted": [], "tasks": rows}
+    mean = sum(rows[t]["kept"] for t in counted) / len(counted)
+    spread = [_number(rows[t]["student_stderr"]) / (rows[t]["teacher"] - rows[t]["chance"]) for t in counted]
+    stderr = math.sqrt(sum(x * x for x in spread)) / len(counted)
+    return {"margin": margin, "mean": mean, "mean_stderr": stderr, "counted": counted, "tasks": rows}
 
 
 def _number(value: Any) -> float:

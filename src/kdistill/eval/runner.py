@@ -135,7 +135,7 @@ def _answers(
         section[who]["rouge_l"] = mean_rouge_l(texts, references)
         section[who] |= answer_shape(texts)
         if models.teacher is not None:  # the teacher's own answers give the reference value
-            section[who]["teacher_nll"] = teacher_nll(
+            section[who]["teacher_nll"], section[who]["teacher_nll_stderr"] = teacher_nll(
                 models.teacher, t_tok, generated, texts, models.max_length, s.batch_size, models.chunk_size
             )
     return outputs

@@ -56,7 +56,11 @@ def eval_table(result: dict[str, Any]) -> Table:
         ):
             if key in student:
                 shown = teacher.get(key, teacher_default if teacher else None)
-                rows.append([label, number(student[key]), number(shown), share(kept.get(key))])
+                cells = [
+                    _with_error(student, key),
+                    _with_error(teacher, key) if key in teacher else number(shown),
+                ]
+                rows.append([label, *cells, share(kept.get(key))])
     for task, scores in result.get("benchmarks", {}).get("tasks", {}).items():
         for metric in ("acc", "acc_norm"):
             if metric in scores["student"]:
@@ -74,8 +78,20 @@ def eval_table(result: dict[str, Any]) -> Table:
     if overall is not None:
         rows.append(["mean share kept over benchmarks", "", "", share(overall)])
     if result.get("retention", {}).get("mean") is not None:
-        rows.append([_retention_label(result["retention"]), "", "", share(result["retention"]["mean"])])
+        rows.append([_retention_label(result["retention"]), "", "", retention_share(result["retention"])])
     return ["metric", "student", "teacher", "kept"], rows
+
+
+def _with_error(values: dict[str, Any], key: str) -> str:
+    """`number(value)`, with ` ± stderr` where `values` has `KEY_stderr`."""
+    stderr = values.get(f"{key}_stderr")
+    return number(values[key]) + ("" if stderr is None else f" ± {number(stderr)}")
+
+
+def retention_share(found: dict[str, Any]) -> str:
+    """The mean retention as a share, with its standard error where known."""
+    stderr = found.get("mean_stderr")
+    return share(found.get("mean")) + ("" if stderr is None else f" ± {stderr * 100:.1f} pts")
 
 
 ROLES = ("teacher", "student")
@@ -101,7 +117,7 @@ def retention_table(evaluation: dict[str, Any], measured: dict[str, Any]) -> Tab
         kept = share(row["kept"]) if row["kept"] is not None else "— (teacher < chance + 5 pts)"
         rows.append([label, _with_stderr(teacher, "v"), _with_stderr(student, "v"), kept])
     if found.get("tasks"):
-        rows.append([_retention_label(found), "", "", share(found.get("mean"))])
+        rows.append([_retention_label(found), "", "", retention_share(found)])
     return ["", "teacher", "student", "retained above chance"], rows
 
 
