@@ -3,7 +3,9 @@
     python benchmarks/retention.py                          # every arm, 15 minutes each, then nothing else
     python benchmarks/retention.py --arms finetune,kd_live  # a subset; the others' saved results are kept
     python benchmarks/retention.py --continue-best          # the best saved arm on to 30 and 60 minutes
+    python benchmarks/retention.py --continue-best --continue kd_live  # that arm, whatever the others
     python benchmarks/retention.py --table                  # print the saved results only
+    python benchmarks/retention.py --held-out kd_live       # add standard errors to a saved arm
 
 `configs/retention.yaml` is the recipe: SmolLM2-135M-Instruct teaching a student pruned by importance to
 47 % of its parameters, on the Dolly training rows. The student is pruned once (`kdistill prune`, not
@@ -25,9 +27,10 @@ top-1, ROUGE-L of greedy answers, the teacher's NLL of them, their length and re
 every benchmark of `../shared/data/eval` (at most `--limit` items a task, MMLU sampled across its
 subjects; the teacher is measured once and its scores reused with `--teacher-scores`). Each arm's
 result is written to `--out/ARM.json` as soon as it is done. `--continue-best` resumes the arm with the
-highest retention to 30 and then 60 minutes (`--resume` with a larger `training.max_minutes`; the
-cosine then restarts from the share of the new budget spent, so each point ends annealed) and
-evaluates it at each, with `kdistill bench` beside it for decode speed.
+lowest held-out KL (or `--continue ARM`) to 30 and then 60 minutes (`--resume` with a larger
+`training.max_minutes`; the cosine then restarts from the share of the new budget spent, so each point
+ends annealed) and evaluates it at each, with `kdistill bench` beside it for decode speed. Held-out
+figures and the mean retention carry their standard errors (`± ...` in the table).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from kdistill.eval.retention import retention
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -189,6 +194,27 @@ def evaluate(folder: Path, args: argparse.Namespace, out: Path) -> dict[str, Any
     return result
 
 
+def held_out_again(arm: str, args: argparse.Namespace, out: Path) -> None:
+    """The held-out pass of `kdistill eval` again on `arm`'s run folder (no benchmarks, no answers), its
+    standard errors added to the saved `ARM.json`. The pass is deterministic: its means must equal the
+    saved ones, or the run folder has moved on (a continued run) and nothing is written."""
+    saved_row = json.loads((out / f"{arm}.json").read_text())
+    folder = args.work / arm
+    kdistill(
+        "eval", str(folder), "--validation", str(DATA / "instruct" / "dolly-validation.jsonl"),
+        "--rows", str(args.eval_rows), "--rouge-rows", "0", "--generations", "0", "--tasks", "none",
+        log=folder.parent / "eval.log",
+    )  # fmt: skip
+    again = json.loads((folder / "eval.json").read_text())["held_out"]
+    for who in ("student", "teacher"):
+        old = saved_row["eval"]["held_out"][who]
+        if abs(again[who]["ce"] - old["ce"]) > 1e-6 * max(1.0, abs(old["ce"])):
+            raise SystemExit(f"{arm}: the {who}'s held-out CE is {again[who]['ce']}, saved {old['ce']}")
+        old |= {key: value for key, value in again[who].items() if key.endswith("_stderr")}
+    (out / f"{arm}.json").write_text(json.dumps(saved_row, indent=2))
+    print(f"{arm}: held-out standard errors added to {out / f'{arm}.json'}", flush=True)
+
+
 def machine() -> dict[str, Any]:
     import torch
 
@@ -210,6 +236,10 @@ def figures(row: dict[str, Any]) -> dict[str, Any]:
     out = {f"student_{k}": v for k, v in held.get("student", {}).items()}
     out |= {f"teacher_{k}": v for k, v in held.get("teacher", {}).items()}
     out["retention"] = ev.get("retention", {}).get("mean")
+    # Recomputed from the tasks, so results saved before the mean had a standard error get one too.
+    out["retention_stderr"] = (
+        retention(ev["benchmarks"]["tasks"])["mean_stderr"] if "benchmarks" in ev else None
+    )
     out["tasks"] = ev.get("retention", {}).get("tasks", {})
     return out
 
@@ -223,13 +253,23 @@ def table(rows: list[dict[str, Any]]) -> str:
         f = figures(row)
         teacher = teacher or f
         cells = [row["arm"], f"{row['minutes']:g}", row["steps"], f"{row['prep_s'] / 60:.1f}"]
-        cells += [_n(f.get(f"student_{k}")) for k in ("ppl", "kl", "top1", "rouge_l", "teacher_nll",
-                                                      "answer_words", "rep4")]  # fmt: skip
-        cells.append("—" if f["retention"] is None else f"{f['retention']:.1%}")
+        keys = ("ppl", "kl", "top1", "rouge_l", "teacher_nll", "answer_words", "rep4")
+        cells += [_n(f.get(f"student_{k}"), f.get(f"student_{k}_stderr")) for k in keys]
+        error = "" if f["retention_stderr"] is None else f" ± {f['retention_stderr']:.1%}"
+        cells.append("—" if f["retention"] is None else f"{f['retention']:.1%}{error}")
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     if teacher:
-        cells = ["teacher", "", "", ""] + [_n(teacher.get(f"teacher_{k}")) for k in ("ppl",)] + ["0", "1"]
-        cells += [_n(teacher.get(f"teacher_{k}")) for k in ("rouge_l", "teacher_nll", "answer_words", "rep4")]
+        cells = [
+            "teacher",
+            "",
+            "",
+            "",
+            _n(teacher.get("teacher_ppl"), teacher.get("teacher_ppl_stderr")),
+            "0",
+            "1",
+        ]
+        cells += [_n(teacher.get(f"teacher_{k}"), teacher.get(f"teacher_{k}_stderr"))
+                  for k in ("rouge_l", "teacher_nll", "answer_words", "rep4")]  # fmt: skip
         lines.append("| " + " | ".join(cells + ["100%"]) + " |")
         lines += ["", _benchmarks(rows)]
     return "\n".join(lines)
@@ -250,8 +290,11 @@ def _benchmarks(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _n(value: Any) -> str:
-    return "—" if value is None else f"{value:.4g}"
+def _n(value: Any, stderr: Any = None) -> str:
+    """A figure to 4 significant digits, with ` ± stderr` where one was measured."""
+    if value is None:
+        return "—"
+    return f"{value:.4g}" + ("" if stderr is None else f" ± {stderr:.2g}")
 
 
 def saved(out: Path) -> list[dict[str, Any]]:
@@ -259,15 +302,23 @@ def saved(out: Path) -> list[dict[str, Any]]:
 
 
 def continue_best(args: argparse.Namespace, work: Path, out: Path) -> None:
-    rows = [r for r in saved(out) if figures(r)["retention"] is not None]
+    """`--continue` ARM, or the saved arm with the lowest held-out KL, on to 30 and 60 minutes. KL, not
+    retention, picks it: at 500 items a task the retention of one arm has a standard error near 10
+    points, wider than the gaps between arms, while the KL's is a few hundredths."""
+    rows = [r for r in saved(out) if figures(r).get("student_kl") is not None]
+    if args.continue_arm:
+        rows = [r for r in rows if r["arm"] == args.continue_arm]
     if not rows:
-        raise SystemExit(f"--continue-best: no saved arm with a retention figure in {out}")
-    best = max(rows, key=lambda r: (figures(r)["retention"], figures(r).get("student_rouge_l") or 0))
+        raise SystemExit(
+            f"--continue-best: no saved arm {args.continue_arm or ''} with a held-out KL in {out}"
+        )
+    best = min(rows, key=lambda r: figures(r)["student_kl"])
     arm, curve = best["arm"], [best]
     for minutes in (30.0, 60.0):
         row = train_arm(arm, args, work, minutes, resume=True)
         row |= {"eval": evaluate(work / arm, args, out), "machine": machine()}
         curve.append(row)
+        curve[0] = json.loads((out / f"{arm}.json").read_text())  # with what --held-out added since
         (out / f"best-{arm}-curve.json").write_text(json.dumps(curve, indent=2))
     kdistill("bench", str(work / arm), log=work / "bench.log")
     shutil.copyfile(work / arm / "bench.json", out / f"best-{arm}-bench.json")
@@ -279,9 +330,12 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
     p.add_argument("--minutes", type=float, default=15.0, help="each arm's wall-clock budget (default 15)")
     p.add_argument("--continue-best", action="store_true", help="the best saved arm on to 30 and 60 minutes")
+    p.add_argument("--continue", dest="continue_arm", choices=ARMS, help="the arm --continue-best takes on")
     p.add_argument("--table", action="store_true", help="print the saved results and stop")
+    p.add_argument("--held-out", default="", help="arms whose held-out pass runs again for standard errors")
     p.add_argument("--cache-rows", type=int, default=400, help="rows the kd_cache arm caches and trains on")
-    p.add_argument("--seqkd-rows", type=int, default=300, help="rows the seqkd arm's teacher answers")
+    # The teacher writes a 128-token answer in about 3 s on one core: 120 take 6 of the 15 minutes.
+    p.add_argument("--seqkd-rows", type=int, default=120, help="rows the seqkd arm's teacher answers")
     p.add_argument("--seqkd-tokens", type=int, default=128, help="longest teacher response of seqkd")
     p.add_argument("--limit", type=int, default=500, help="benchmark items a task (default 500)")
     p.add_argument("--tasks", default="all", help="benchmark tasks for kdistill eval (default all)")
@@ -309,7 +363,9 @@ def main() -> None:
     if args.continue_best:
         continue_best(args, args.work, args.out)
         return
-    for arm in [] if args.table else args.arms.split(","):
+    for arm in filter(None, args.held_out.split(",")):
+        held_out_again(arm, args, args.out)
+    for arm in [] if args.table or args.held_out else args.arms.split(","):
         if arm not in ARMS:
             raise SystemExit(f"--arms: unknown arm {arm!r}; the arms are {', '.join(ARMS)}")
         row = train_arm(arm, args, args.work, args.minutes, resume=False)
