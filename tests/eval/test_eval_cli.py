@@ -76,7 +76,7 @@ def test_eval_run_folder(tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixtu
     assert held["teacher"]["ppl"] > 1 and held["rouge_rows"] == 2
     for who in ("student", "teacher"):  # each model's own answers: length, repetition, the teacher's NLL
         assert held[who]["answer_words"] > 0 and 0 <= held[who]["rep4"] <= 1 and held[who]["teacher_nll"] > 0
-    assert set(result["retention"]) == {"margin", "mean", "counted", "tasks"}
+    assert set(result["retention"]) == {"margin", "mean", "mean_stderr", "counted", "tasks"}
     assert set(result["retention"]["tasks"]) == {"arc_easy", "winogrande"}
     assert result["kept"]["ppl"] == pytest.approx(held["teacher"]["ppl"] / held["student"]["ppl"])
     arc = result["benchmarks"]["tasks"]["arc_easy"]
