@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from kdistill.eval.runner import mean_kept
@@ -57,8 +58,8 @@ def eval_table(result: dict[str, Any]) -> Table:
             if key in student:
                 shown = teacher.get(key, teacher_default if teacher else None)
                 cells = [
-                    _with_error(student, key),
-                    _with_error(teacher, key) if key in teacher else number(shown),
+                    _with_stderr(student, key, number),
+                    _with_stderr(teacher, key, number) if key in teacher else number(shown),
                 ]
                 rows.append([label, *cells, share(kept.get(key))])
     for task, scores in result.get("benchmarks", {}).get("tasks", {}).items():
@@ -80,12 +81,6 @@ def eval_table(result: dict[str, Any]) -> Table:
     if result.get("retention", {}).get("mean") is not None:
         rows.append([_retention_label(result["retention"]), "", "", retention_share(result["retention"])])
     return ["metric", "student", "teacher", "kept"], rows
-
-
-def _with_error(values: dict[str, Any], key: str) -> str:
-    """`number(value)`, with ` ± stderr` where `values` has `KEY_stderr`."""
-    stderr = values.get(f"{key}_stderr")
-    return number(values[key]) + ("" if stderr is None else f" ± {number(stderr)}")
 
 
 def retention_share(found: dict[str, Any]) -> str:
@@ -131,11 +126,14 @@ def _benchmark_share(kept: dict[str, float | None], key: str) -> str:
     return NOT_MEANINGFUL if key in kept and kept[key] is None else share(kept.get(key))
 
 
-def _with_stderr(scores: dict[str, float], metric: str) -> str:
+def _with_stderr(
+    scores: dict[str, float], metric: str, show: Callable[[float], str] = "{:.4f}".format
+) -> str:
+    """`scores[metric]` written by `show`, with ` ± stderr` where `scores` has `METRIC_stderr`."""
     value, stderr = scores[metric], scores.get(f"{metric}_stderr")
     if value is None:
         return "—"
-    return f"{value:.4f} ± {stderr:.4f}" if stderr is not None else f"{value:.4f}"
+    return show(value) + ("" if stderr is None else f" ± {show(stderr)}")
 
 
 def bench_table(result: dict[str, Any]) -> Table:
