@@ -29,7 +29,8 @@ subjects; the teacher is measured once and its scores reused with `--teacher-sco
 result is written to `--out/ARM.json` as soon as it is done. `--continue-best` resumes the arm with the
 lowest held-out KL (or `--continue ARM`) to 30 and then 60 minutes (`--resume` with a larger
 `training.max_minutes`; the cosine then restarts from the share of the new budget spent, so each point
-ends annealed) and evaluates it at each, with `kdistill bench` beside it for decode speed. Held-out
+ends annealed) and evaluates it at each, with `kdistill bench` beside it for decode speed; a saved
+curve goes on from its last point while the run folder is still there. Held-out
 figures and the mean retention carry their standard errors (`± ...` in the table).
 """
 
@@ -313,13 +314,19 @@ def continue_best(args: argparse.Namespace, work: Path, out: Path) -> None:
             f"--continue-best: no saved arm {args.continue_arm or ''} with a held-out KL in {out}"
         )
     best = min(rows, key=lambda r: figures(r)["student_kl"])
-    arm, curve = best["arm"], [best]
-    for minutes in (30.0, 60.0):
+    arm = best["arm"]
+    curve_file = out / f"best-{arm}-curve.json"
+    # A saved curve whose last point is where the run folder stands goes on from there; any other starts
+    # again from the 15-minute arm.
+    curve = json.loads(curve_file.read_text()) if curve_file.is_file() else []
+    if not curve or curve[-1]["steps"] != json.loads((work / arm / "summary.json").read_text())["steps"]:
+        curve = [best]
+    for minutes in (m for m in (30.0, 60.0) if m > curve[-1]["minutes"]):
         row = train_arm(arm, args, work, minutes, resume=True)
         row |= {"eval": evaluate(work / arm, args, out), "machine": machine()}
         curve.append(row)
         curve[0] = json.loads((out / f"{arm}.json").read_text())  # with what --held-out added since
-        (out / f"best-{arm}-curve.json").write_text(json.dumps(curve, indent=2))
+        curve_file.write_text(json.dumps(curve, indent=2))
     kdistill("bench", str(work / arm), log=work / "bench.log")
     shutil.copyfile(work / arm / "bench.json", out / f"best-{arm}-bench.json")
     print(table(curve))
