@@ -198,6 +198,11 @@ def test_teacher_scores_are_reused_from_an_earlier_eval(
         json.loads(second.read_text())["retention"]["tasks"]["arc_easy"]["teacher"]
         == a["teacher"]["acc_norm"]
     )
+    # The same folder named relative to the working directory is the same benchmark data.
+    monkeypatch.chdir(data.parent)
+    relative = ("--data-dir", data.name, *common[2:])
+    assert _eval(run, *relative, "--limit", "4", "--output", str(second), "--teacher-scores", str(first)) == 0
+    assert len(measured) == 2
     capsys.readouterr()
     assert _eval(run, *common, "--limit", "3", "--teacher-scores", str(first)) == 2
     assert f"--teacher-scores {first}: benchmarks.limit is 4 there and 3 here" in capsys.readouterr().err
