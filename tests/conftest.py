@@ -106,13 +106,15 @@ def _converted_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _converted_models: Path) -> None:
-    # Keep converted models and generated responses out of the user's cache. Each test has its own
-    # responses; the conversions, keyed by the GGUF file's path, size and time, are the session's.
+def _isolated_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch, _converted_models: Path
+) -> None:
+    # Keep converted models and generated responses out of the user's cache (and out of the test's
+    # tmp_path, which tests look into). Each test has its own responses; the conversions, keyed by the
+    # GGUF file's path, size and time, are the session's.
     if "KDISTILL_TEST_KEEP_CACHE" not in os.environ:
-        monkeypatch.setenv(
-            "KDISTILL_CACHE", str(kdistill_cache(tmp_path / "kdistill-cache", _converted_models))
-        )
+        cache = kdistill_cache(tmp_path_factory.mktemp("kdistill-cache"), _converted_models)
+        monkeypatch.setenv("KDISTILL_CACHE", str(cache))
 
 
 def kdistill_cache(folder: Path, converted: Path) -> Path:
