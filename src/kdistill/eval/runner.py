@@ -38,7 +38,7 @@ from kdistill.eval.metrics import (
     mean_rouge_l,
 )
 from kdistill.eval.retention import retention
-from kdistill.eval.tasks import CHANCE, LM_EVAL_HUB
+from kdistill.eval.tasks import CHANCE
 from kdistill.files import write_atomic
 
 log = logging.getLogger("kdistill")
@@ -152,7 +152,7 @@ def benchmark_section(models: EvalModels, s: EvalSettings) -> dict[str, Any]:
         log.info("benchmarks: %s on %s (lm-eval's progress bars follow)", who, ", ".join(tasks))
         per_model[who] = run_benchmarks(model, tok, tasks, s.source, **run)
     return {
-        "data_dir": _benchmark_source(s.source),
+        "data_dir": str(s.source),
         "limit": s.limit,
         "num_fewshot": s.num_fewshot,
         "tasks": {t: {who: scores[t] for who, scores in per_model.items()} for t in tasks},
@@ -171,15 +171,10 @@ def reused_teacher_scores(
         bench = json.loads(path.read_text()).get("benchmarks", {})
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise KdistillError(f"--teacher-scores {path}: cannot be read as eval.json ({err})") from None
-    saved = dict(bench, data_dir=_benchmark_source(bench.get("data_dir")))
-    for key, wanted in (
-        ("data_dir", _benchmark_source(source)),
-        ("limit", limit),
-        ("num_fewshot", num_fewshot),
-    ):
-        if saved.get(key) != wanted:
+    for key, wanted in (("data_dir", str(source)), ("limit", limit), ("num_fewshot", num_fewshot)):
+        if bench.get(key) != wanted:
             raise KdistillError(
-                f"--teacher-scores {path}: benchmarks.{key} is {saved.get(key)!r} there and {wanted!r} here; "
+                f"--teacher-scores {path}: benchmarks.{key} is {bench.get(key)!r} there and {wanted!r} here; "
                 "the teacher's scores are reused only from an evaluation with the same settings"
             )
     found = bench.get("tasks", {})
@@ -187,14 +182,6 @@ def reused_teacher_scores(
     if missing:
         raise KdistillError(f"--teacher-scores {path}: no teacher scores for {', '.join(missing)}")
     return {t: found[t]["teacher"] for t in tasks}
-
-
-def _benchmark_source(source: str | Path | None) -> str:
-    """The benchmark folder as an absolute path (lm-eval's own tasks by their name), so that one
-    folder named two ways is one source."""
-    if source is None or str(source) == LM_EVAL_HUB:
-        return str(source)
-    return str(Path(source).resolve())
 
 
 def _each_model(models: EvalModels) -> list[tuple[str, Any, Any]]:

@@ -67,10 +67,11 @@ NO_DATA = (
 
 def benchmark_source(data_dir: str | None) -> Path | str | None:
     """Where benchmark data comes from: `data_dir`, else `$KDISTILL_EVAL_DATA`, else `LM_EVAL_HUB` when
-    the hub answers; None when none of them is there."""
+    the hub answers; None when none of them is there. A folder is made absolute, so that eval.json
+    names it one way however it was given (`--teacher-scores` compares them)."""
     folder = data_dir or os.environ.get(EVAL_DATA_ENV)
     if folder:
-        return Path(folder)
+        return Path(folder).resolve()
     return LM_EVAL_HUB if hub_reachable() else None
 
 
